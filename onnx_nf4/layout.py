@@ -1,0 +1,95 @@
+"""The ``MatMulNF4`` weight layout: a ``MatMul`` weight ``W[K, N]`` as column-aligned NF4 blocks.
+
+See ``docs/MatMulNF4.md`` (normative). In short, with ``Wt = W.T`` (``[N, K]``, the ``nn.Linear`` layout),
+each row of ``Wt`` is zero-padded to ``K_pad = k_blocks * block_size`` and quantized with
+:func:`onnx_nf4.codec.quantize_blockwise`; so ``packed`` is ``[N, k_blocks, block_size // 2]`` and ``absmax`` is
+``[N, k_blocks]``. When ``K % block_size == 0`` the bytes equal bitsandbytes' ``quantize_4bit(Wt)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import Rounding, check_block_size, dequantize_blockwise, quantize_blockwise
+from .double_quant import NestedAbsmax, dequantize_absmax, quantize_absmax
+
+__all__ = ["QuantizedWeight", "dequantize_weight", "quantize_weight"]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """An NF4 weight in the ``MatMulNF4`` layout.
+
+    Attributes:
+        K: rows of ``W`` (the reduction size).
+        N: columns of ``W`` (output features).
+        block_size: elements per absmax block along K.
+        packed: uint8 ``[N, k_blocks, block_size // 2]``, high nibble first.
+        absmax: float32 ``[N, k_blocks]``, or uint8 ``[N, k_blocks]`` codes when ``nested`` is set.
+        nested: the double-quantization statistics of ``absmax``, or ``None``.
+    """
+
+    K: int
+    N: int
+    block_size: int
+    packed: np.ndarray
+    absmax: np.ndarray
+    nested: NestedAbsmax | None = None
+
+    @property
+    def k_blocks(self) -> int:
+        """Blocks per column, ``ceil(K / block_size)``."""
+        return -(-self.K // self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor that stores this weight."""
+        extra = self.nested.nbytes if self.nested is not None else 0
+        return int(self.packed.nbytes + self.absmax.nbytes + extra)
+
+    def float_absmax(self) -> np.ndarray:
+        """The float32 ``[N, k_blocks]`` scales (decoding the double quantization if present)."""
+        if self.nested is None:
+            return self.absmax
+        return dequantize_absmax(self.absmax.reshape(-1), self.nested).reshape(self.N, self.k_blocks)
+
+
+def quantize_weight(
+    w: np.ndarray,
+    block_size: int = 64,
+    *,
+    double_quant: bool = False,
+    rounding: Rounding = "onnxruntime",
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Quantize a ``MatMul`` weight ``w[K, N]`` (float16/32/64) into the ``MatMulNF4`` layout.
+
+    Raises ``ValueError`` (naming ``name``) for NaN/Inf, a non-2-D weight or a bad block size, and
+    ``TypeError`` for a non-float weight.
+    """
+    bs = check_block_size(block_size)
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"tensor {name!r}: a MatMul weight must be 2-D, got shape {w.shape}")
+    K, N = (int(d) for d in w.shape)
+    k_blocks = -(-K // bs)
+    if K % bs:
+        wt = np.zeros((N, k_blocks * bs), dtype=w.dtype)
+        wt[:, :K] = w.T
+    else:
+        wt = w.T
+    packed, absmax = quantize_blockwise(wt, bs, rounding=rounding, name=name)
+    packed = packed.reshape(N, k_blocks, bs // 2)
+    absmax = absmax.reshape(N, k_blocks)
+    if not double_quant:
+        return QuantizedWeight(K, N, bs, packed, absmax)
+    codes, nested = quantize_absmax(absmax.reshape(-1))
+    return QuantizedWeight(K, N, bs, packed, codes.reshape(N, k_blocks), nested)
+
+
+def dequantize_weight(q: QuantizedWeight) -> np.ndarray:
+    """The float32 ``W[K, N]`` that ``q`` stands for (``NF4_CODE[code] * absmax`` per element)."""
+    wt = dequantize_blockwise(q.packed, q.float_absmax(), (q.N, q.k_blocks * q.block_size), q.block_size)
+    return np.ascontiguousarray(wt[:, : q.K].T)

@@ -1,0 +1,76 @@
+"""What a quantization run did, layer by layer (returned by ``quantize_model``, printed by the CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["LayerReport", "QuantizationReport", "SkippedLayer"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One rewritten node.
+
+    Attributes:
+        node: name of the rewritten node (``MatMul`` / ``Gemm``).
+        weight: name of its weight initializer (a weight shared by several nodes appears once per node,
+            with ``shared=True`` after the first).
+        shape: ``(K, N)`` of the weight as used by the node.
+        bytes_before: bytes of the float weight.
+        bytes_after: bytes of the NF4 tensors (codes + absmax + nested statistics).
+        rel_rms_error: ``rms(W - dequant(W)) / rms(W)`` (0 for an all-zero weight).
+        op_type: the original op type (``MatMul`` or ``Gemm``).
+        fused_bias: whether a following ``Add`` (or Gemm's C) was fused into the node.
+        shared: whether the weight was already quantized for an earlier node.
+    """
+
+    node: str
+    weight: str
+    shape: tuple[int, int]
+    bytes_before: int
+    bytes_after: int
+    rel_rms_error: float
+    op_type: str = "MatMul"
+    fused_bias: bool = False
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A MatMul/Gemm left alone, and why (e.g. "B is not a constant", "B is 3-D", "excluded")."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class QuantizationReport:
+    """Every rewritten and skipped node of a run, plus the settings used."""
+
+    block_size: int
+    double_quant: bool
+    format: str
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        """Float bytes of the distinct quantized weights."""
+        return sum(layer.bytes_before for layer in self.layers if not layer.shared)
+
+    @property
+    def bytes_after(self) -> int:
+        """NF4 bytes of the distinct quantized weights."""
+        return sum(layer.bytes_after for layer in self.layers if not layer.shared)
+
+    @property
+    def size_ratio(self) -> float:
+        """``bytes_after / bytes_before`` over the rewritten weights (0 when nothing was rewritten)."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight element, statistics included."""
+        elements = sum(layer.shape[0] * layer.shape[1] for layer in self.layers if not layer.shared)
+        return 8 * self.bytes_after / elements if elements else 0.0
