@@ -1,0 +1,29 @@
+"""Shared fixtures: the oracle vectors and the real MiniLM model exported to ONNX."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ORACLE_DIR = Path(os.environ.get("ONNX_NF4_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
+
+
+@pytest.fixture(scope="session")
+def oracle() -> dict[str, np.ndarray]:
+    """All arrays of ``shared/oracle/nf4_vectors.npz`` (see its README), loaded once."""
+    path = ORACLE_DIR / "nf4_vectors.npz"
+    if not path.exists():
+        pytest.fail(f"oracle vectors not found at {path} (set ONNX_NF4_ORACLE_DIR)")
+    with np.load(path) as z:
+        return {key: z[key] for key in z.files}
+
+
+@pytest.fixture(scope="session")
+def oracle_cases(oracle) -> list[str]:
+    """The case names of the oracle, in file order."""
+    return json.loads(str(oracle["meta_json"]))["cases"]
