@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NF4_CODE", "NF4_THRESHOLDS", "NF4_MIDPOINTS_BNB", "NF4_ZERO_CODE"]
+__all__ = ["NF4_CODE", "NF4_MIDPOINTS_BNB", "NF4_THRESHOLDS", "NF4_ZERO_CODE"]
 
 NF4_CODE: np.ndarray = np.array(
     [
