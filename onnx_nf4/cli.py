@@ -1,0 +1,415 @@
+"""The ``onnx-nf4`` command line (also ``python -m onnx_nf4``).
+
+Subcommands:
+
+* ``quantize IN OUT``: rewrite the MatMul/Gemm layers with constant weights to NF4 (``onnx_nf4::MatMulNF4`` or
+  ``com.microsoft::MatMulBnb4``), with a progress bar on stderr and a per-layer report on stdout.
+* ``inspect MODEL``: what is quantized, block sizes, bits per weight (either format, or a float model).
+* ``dequantize IN OUT``: back to float ``MatMul`` (for debugging).
+
+Every expected failure (unreadable or invalid model, bad option, write error) is reported as one line
+``onnx-nf4: error: ...`` on stderr with exit status 1 (2 for a usage error), never a traceback. Outputs are written
+to a temporary file and renamed into place (:func:`onnx_nf4.model_io.save_model`), so ``OUT`` may equal ``IN``: the
+input is replaced only once the new model is complete, and stays intact on any failure.
+
+Other modules add subcommands through :data:`SUBCOMMAND_PROVIDERS` (see there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+from google.protobuf.message import DecodeError
+
+from . import __version__
+from .codec import check_block_size
+from .model_summary import ModelSummary, summarize_model
+from .report import QuantizationReport
+from .table import format_bytes, render_table
+
+__all__ = ["SUBCOMMAND_PROVIDERS", "CLIError", "build_parser", "main"]
+
+PROG = "onnx-nf4"
+FORMATS = ("onnx_nf4", "com.microsoft")
+
+#: Subcommands defined in other modules, as ``"module:function"``. ``function(subparsers)`` receives the
+#: ``argparse`` sub-parsers action, adds its parser with ``subparsers.add_parser(...)`` and sets
+#: ``parser.set_defaults(handler=...)``, where ``handler(args: argparse.Namespace) -> int | None`` runs the command
+#: (``None`` means 0) and reports an expected failure by raising :class:`CLIError`, ``OSError`` or ``ValueError``.
+#: The module is imported only when the parser is built, and skipped when it is absent, so it must import without
+#: its optional dependencies (import them inside the handler).
+SUBCOMMAND_PROVIDERS: list[str] = ["onnx_nf4.torch.cli:add_export_bnb_parser"]
+
+# What a command may raise for a failure the user can fix; anything else is a bug and keeps its traceback.
+_EXPECTED_ERRORS = (OSError, ValueError, DecodeError)
+
+
+class CLIError(Exception):
+    """A failure reported as one ``onnx-nf4: error: <message>`` line (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line naming the command's ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types
+
+
+def _block_size(text: str) -> int:
+    try:
+        return check_block_size(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unsupported block size {text!r}: it must be a power of two between 16 and 4096"
+        ) from None
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from None
+    return text
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``onnx-nf4`` argument parser, with the built-in subcommands and those of :data:`SUBCOMMAND_PROVIDERS`."""
+    parser = _Parser(prog=PROG, description="NF4 (4-bit NormalFloat) weight quantization for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+
+    quantize = subparsers.add_parser(
+        "quantize",
+        help="rewrite MatMul/Gemm layers with constant weights to NF4",
+        description="Rewrite the MatMul/Gemm layers whose weight is a constant to NF4 and print a per-layer report. "
+        "OUT may equal IN: the model is written to a temporary file and then renamed.",
+    )
+    quantize.add_argument("input", metavar="IN", type=Path, help="float ONNX model")
+    quantize.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
+    quantize.add_argument(
+        "--block-size", type=_block_size, default=64, help="weights per absmax block: a power of two in [16, 4096]"
+    )
+    quantize.add_argument(
+        "--double-quant", action="store_true", help="quantize the absmax to 8 bits as well (onnx_nf4 format only)"
+    )
+    quantize.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx_nf4",
+        help="onnx_nf4: onnx_nf4::MatMulNF4 (needs this package's runtime); "
+        "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
+    )
+    quantize.add_argument(
+        "--exclude",
+        metavar="REGEX",
+        type=_regex,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
+    )
+    quantize.add_argument(
+        "--min-elements",
+        metavar="N",
+        type=_non_negative_int,
+        default=None,
+        help="leave weights with fewer than N elements in float (default: the library's default)",
+    )
+    quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    quantize.set_defaults(handler=_cmd_quantize)
+
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="show what is quantized, block sizes and bits per weight",
+        description="Show the quantized layers (either format), block sizes, bits per weight and the float "
+        "MatMul/Gemm layers of a model.",
+    )
+    inspect.add_argument("model", metavar="MODEL", type=Path, help="ONNX model")
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    dequantize = subparsers.add_parser(
+        "dequantize",
+        help="turn NF4 layers back into float MatMul (for debugging)",
+        description="Replace every NF4 layer (either format) by a float MatMul with the decoded weight. "
+        "OUT may equal IN.",
+    )
+    dequantize.add_argument("input", metavar="IN", type=Path, help="NF4 ONNX model")
+    dequantize.add_argument("output", metavar="OUT", type=Path, help="where to write the float model")
+    dequantize.set_defaults(handler=_cmd_dequantize)
+
+    for provider in SUBCOMMAND_PROVIDERS:
+        _register_provider(provider, subparsers)
+    return parser
+
+
+def _register_provider(provider: str, subparsers: argparse._SubParsersAction) -> None:
+    """Call ``provider`` (``"module:function"``) on ``subparsers``; skip it when its module is not installed."""
+    module_name, _, function_name = provider.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name.startswith(err.name):
+            return  # the module (or its package) is not part of this installation
+        raise
+    add_parser: Callable[[argparse._SubParsersAction], None] = getattr(module, function_name)
+    add_parser(subparsers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import quantize_model
+
+    if args.double_quant and args.format != "onnx_nf4":
+        raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
+    _check_output_path(args.output)
+    input_bytes = _file_bytes(args.input)
+    options: dict[str, object] = {
+        "block_size": args.block_size,
+        "double_quant": args.double_quant,
+        "format": args.format,
+        "exclude": tuple(args.exclude),
+    }
+    if args.min_elements is not None:
+        options["min_elements"] = args.min_elements
+    with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        _, report = quantize_model(args.input, args.output, on_progress=progress.update, **options)
+    print(format_quantization_report(report))
+    print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .model_io import load_model
+
+    model = load_model(args.model)
+    print(f"{args.model}: {format_bytes(_file_bytes(args.model))}")
+    print(format_model_summary(summarize_model(model)))
+    return 0
+
+
+def _cmd_dequantize(args: argparse.Namespace) -> int:
+    from .api import dequantize_model
+
+    _check_output_path(args.output)
+    input_bytes = _file_bytes(args.input)
+    dequantize_model(args.input, args.output)
+    print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
+    return 0
+
+
+def _check_output_path(path: Path) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path.is_dir():
+        raise CLIError(f"{path}: is a directory (OUT must be a file path)")
+    if not path.absolute().parent.is_dir():
+        raise CLIError(f"{path}: directory {path.absolute().parent} does not exist")
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of the model file plus its external data files (``0`` if the file cannot be read)."""
+    try:
+        return path.stat().st_size + _external_data_bytes(path)
+    except OSError:
+        return 0
+
+
+def _external_data_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return data.stat().st_size if data.is_file() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def format_quantization_report(report: QuantizationReport) -> str:
+    """The per-layer table, the skipped layers with their reasons and the totals of a quantization run."""
+    lines: list[str] = []
+    if report.layers:
+        rows = [
+            (
+                layer.node,
+                f"{layer.shape[0]}x{layer.shape[1]}",
+                format_bytes(layer.bytes_before),
+                "shared" if layer.shared else format_bytes(layer.bytes_after),
+                f"{layer.rel_rms_error:.4f}",
+            )
+            for layer in report.layers
+        ]
+        lines.append(render_table(("layer", "K x N", "before", "after", "rel. RMS error"), rows))
+    if report.skipped:
+        if lines:
+            lines.append("")
+        lines.append(f"skipped {len(report.skipped)} layer(s):")
+        rows = [(skip.node, skip.op_type, skip.reason) for skip in report.skipped]
+        lines.append(render_table(("layer", "op", "reason"), rows, align="<<<"))
+    if lines:
+        lines.append("")
+    double = ", double quantization" if report.double_quant else ""
+    if report.layers:
+        distinct = sum(not layer.shared for layer in report.layers)
+        lines.append(
+            f"quantized {len(report.layers)} layer(s) ({distinct} distinct weights) to NF4, format {report.format}, "
+            f"block size {report.block_size}{double}"
+        )
+        lines.append(
+            f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
+            f"(size ratio {report.size_ratio:.4f}, {report.bits_per_weight:.3f} bits per weight)"
+        )
+    else:
+        lines.append("no layer was quantized")
+    return "\n".join(lines)
+
+
+def format_model_summary(summary: ModelSummary) -> str:
+    """What ``inspect`` prints: the quantized layers, the float MatMul/Gemm layers and the totals."""
+    lines: list[str] = []
+    opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(summary.opsets.items()))
+    lines.append(f"opsets: {opsets}")
+    if summary.quantized:
+        rows = [
+            (
+                layer.node,
+                layer.op,
+                f"{layer.K}x{layer.N}",
+                layer.quant_type,
+                layer.block_size,
+                "yes" if layer.double_quant else "no",
+                format_bytes(summary.layer_bytes(layer)),
+                f"{8 * summary.layer_bytes(layer) / (layer.K * layer.N):.3f}" if layer.K * layer.N else "-",
+            )
+            for layer in summary.quantized
+        ]
+        headers = ("layer", "op", "K x N", "type", "block", "double quant", "bytes", "bits/weight")
+        lines += ["", render_table(headers, rows, align="<<>>>>>>")]
+    if summary.float_layers:
+        rows = [
+            (
+                layer.node,
+                layer.op_type,
+                "x".join(str(d) for d in layer.shape) if layer.shape is not None else "-",
+                layer.dtype or "-",
+                "constant weight" if layer.weight is not None else "B computed at run time",
+            )
+            for layer in summary.float_layers
+        ]
+        lines += ["", "float layers:", render_table(("layer", "op", "B shape", "B type", "B"), rows, align="<<><<")]
+    lines.append("")
+    if summary.quantized:
+        sizes = ", ".join(str(size) for size in summary.block_sizes)
+        double = sum(layer.double_quant for layer in summary.quantized)
+        lines.append(
+            f"quantized: {len(summary.quantized)} layer(s), format {' + '.join(summary.formats)}, "
+            f"block size {sizes}, double quantization on {double}"
+        )
+        lines.append(
+            f"quantized weights: {summary.quantized_elements} elements in {format_bytes(summary.quantized_bytes)} "
+            f"({summary.bits_per_weight:.3f} bits per weight)"
+        )
+    else:
+        lines.append("quantized: none (a float model)")
+    constant = sum(layer.weight is not None for layer in summary.float_layers)
+    lines.append(
+        f"float MatMul/Gemm: {len(summary.float_layers)} ({constant} with a constant weight, "
+        f"{format_bytes(summary.float_weight_bytes)})"
+    )
+    lines.append(f"all constant tensors: {format_bytes(summary.total_tensor_bytes)}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, name)``; inert when disabled."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self._enabled = enabled
+        self._stream = stream
+        self._bar = None
+
+    def update(self, done: int, total: int, name: str) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, unit="layer", file=self._stream or sys.stderr, leave=False, dynamic_ncols=True
+            )
+        self._bar.set_postfix_str(name[-40:], refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 1 failure, 2 usage error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        status = args.handler(args)
+    except CLIError as err:
+        return _fail(str(err))
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except _EXPECTED_ERRORS as err:
+        return _fail(_describe(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0 if status is None else int(status)
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an expected exception: its message, or the OS error with its file name."""
+    if isinstance(err, OSError) and err.strerror:
+        name = err.filename if err.filename is not None else ""
+        return f"{name}: {err.strerror}" if name else err.strerror
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
