@@ -1,20 +1,35 @@
-"""onnx_nf4: NF4 (4-bit NormalFloat, QLoRA / bitsandbytes) weights for ONNX models."""
+"""onnx_nf4: NF4 (4-bit NormalFloat, QLoRA / bitsandbytes) weights for ONNX models.
+
+Importing the package registers the ``onnx_nf4::MatMulNF4`` schema with ``onnx.defs``.
+"""
 
 from __future__ import annotations
 
+from . import schema
+from .api import dequantize_model, quantize_model
 from .codebook import NF4_CODE, NF4_THRESHOLDS
 from .codec import dequantize_blockwise, quantize_blockwise
 from .layout import QuantizedWeight, dequantize_weight, quantize_weight
+from .passes import QuantizeNF4Pass
+from .reference import MatMulNF4
+from .report import QuantizationReport
+
+schema.register()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NF4_CODE",
     "NF4_THRESHOLDS",
+    "MatMulNF4",
+    "QuantizationReport",
+    "QuantizeNF4Pass",
     "QuantizedWeight",
     "__version__",
     "dequantize_blockwise",
+    "dequantize_model",
     "dequantize_weight",
     "quantize_blockwise",
+    "quantize_model",
     "quantize_weight",
 ]

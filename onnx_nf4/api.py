@@ -1,0 +1,169 @@
+"""The public entry points: :func:`quantize_model` and its debugging inverse :func:`dequantize_model`.
+
+Return convention of both: ``(model, report)`` / ``model`` where ``model`` is an ``onnx.ModelProto`` when no
+``output_path`` is given, and ``None`` when it is (the model is then written there, atomically, with external
+data when it exceeds 2 GB; a model that large could not be returned as one protobuf anyway, and not building the
+protobuf saves a copy of every weight). The input is never modified: a path is read lazily, a ``ModelProto``
+is left as it was, and ``output_path`` may be the input path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .codec import dequantize_blockwise
+from .double_quant import NestedAbsmax
+from .layout import QuantizedWeight, dequantize_weight
+from .model_io import ModelLike, load_model, save_model
+from .passes import DEFAULT_MIN_ELEMENTS, ProgressCallback, QuantizeNF4Pass, UniqueNames, remove_unused_initializers
+from .report import QuantizationReport
+from .schema import DOMAIN, MS_DOMAIN, OP_TYPE
+
+__all__ = ["dequantize_model", "quantize_model"]
+
+
+def _finish(model: ir.Model, output_path: str | os.PathLike[str] | None) -> onnx.ModelProto | None:
+    if output_path is None:
+        return ir.serde.serialize_model(model)
+    save_model(model, output_path)
+    return None
+
+
+def quantize_model(
+    model_or_path: ModelLike,
+    output_path: str | os.PathLike[str] | None = None,
+    *,
+    block_size: int = 64,
+    double_quant: bool = False,
+    format: str = "onnx_nf4",
+    exclude: Iterable[str] = (),
+    min_elements: int = DEFAULT_MIN_ELEMENTS,
+    on_progress: ProgressCallback | None = None,
+    prequantized: Mapping[str, QuantizedWeight] | None = None,
+) -> tuple[onnx.ModelProto | None, QuantizationReport]:
+    """Rewrite the float ``MatMul`` / ``Gemm`` weights of a model to NF4 (see :mod:`onnx_nf4.passes`).
+
+    Args:
+        model_or_path: an ONNX file, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (an ``ir.Model`` is
+            rewritten in place; the others are not modified).
+        output_path: where to write the result; ``None`` returns it instead.
+        block_size: elements per absmax block (a power of two in [16, 4096]).
+        double_quant: 8-bit quantize the absmax too (bitsandbytes' ``compress_statistics``).
+        format: ``"onnx_nf4"`` (``onnx_nf4::MatMulNF4``) or ``"com.microsoft"`` (onnxruntime's ``MatMulBnb4``).
+        exclude: regular expressions searched in node names and weight names; matches stay float.
+        min_elements: weights with fewer elements stay float (default 4096, see
+            :data:`onnx_nf4.passes.DEFAULT_MIN_ELEMENTS`).
+        on_progress: ``on_progress(done, total, weight_name)``, called after each distinct weight.
+        prequantized: NF4 weights to insert as given, keyed by weight initializer name.
+
+    Returns:
+        ``(model, report)``: the rewritten ``ModelProto`` (``None`` when ``output_path`` is given) and the
+        :class:`~onnx_nf4.report.QuantizationReport` listing every rewritten and skipped node.
+
+    Raises:
+        onnx_nf4.model_io.ModelLoadError: the input file cannot be read as an ONNX model.
+        ValueError: invalid settings, or a ``prequantized`` weight that does not fit its node.
+    """
+    quantize = QuantizeNF4Pass(
+        block_size=block_size,
+        double_quant=double_quant,
+        format=format,
+        exclude=exclude,
+        min_elements=min_elements,
+        on_progress=on_progress,
+        prequantized=prequantized,
+    )
+    model = load_model(model_or_path)
+    quantize(model)
+    assert quantize.report is not None
+    return _finish(model, output_path), quantize.report
+
+
+def _const(node: ir.Node, index: int) -> np.ndarray | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        return None
+    if value.const_value is None:
+        raise ValueError(f"{node.op_type} node {node.name!r}: input {index} ({value.name!r}) is not an initializer")
+    return value.const_value.numpy()
+
+
+def _attr(node: ir.Node, name: str, default: int | None = None) -> int:
+    attr = node.attributes.get(name)
+    if attr is None:
+        if default is None:
+            raise ValueError(f"{node.op_type} node {node.name!r} has no attribute {name!r}")
+        return default
+    return int(attr.as_int())
+
+
+def _decoded_weight(node: ir.Node) -> np.ndarray:
+    """The float32 ``W[K, N]`` of a ``MatMulNF4`` or ``MatMulBnb4`` node."""
+    K, N, bs = _attr(node, "K"), _attr(node, "N"), _attr(node, "block_size")
+    packed, absmax = _const(node, 1), _const(node, 2)
+    assert packed is not None and absmax is not None
+    if node.domain == MS_DOMAIN:
+        return dequantize_blockwise(packed, absmax.astype(np.float32), (N, K), bs).T
+    nested = None
+    if absmax.dtype == np.uint8:
+        nested_absmax, code, offset = (_const(node, i) for i in (3, 4, 5))
+        if nested_absmax is None or code is None or offset is None:
+            raise ValueError(f"{OP_TYPE} node {node.name!r}: uint8 absmax without the nested statistics")
+        nested = NestedAbsmax(
+            nested_absmax, code, np.float32(offset.reshape(())), _attr(node, "nested_block_size", 256)
+        )
+    k_blocks = -(-K // bs)
+    q = QuantizedWeight(K, N, bs, packed.reshape(N, k_blocks, bs // 2), absmax.reshape(N, k_blocks), nested)
+    return dequantize_weight(q)
+
+
+def dequantize_model(
+    model_or_path: ModelLike,
+    output_path: str | os.PathLike[str] | None = None,
+) -> onnx.ModelProto | None:
+    """Replace every ``MatMulNF4`` / ``MatMulBnb4`` node by a float ``MatMul`` (+ ``Add`` of its bias).
+
+    The weight is the decoded NF4 weight (``NF4[code] * absmax`` in float32), stored in the op's T when ``A``'s
+    type is known (else float32 followed by a ``CastLike`` to ``A``). A debugging aid: the result computes what
+    the quantized model computes, with float kernels. Returns the ``ModelProto``, or ``None`` after writing it
+    to ``output_path``. Unused NF4 initializers are removed.
+    """
+    model = load_model(model_or_path)
+    targets = [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if (node.domain, node.op_type) in ((DOMAIN, OP_TYPE), (MS_DOMAIN, "MatMulBnb4"))
+    ]
+    names = UniqueNames(model)
+    for node in targets:
+        graph = node.graph
+        assert isinstance(graph, ir.Graph)
+        a, out = node.inputs[0], node.outputs[0]
+        assert a is not None
+        weight = _decoded_weight(node)
+        base = names.fresh((node.name or out.name or "weight") + "_dequantized")
+        new_nodes: list[ir.Node] = []
+        if a.dtype is not None:
+            weight = weight.astype(a.dtype.numpy())
+        w_value = ir.Value(name=base, shape=ir.Shape(weight.shape), const_value=ir.tensor(weight, name=base))
+        w_value.type = ir.TensorType(w_value.const_value.dtype)  # type: ignore[union-attr]
+        graph.register_initializer(w_value)
+        if a.dtype is None:
+            cast = ir.Value(name=names.fresh(f"{base}_cast"))
+            new_nodes.append(ir.node("CastLike", [w_value, a], outputs=[cast]))
+            w_value = cast
+        y = ir.Value(name=names.fresh(f"{base}_matmul"))
+        new_nodes.append(ir.node("MatMul", [a, w_value], outputs=[y], name=node.name))
+        bias = node.inputs[6] if node.domain == DOMAIN and len(node.inputs) > 6 else None
+        if bias is not None:
+            summed = ir.Value(name=names.fresh(f"{base}_bias"))
+            new_nodes.append(ir.node("Add", [y, bias], outputs=[summed]))
+            y = summed
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [out], [y])
+    remove_unused_initializers(model)
+    return _finish(model, output_path)
