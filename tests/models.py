@@ -47,8 +47,9 @@ def make_model(
     return model
 
 
-def tensor_info(name: str, dtype, shape: Sequence[int | str | None]) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, _elem_type(dtype), list(shape))
+def tensor_info(name: str, dtype, shape: Sequence[int | str | None] | None) -> onnx.ValueInfoProto:
+    """A tensor value info (``shape=None``: unknown rank)."""
+    return helper.make_tensor_value_info(name, _elem_type(dtype), None if shape is None else list(shape))
 
 
 def matmul_model(
