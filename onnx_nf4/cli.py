@@ -31,13 +31,13 @@ from google.protobuf.message import DecodeError
 from . import __version__
 from .codec import check_block_size
 from .model_summary import ModelSummary, summarize_model
+from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
 from .report import QuantizationReport
 from .table import format_bytes, render_table
 
 __all__ = ["SUBCOMMAND_PROVIDERS", "CLIError", "build_parser", "main"]
 
 PROG = "onnx-nf4"
-FORMATS = ("onnx_nf4", "com.microsoft")
 
 #: Subcommands defined in other modules, as ``"module:function"``. ``function(subparsers)`` receives the
 #: ``argparse`` sub-parsers action, adds its parser with ``subparsers.add_parser(...)`` and sets
@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-elements",
         metavar="N",
         type=_non_negative_int,
-        default=None,
-        help="leave weights with fewer than N elements in float (default: the library's default)",
+        default=DEFAULT_MIN_ELEMENTS,
+        help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
     )
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(handler=_cmd_quantize)
@@ -192,16 +192,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
     _check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
-    options: dict[str, object] = {
-        "block_size": args.block_size,
-        "double_quant": args.double_quant,
-        "format": args.format,
-        "exclude": tuple(args.exclude),
-    }
-    if args.min_elements is not None:
-        options["min_elements"] = args.min_elements
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        _, report = quantize_model(args.input, args.output, on_progress=progress.update, **options)
+        _, report = quantize_model(
+            args.input,
+            args.output,
+            block_size=args.block_size,
+            double_quant=args.double_quant,
+            format=args.format,
+            exclude=tuple(args.exclude),
+            min_elements=args.min_elements,
+            on_progress=progress.update,
+        )
     print(format_quantization_report(report))
     print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
     return 0
@@ -318,11 +319,11 @@ def format_model_summary(summary: ModelSummary) -> str:
                 layer.op_type,
                 "x".join(str(d) for d in layer.shape) if layer.shape is not None else "-",
                 layer.dtype or "-",
-                "constant weight" if layer.weight is not None else "B computed at run time",
+                "constant" if layer.weight is not None else "computed at run time",
             )
             for layer in summary.float_layers
         ]
-        lines += ["", "float layers:", render_table(("layer", "op", "B shape", "B type", "B"), rows, align="<<><<")]
+        lines += ["", "float layers:", render_table(("layer", "op", "B shape", "B type", "B is"), rows, align="<<><<")]
     lines.append("")
     if summary.quantized:
         sizes = ", ".join(str(size) for size in summary.block_sizes)
@@ -365,7 +366,12 @@ class _Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total, unit="layer", file=self._stream or sys.stderr, leave=False, dynamic_ncols=True
+                total=total,
+                unit="weight",
+                file=self._stream or sys.stderr,
+                leave=False,
+                mininterval=0,
+                dynamic_ncols=True,
             )
         self._bar.set_postfix_str(name[-40:], refresh=False)
         self._bar.update(done - self._bar.n)

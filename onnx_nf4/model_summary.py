@@ -11,7 +11,7 @@ Recognized nodes (in the main graph and in control-flow subgraphs):
 * ``com.microsoft::MatMulBnb4`` (onnxruntime's contrib op): codes ``B`` and ``absmax`` (inputs 1 and 2), attributes
   ``K``, ``N``, ``block_size``, ``quant_type`` (1 = NF4, 0 = FP4).
 * ``MatMul`` / ``Gemm`` of the default domain, left in float: with their weight's shape when ``B`` is a constant
-  (an initializer or a ``Constant`` node), else with the reason that ``B`` is computed at run time.
+  in the sense of :mod:`onnx_nf4.passes` (an initializer that is not a graph input, or a ``Constant`` node).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from .passes import _constant
+from .schema import DOMAIN as NF4_DOMAIN
+from .schema import MS_DOMAIN
+from .schema import OP_TYPE as NF4_OP
+
 __all__ = ["FloatLayer", "ModelSummary", "QuantizedLayer", "summarize_model"]
 
-NF4_DOMAIN = "onnx_nf4"
-NF4_OP = "MatMulNF4"
-MS_DOMAIN = "com.microsoft"
 BNB4_OP = "MatMulBnb4"
 BNB4_QUANT_TYPES = {0: "FP4", 1: "NF4"}
 # MatMulNF4 inputs that store the weight: B, absmax, nested_absmax, nested_code, absmax_offset (bias excluded).
@@ -146,20 +148,6 @@ class ModelSummary:
     def layer_bytes(self, layer: QuantizedLayer) -> int:
         """Bytes of the tensors storing ``layer``'s weight (shared tensors included in full)."""
         return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors)
-
-
-def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The constant tensor behind ``value``: an initializer or the output of a ``Constant`` node (else ``None``)."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.value
-    return None
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
