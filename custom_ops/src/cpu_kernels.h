@@ -1,0 +1,110 @@
+// cpu_kernels.h: the CPU compute of MatMulNF4, independent of onnxruntime.
+//
+// Y[M, N] = A[M, K] @ W[K, N] (+ bias), W given in the MatMulNF4 layout (docs/MatMulNF4.md). All tensors are
+// float32 and C-contiguous here; the op converts float16 / bfloat16 at its boundary. Sizes were validated
+// before (matmul_nf4_args.h), so the kernels trust them.
+//
+// Every ISA module (portable C++, AVX2+FMA, AVX-512) implements the same three entry points; Dispatch()
+// picks one at run time from the CPU's features. docs/cpu_kernel.md describes the algorithms.
+#ifndef ONNX_NF4_CPU_KERNELS_H_
+#define ONNX_NF4_CPU_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "onnx_nf4/nf4_codebook.h"
+
+namespace onnx_nf4::cpu {
+
+inline constexpr float kNF4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};
+
+// An NF4 weight in the MatMulNF4 layout.
+struct Nf4Weight {
+  int64_t K = 0, N = 0, block_size = 0, k_blocks = 0;
+  const uint8_t* packed = nullptr;  // [N, k_blocks, block_size / 2]; high nibble = even k
+  const float* absmax = nullptr;    // [N, k_blocks] float32 scales, or nullptr when double-quantized
+  // Double quantization (absmax == nullptr): scale = fl32(fl32(nested_code[c] * nested_absmax[f / nbs]) + offset).
+  const uint8_t* absmax_codes = nullptr;  // [N, k_blocks]
+  const float* nested_absmax = nullptr;   // [ceil(N * k_blocks / nested_block_size)]
+  const float* nested_code = nullptr;     // [256]
+  float absmax_offset = 0.0f;
+  int64_t nested_block_size = 256;
+};
+
+// Decodes the scale of block b of column n (rule 1 of the spec, bit-exact; built with -ffp-contract=off).
+float BlockScale(const Nf4Weight& w, int64_t n, int64_t b);
+
+// Runs fn(data, i) for i in [0, total), possibly concurrently; fn must not throw.
+class ParallelRunner {
+ public:
+  virtual ~ParallelRunner() = default;
+  virtual void For(size_t total, void (*fn)(void* data, size_t i), void* data) const = 0;
+};
+
+// Per-call scratch memory, owned by the caller (so that the ISA modules instantiate no library templates:
+// an out-of-line copy built with AVX-512 flags could otherwise be picked by the linker for portable code).
+class Scratch {
+ public:
+  virtual ~Scratch() = default;
+  // Zero-filled memory of `bytes` bytes, 64-byte aligned, valid until the op returns. Throws std::bad_alloc.
+  virtual void* Zeroed(size_t bytes) = 0;
+};
+
+// One call of the op in float32.
+struct Problem {
+  int64_t M = 0;
+  const float* A = nullptr;     // [M, K]
+  Nf4Weight w;
+  const float* bias = nullptr;  // [N] or nullptr
+  float* Y = nullptr;           // [M, N]
+  bool int8_activations = false;  // accuracy_level 4
+};
+
+// The kernels of one instruction set.
+struct KernelSet {
+  const char* name;
+  // float32 compute; rows M are split into the decode-bound path (small M) and tiles (large M) inside.
+  void (*matmul_f32)(const Problem& p, const ParallelRunner& par, Scratch& scratch);
+  // accuracy_level 4: A quantized to int8 per (row, weight block), integer dot products.
+  void (*matmul_int8)(const Problem& p, const ParallelRunner& par, Scratch& scratch);
+};
+
+const KernelSet& PortableKernels();
+#if defined(ONNX_NF4_HAVE_AVX2)
+const KernelSet& Avx2Kernels();
+#endif
+#if defined(ONNX_NF4_HAVE_AVX512)
+const KernelSet& Avx512Kernels();
+#endif
+
+// The best kernel set this CPU runs. ONNX_NF4_CPU_ISA=portable|avx2|avx512 in the environment caps it
+// (for tests and benchmarks); an unknown or unsupported value falls back to the best one.
+const KernelSet& Dispatch();
+
+// --- helpers shared by the ISA modules ---
+
+// Position of k in "code order" of group size G (even, dividing K_pad): within each run of G consecutive k,
+// the G/2 even k first, then the G/2 odd k (the order in which the SIMD kernels decode a run of codes).
+// G = 2 is the natural order.
+inline constexpr int64_t CodeOrderPos(int64_t k, int64_t group) {
+  return (k / group) * group + (k % group) / 2 + (k & 1) * (group / 2);
+}
+
+// Int8 quantization of one activation row, per block of `block_size` along K (K_pad = k_blocks * block_size):
+// scale[b] = max|a| / 127 over the block, q = round_half_even(a * 127 / max|a|) (0 for an all-zero block),
+// written at CodeOrderPos(k, group) of q[K_pad] (the padding k in [K, K_pad) stays as given: zero it), and
+// qsum[b] = sum of q over the block.
+void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_blocks, int64_t group, int8_t* q,
+                     float* scale, int32_t* qsum);
+
+// The int8 image of the NF4 table used by accuracy_level 4: kNF4I8[c] = round(NF4[c] * 127), so that
+// W ~= kNF4I8[c] * scale / 127.
+inline constexpr float kInt8Levels = 127.0f;
+extern const int8_t kNF4I8[ONNX_NF4_NUM_CODES];
+
+// Ceil-divides a by b (a >= 0, b > 0).
+inline constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace onnx_nf4::cpu
+
+#endif  // ONNX_NF4_CPU_KERNELS_H_

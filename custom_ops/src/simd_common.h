@@ -1,0 +1,42 @@
+// simd_common.h: activation packing shared by the SIMD modules. Internal linkage on purpose (each module is
+// built with its own instruction-set flags, so no out-of-line copy may be shared between them); no library
+// templates.
+#ifndef ONNX_NF4_SIMD_COMMON_H_
+#define ONNX_NF4_SIMD_COMMON_H_
+
+#include <cstdint>
+
+#include "cpu_kernels.h"
+
+namespace onnx_nf4::cpu {
+namespace {  // NOLINT(build/namespaces): see above
+
+inline int64_t MinI64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t MaxI64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// dst[K_pad] (zeroed) <- row a[K] in code order of `group`.
+inline void PackRowCodeOrder(const float* a, int64_t K, int64_t group, float* dst) {
+  for (int64_t k = 0; k < K; ++k) dst[CodeOrderPos(k, group)] = a[k];
+}
+
+// at[K_pad][mpad] (zeroed) <- A[M][K] transposed, K in code order of `group`.
+inline void PackTransposedCodeOrder(const float* A, int64_t M, int64_t K, int64_t mpad, int64_t group, float* at) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * K;
+    for (int64_t k = 0; k < K; ++k) at[CodeOrderPos(k, group) * mpad + m] = a[k];
+  }
+}
+
+// Quantizes every row of p.A to int8 in code order of `group` (see QuantizeRowInt8).
+inline void QuantizeRowsInt8(const Problem& p, int64_t group, int8_t* qa, float* ascale, int32_t* qsum) {
+  const Nf4Weight& w = p.w;
+  const int64_t kb = w.k_blocks, kpad = kb * w.block_size;
+  for (int64_t m = 0; m < p.M; ++m) {
+    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, group, qa + m * kpad, ascale + m * kb, qsum + m * kb);
+  }
+}
+
+}  // namespace
+}  // namespace onnx_nf4::cpu
+
+#endif  // ONNX_NF4_SIMD_COMMON_H_
