@@ -20,7 +20,8 @@ constexpr int64_t kGemvCols = 16;  // columns per GEMV task
 constexpr int64_t kTileN = 6;      // GEMM tile: 6 columns x 16 rows
 constexpr int64_t kTileM = 16;
 constexpr int64_t kGemmKc = 256;   // K per decoded panel (6 x 256 floats: 6 KiB, L1)
-constexpr int64_t kMinGemmRows = 16;
+constexpr int64_t kMinGemmRows = 16;    // float32: rows from which the tiles beat weight streaming
+constexpr int64_t kMinInt8GemmRows = 32;  // accuracy_level 4: rows from which the float32 tiles are faster
 
 struct Table {
   __m256 lo, hi;
@@ -80,7 +81,7 @@ void GemvTile(const GemvArgs& g, int64_t m0, int64_t n0) {
       }
     }
     for (int c = 0; c < NC; ++c) {
-      const __m256 s = _mm256_set1_ps(BlockScale(w, n0 + c, b));
+      const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, b));
       for (int m = 0; m < MR; ++m) tot[m][c] = _mm256_fmadd_ps(_mm256_add_ps(acc_e[m][c], acc_o[m][c]), s, tot[m][c]);
     }
   }
@@ -148,7 +149,7 @@ void GemmTask(void* data, size_t task) {
       }
       const uint8_t* codes = w.packed + (n0 + c) * row_bytes;
       for (int64_t j = 0; j < kc; j += kGroup) {
-        const __m256 s = _mm256_set1_ps(BlockScale(w, n0 + c, (k0 + j) / bs));
+        const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, (k0 + j) / bs));
         __m256 we, wo;
         Decode16(codes + (k0 + j) / 2, table, &we, &wo);
         _mm256_storeu_ps(dst + j, _mm256_mul_ps(we, s));
@@ -253,7 +254,7 @@ void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
         acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod16, ones));
       }
     }
-    const float s = BlockScale(w, n, b);
+    const float s = Scale(w, n, b);
     for (int m = 0; m < MR; ++m) {
       const __m256 f = _mm256_set1_ps(s * g.ascale[(m0 + m) * kb + b]);
       tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), f, tot[m]);
@@ -286,6 +287,10 @@ void Int8Task(void* data, size_t task) {
 
 void MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const Nf4Weight& w = p.w;
+  if (p.M >= kMinInt8GemmRows) {  // compute-bound: the float32 tiles are faster (and exact)
+    MatMulF32(p, par, scratch);
+    return;
+  }
   if (w.block_size < kGroupI8) {
     PortableKernels().matmul_int8(p, par, scratch);
     return;

@@ -20,7 +20,8 @@ constexpr int64_t kGemvCols = 16;  // columns per GEMV task
 constexpr int64_t kTileN = 12;     // GEMM tile: 12 columns x 32 rows
 constexpr int64_t kTileM = 32;
 constexpr int64_t kGemmKc = 256;   // K per decoded panel (12 x 256 floats: 12 KiB, L1)
-constexpr int64_t kMinGemmRows = 16;
+constexpr int64_t kMinGemmRows = 16;    // float32: rows from which the tiles beat weight streaming
+constexpr int64_t kMinInt8GemmRows = 32;  // accuracy_level 4: rows from which the float32 tiles are faster
 
 // Decodes 32 codes (16 bytes) into the NF4 values of the even k (lo) and odd k (hi) of the group.
 inline void Decode32(const uint8_t* bytes, __m512 table, __m512* even, __m512* odd) {
@@ -63,7 +64,7 @@ void GemvTile(const GemvArgs& g, int64_t m0, int64_t n0) {
       }
     }
     for (int c = 0; c < NC; ++c) {
-      const __m512 s = _mm512_set1_ps(BlockScale(w, n0 + c, b));
+      const __m512 s = _mm512_set1_ps(Scale(w, n0 + c, b));
       for (int m = 0; m < MR; ++m) tot[m][c] = _mm512_fmadd_ps(_mm512_add_ps(acc_e[m][c], acc_o[m][c]), s, tot[m][c]);
     }
   }
@@ -137,7 +138,7 @@ void GemmTask(void* data, size_t task) {
       }
       const uint8_t* codes = w.packed + (n0 + c) * row_bytes;
       for (int64_t j = 0; j < kc; j += kGroup) {
-        const __m512 s = _mm512_set1_ps(BlockScale(w, n0 + c, (k0 + j) / bs));
+        const __m512 s = _mm512_set1_ps(Scale(w, n0 + c, (k0 + j) / bs));
         __m512 we, wo;
         Decode32(codes + (k0 + j) / 2, table, &we, &wo);
         _mm512_storeu_ps(dst + j, _mm512_mul_ps(we, s));
@@ -244,7 +245,7 @@ void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
         acc[m] = _mm512_dpbusd_epi32(acc[m], wq, _mm512_loadu_si512(g.qa + (m0 + m) * g.kpad + k));
       }
     }
-    const float s = BlockScale(w, n, b);
+    const float s = Scale(w, n, b);
     for (int m = 0; m < MR; ++m) {
       const float f = s * g.ascale[(m0 + m) * kb + b];
       totv[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(f), totv[m]);
@@ -278,6 +279,10 @@ void Int8Task(void* data, size_t task) {
 
 void MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const Nf4Weight& w = p.w;
+  if (p.M >= kMinInt8GemmRows) {  // compute-bound: the float32 tiles are faster (and exact)
+    MatMulF32(p, par, scratch);
+    return;
+  }
   if (w.block_size < kGroupI8) {
     Avx2Kernels().matmul_int8(p, par, scratch);
     return;

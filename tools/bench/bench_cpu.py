@@ -1,0 +1,211 @@
+"""CPU benchmark of one MatMul layer: ``onnx_nf4::MatMulNF4`` vs fp32 ``MatMul`` vs onnxruntime's 4-bit ops.
+
+For each weight shape K x N, row count M and thread count, builds single-node models of the same random
+weight (normal(0, 0.05)) and times them in one process, interleaved (one run of each variant per round, so
+that load from other processes hits every variant alike), with ``onnxruntime.InferenceSession`` on the CPU:
+
+* ``fp32``: ``MatMul`` with the float32 weight;
+* ``nf4``: ``MatMulNF4`` (block 64, ``accuracy_level`` 0: float32 compute);
+* ``nf4_acc4``: ``MatMulNF4`` (block 64, ``accuracy_level`` 4: int8 activations);
+* ``bnb4``: ``com.microsoft::MatMulBnb4`` (NF4, block 64, the same codes and scales as ``nf4``);
+* ``nbits{32,128}_acc{0,4}``: ``com.microsoft::MatMulNBits`` (symmetric int4, block 32 / 128).
+
+Prints, per case, the median time in ms, the speed-up of ``nf4`` / ``nf4_acc4`` over each other variant, and
+each variant's relative error against the fp32 MatMul (``||y - y_fp32|| / ||y_fp32||``; the 4-bit error of
+the weight itself dominates). ``--markdown FILE`` also writes the tables.
+
+Usage: ``python tools/bench/bench_cpu.py [--quick] [--rounds 15] [--markdown tools/bench/RESULTS_cpu.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+import onnx_nf4
+from onnx_nf4.runtime import custom_op_library
+
+BLOCK_NF4 = 64
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+ROWS = [1, 16, 128]
+THREADS = [1, 2]
+
+
+def _model(node: onnx.NodeProto, K: int, inits: list[onnx.TensorProto], domain: str) -> bytes:
+    graph = helper.make_graph(
+        [node],
+        "bench",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 18)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def fp32_model(w: np.ndarray) -> bytes:
+    node = helper.make_node("MatMul", ["A", "W"], ["Y"])
+    return _model(node, w.shape[0], [numpy_helper.from_array(w, "W")], "")
+
+
+def nf4_model(q: onnx_nf4.QuantizedWeight, accuracy_level: int) -> bytes:
+    node = helper.make_node(
+        "MatMulNF4",
+        ["A", "B", "absmax"],
+        ["Y"],
+        domain="onnx_nf4",
+        K=q.K,
+        N=q.N,
+        block_size=q.block_size,
+        accuracy_level=accuracy_level,
+    )
+    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.absmax, "absmax")]
+    return _model(node, q.K, inits, "onnx_nf4")
+
+
+def bnb4_model(q: onnx_nf4.QuantizedWeight) -> bytes:
+    """MatMulBnb4 with the same bytes (valid when K % block_size == 0: no padding, see docs/MatMulNF4.md)."""
+    node = helper.make_node(
+        "MatMulBnb4", ["A", "B", "absmax"], ["Y"], domain="com.microsoft", K=q.K, N=q.N,
+        block_size=q.block_size, quant_type=1,
+    )  # fmt: skip
+    inits = [
+        numpy_helper.from_array(q.packed.reshape(-1), "B"),
+        numpy_helper.from_array(q.absmax.reshape(-1), "absmax"),
+    ]
+    return _model(node, q.K, inits, "com.microsoft")
+
+
+def nbits_model(w: np.ndarray, block_size: int, accuracy_level: int) -> bytes:
+    """MatMulNBits, symmetric int4 (zero point 8, scale = max|w| / 7 per block of a column)."""
+    K, N = w.shape
+    k_blocks = -(-K // block_size)
+    wt = np.zeros((N, k_blocks * block_size), dtype=np.float32)
+    wt[:, :K] = w.T
+    blocks = wt.reshape(N, k_blocks, block_size)
+    scale = np.abs(blocks).max(axis=2) / 7.0
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    q = (np.clip(np.rint(blocks / safe), -8, 7) + 8).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # low nibble = even k
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=K, N=N, bits=4,
+        block_size=block_size, accuracy_level=accuracy_level,
+    )  # fmt: skip
+    inits = [
+        numpy_helper.from_array(packed, "B"),
+        numpy_helper.from_array(scale.astype(np.float32).reshape(-1), "scales"),
+    ]
+    return _model(node, K, inits, "com.microsoft")
+
+
+@dataclass
+class Result:
+    name: str
+    ms: float
+    rel_err: float
+
+
+def run_case(K: int, N: int, M: int, threads: int, rounds: int, seed: int = 0) -> list[Result]:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    q = onnx_nf4.quantize_weight(w, BLOCK_NF4)
+    models = {
+        "fp32": fp32_model(w),
+        "nf4": nf4_model(q, 0),
+        "nf4_acc4": nf4_model(q, 4),
+        "bnb4": bnb4_model(q),
+        "nbits32_acc0": nbits_model(w, 32, 0),
+        "nbits32_acc4": nbits_model(w, 32, 4),
+        "nbits128_acc0": nbits_model(w, 128, 0),
+        "nbits128_acc4": nbits_model(w, 128, 4),
+    }
+    sessions = {}
+    for name, model in models.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.register_custom_ops_library(custom_op_library())
+        sessions[name] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    del models
+    outputs = {name: s.run(None, {"A": a})[0] for name, s in sessions.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"A": a})
+            times[name].append(time.perf_counter() - t0)
+    ref = outputs["fp32"].astype(np.float64)
+    norm = float(np.linalg.norm(ref))
+    return [
+        Result(name, 1e3 * statistics.median(times[name]), float(np.linalg.norm(outputs[name] - ref)) / norm)
+        for name in sessions
+    ]
+
+
+def format_case(K: int, N: int, M: int, threads: int, results: list[Result]) -> str:
+    by = {r.name: r for r in results}
+    lines = [
+        f"### K={K} N={N} M={M} threads={threads}",
+        "",
+        "| variant | median ms | nf4 speed-up | nf4_acc4 speed-up | rel. error vs fp32 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.ms:.3f} | {r.ms / by['nf4'].ms:.2f}x | {r.ms / by['nf4_acc4'].ms:.2f}x "
+            f"| {r.rel_err:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_header() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (
+        f"CPU: {cpu}, {os.cpu_count()} logical cores; Python {platform.python_version()}, onnxruntime "
+        f"{ort.__version__}, numpy {np.__version__}; load average at start {', '.join(f'{x:.2f}' for x in load)}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each variant (default 15)")
+    parser.add_argument("--quick", action="store_true", help="only 4096x4096, threads=1")
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    args = parser.parse_args()
+    shapes, threads = (SHAPES[:1], THREADS[:1]) if args.quick else (SHAPES, THREADS)
+    header = machine_header()
+    print(header)
+    sections = []
+    for K, N in shapes:
+        for M in ROWS:
+            for t in threads:
+                text = format_case(K, N, M, t, run_case(K, N, M, t, args.rounds))
+                print(text + "\n", flush=True)
+                sections.append(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# CPU benchmark: MatMulNF4 vs onnxruntime MatMul / MatMulBnb4 / MatMulNBits\n\n")
+            f.write(f"{header}.\n\nCommand: `python tools/bench/bench_cpu.py --rounds {args.rounds}`\n\n")
+            f.write("\n\n".join(sections) + "\n")
+
+
+if __name__ == "__main__":
+    main()
