@@ -1,0 +1,122 @@
+"""``onnx-nf4 export-bnb MODEL STATE_DICT OUT``: a bitsandbytes 4-bit state dict into an exported float ONNX model.
+
+Registered by :mod:`onnx_nf4.cli` through :func:`add_export_bnb_parser`. Needs neither PyTorch nor bitsandbytes
+for a ``.safetensors`` state dict (a ``torch.save`` file needs PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from ..codec import check_block_size
+
+__all__ = ["add_export_bnb_parser"]
+
+
+def _block_size(text: str) -> int:
+    try:
+        return check_block_size(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unsupported block size {text!r}: it must be a power of two between 16 and 4096"
+        ) from None
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export-bnb`` subcommand to the ``onnx-nf4`` sub-parsers."""
+    parser = subparsers.add_parser(
+        "export-bnb",
+        help="put the 4-bit layers of a bitsandbytes state dict into an exported float ONNX model",
+        description="Replace the weight of each MatMul/Gemm exported from a bitsandbytes Linear4bit layer (NF4) "
+        "by bitsandbytes' own codes and statistics from STATE_DICT, bit for bit, without re-quantizing, and "
+        "print a per-layer report. Layers are matched by module path (a wrapper's prefix is allowed).",
+    )
+    parser.add_argument("model", metavar="MODEL", type=Path, help="float ONNX model exported with torch.onnx.export")
+    parser.add_argument(
+        "state_dict",
+        metavar="STATE_DICT",
+        type=Path,
+        help="bitsandbytes-quantized state dict: .safetensors (e.g. from save_pretrained) or a torch.save file",
+    )
+    parser.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
+    parser.add_argument(
+        "--quantize-float",
+        action="store_true",
+        help="also quantize the other float MatMul/Gemm weights (with --block-size / --double-quant)",
+    )
+    parser.add_argument(
+        "--block-size", type=_block_size, default=64, help="block size for --quantize-float (default 64)"
+    )
+    parser.add_argument("--double-quant", action="store_true", help="double quantization for --quantize-float")
+    parser.add_argument(
+        "--exclude",
+        metavar="REGEX",
+        type=_regex,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
+    )
+    parser.add_argument(
+        "--max-rel-error",
+        metavar="X",
+        type=_positive_float,
+        default=None,
+        help="refuse a layer whose float graph weight differs from its NF4 weight by more than X relative RMS "
+        "(default 0.5: catches a wrong mapping)",
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the --max-rel-error check")
+    parser.set_defaults(handler=_cmd_export_bnb)
+
+
+def _cmd_export_bnb(args: argparse.Namespace) -> int:
+    from ..cli import CLIError, format_quantization_report
+    from ..table import format_bytes
+    from .state_dict import DEFAULT_MAX_REL_ERROR, export_bnb_state_dict
+
+    if args.output.is_dir():
+        raise CLIError(f"{args.output}: is a directory (OUT must be a file path)")
+    if not args.output.absolute().parent.is_dir():
+        raise CLIError(f"{args.output}: directory {args.output.absolute().parent} does not exist")
+    if args.no_check and args.max_rel_error is not None:
+        raise CLIError("--no-check and --max-rel-error exclude each other")
+    max_rel_error = None if args.no_check else (args.max_rel_error or DEFAULT_MAX_REL_ERROR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        report = export_bnb_state_dict(
+            args.model,
+            args.state_dict,
+            args.output,
+            quantize_float=args.quantize_float,
+            block_size=args.block_size,
+            double_quant=args.double_quant,
+            exclude=tuple(args.exclude),
+            max_rel_error=max_rel_error,
+        )
+    for warning in caught:
+        print(f"onnx-nf4: warning: {warning.message}", file=sys.stderr)
+    print(format_quantization_report(report))
+    print(f"wrote {args.output}: {format_bytes(args.output.stat().st_size)}")
+    return 0

@@ -1,0 +1,339 @@
+"""``export``: a PyTorch model to an NF4 ONNX model, bitsandbytes ``Linear4bit`` layers kept bit for bit.
+
+How a ``Linear4bit`` layer becomes a ``MatMulNF4`` with bitsandbytes' own tensors:
+
+1. Its codes and statistics are read (:func:`~onnx_nf4.torch.bnb_modules.bnb_weight`) and converted to the op's
+   layout without re-quantizing (:func:`~onnx_nf4.torch.bnb_layout.to_quantized_weight`); FP4 and other
+   unsupported layers fail here, before any export work, with an error naming the layer.
+2. For the export only, the layer is swapped for a float ``Linear`` holding its decoded weight (exactly
+   ``NF4[code] * absmax``, in the dtype bitsandbytes dequantizes to), so the exporter emits an ordinary
+   ``MatMul`` / ``Gemm`` with a constant weight. The model is restored afterwards, even on error.
+3. Each exported weight initializer is matched to its layer **by value**: the SHA-256 of the initializer's bytes
+   against that of the decoded weight in both orientations (``[K, N]`` for ``MatMul``, ``[N, K]`` for ``Gemm`` with
+   ``transB=1``). This does not depend on how an exporter names initializers (the TorchScript exporter calls a
+   constant-folded transpose ``onnx::MatMul_123``, the dynamo exporter ``val_95``), and it proves the
+   initializer holds exactly that layer's weight. A layer whose weight is in the graph other than as such a
+   weight is an error; a layer the exporter pruned (its output unused) is simply absent.
+4. :func:`onnx_nf4.quantize_model` inserts the NF4 weights as given (``prequantized``).
+
+LoRA adapters (the ``lora_A`` / ``lora_B`` ``nn.Linear`` layers of peft) are found the same way and stay float
+unless ``quantize_lora=True``: the graph computes ``base(x) + scale * lora_B(lora_A(x))`` as peft does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ..layout import dequantize_weight
+from ..model_io import load_model
+from ..passes import DEFAULT_MIN_ELEMENTS
+from ..report import QuantizationReport
+from .bnb_layout import to_quantized_weight
+from .bnb_modules import bnb_weight, find_linear4bit
+from .graph_weights import graph_weights, quantize_with_prequantized
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["export"]
+
+_LORA_CONTAINERS = frozenset({"lora_A", "lora_B"})
+
+
+Digest = tuple[tuple[int, ...], str, str]
+
+
+def _digest(array: np.ndarray, dtype: str) -> Digest:
+    """``(shape, dtype, sha256 of the C-order bytes)`` of ``array``."""
+    array = np.ascontiguousarray(array)
+    return tuple(int(d) for d in array.shape), dtype, hashlib.sha256(array.data).hexdigest()
+
+
+def _torch_digests(weight: torch.Tensor) -> list[Digest]:
+    """Digests of a torch-layout weight ``[N, K]`` as a MatMul weight ``[K, N]`` and as itself (Gemm ``transB=1``)."""
+    import torch
+
+    weight = weight.detach().to("cpu")
+    dtype = str(weight.dtype).removeprefix("torch.")
+    if weight.dtype == torch.bfloat16:
+        weight = weight.view(torch.int16)  # the same bytes; numpy has no bfloat16
+    array = weight.numpy()
+    return [_digest(array.T, dtype), _digest(array, dtype)]
+
+
+def _initializer_digest(tensor: ir.TensorProtocol) -> Digest:
+    dtype = tensor.dtype.name.lower()
+    array = tensor.numpy()
+    if tensor.dtype == ir.DataType.BFLOAT16:
+        array = np.asarray(array).view(np.int16)
+    return _digest(array, {"float": "float32", "double": "float64"}.get(dtype, dtype))
+
+
+def _dequantized_linear_class():
+    import torch
+
+    class DequantizedLinear(torch.nn.Module):
+        """Stand-in for a ``Linear4bit`` during export: ``x @ W.T + b`` with the decoded weight ``W [N, K]``."""
+
+        def __init__(self, weight: torch.Tensor, bias: torch.nn.Parameter | None) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            self.bias = bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = self.weight.dtype
+            y = x if x.dtype == dtype else x.to(dtype)
+            bias = self.bias
+            if bias is not None and bias.dtype != dtype:
+                bias = bias.to(dtype)
+            y = torch.nn.functional.linear(y, self.weight, bias)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    return DequantizedLinear
+
+
+@contextmanager
+def _swapped(model: torch.nn.Module, replacements: Mapping[str, torch.nn.Module]) -> Iterator[torch.nn.Module]:
+    """``model`` with the submodules at ``replacements``' paths swapped in; restored on exit.
+
+    Yields the module to export (the replacement itself when ``model`` is the replaced layer, path ``""``).
+    """
+    originals: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    try:
+        for path, new in replacements.items():
+            if not path:
+                continue
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            originals.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, new)
+        yield replacements.get("", model)
+    finally:
+        for parent, child, old in reversed(originals):
+            setattr(parent, child, old)
+
+
+def _default_input_names(model: torch.nn.Module, args: tuple[Any, ...]) -> list[str]:
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= len(args):
+        return positional[: len(args)]
+    return [f"input_{i}" for i in range(len(args))]
+
+
+def _default_dynamic_axes(names: Sequence[str], args: tuple[Any, ...]) -> dict[str, dict[int, str]]:
+    """``batch`` (axis 0) and ``sequence`` (axis 1) for every tensor input of rank >= 1 / >= 2."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, arg in zip(names, args, strict=False):
+        rank = getattr(arg, "ndim", 0)
+        if rank >= 1:
+            axes[name] = {0: "batch", 1: "sequence"} if rank >= 2 else {0: "batch"}
+    return axes
+
+
+def _torch_export(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    *,
+    kwargs: Mapping[str, Any] | None,
+    dynamo: bool,
+    opset_version: int | None,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    dynamic_axes: Mapping[str, Any] | bool,
+) -> None:
+    import torch
+
+    names = list(input_names) if input_names is not None else _default_input_names(model, args)
+    if dynamic_axes is True:
+        axes: Mapping[str, Any] | None = _default_dynamic_axes(names, args)
+    elif dynamic_axes is False:
+        axes = None
+    else:
+        axes = dict(dynamic_axes)
+    options: dict[str, Any] = {
+        "kwargs": dict(kwargs) if kwargs else None,
+        "input_names": names,
+        "output_names": list(output_names) if output_names is not None else None,
+        "dynamic_axes": axes or None,
+        "dynamo": dynamo,
+    }
+    if opset_version is not None:
+        options["opset_version"] = opset_version
+    if dynamo:
+        options.update(verbose=False, external_data=True)
+    with torch.no_grad():
+        torch.onnx.export(model, args, str(path), **options)
+
+
+def _lora_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """peft's LoRA adapter layers: the ``nn.Linear`` modules inside a ``lora_A`` / ``lora_B`` container."""
+    import torch
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and _LORA_CONTAINERS & set(name.split("."))
+    }
+
+
+def export(
+    model: torch.nn.Module,
+    args: Any,
+    path: str | os.PathLike[str],
+    *,
+    block_size: int = 64,
+    double_quant: bool = False,
+    format: str = "onnx_nf4",
+    kwargs: Mapping[str, Any] | None = None,
+    dynamo: bool = True,
+    opset_version: int | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Any] | bool = True,
+    quantize_float: bool | None = None,
+    quantize_lora: bool = False,
+    exclude: Iterable[str] = (),
+    min_elements: int = DEFAULT_MIN_ELEMENTS,
+) -> QuantizationReport:
+    """Export ``model`` with ``torch.onnx.export`` and write it to ``path`` with NF4 weights.
+
+    A float model is exported and then quantized by :func:`onnx_nf4.quantize_model` exactly as
+    ``onnx-nf4 quantize`` would quantize the exported file. A model with bitsandbytes ``Linear4bit`` layers (NF4,
+    any block size, with or without double quantization) gets a ``MatMulNF4`` for each of them holding
+    bitsandbytes' codes and statistics, without re-quantizing (see the module docstring and
+    ``docs/torch_export.md``); its other layers stay float unless ``quantize_float=True``.
+
+    Args:
+        model: the module to export (put it in ``eval()`` mode first); it is left as it was.
+        args: the example positional inputs (a tensor or a tuple), as for ``torch.onnx.export``.
+        path: the ``.onnx`` file to write (weights over 2 GB go to ``<file name>.data`` beside it).
+        block_size, double_quant, format, exclude, min_elements: as for :func:`onnx_nf4.quantize_model`, for the
+            float weights that are quantized. ``exclude`` also applies to ``Linear4bit`` layers (an excluded one
+            stays a float ``MatMul`` holding its decoded weight).
+        kwargs: example keyword inputs.
+        dynamo: ``True`` (default): the ``torch.export``-based exporter (the one PyTorch develops and defaults to);
+            ``False``: the TorchScript exporter (faster to run, deprecated by PyTorch).
+        opset_version: ONNX opset of the export (the exporter's default when ``None``).
+        input_names: names of the graph inputs (default: the names of ``forward``'s positional parameters).
+        output_names: names of the graph outputs (default: the exporter's).
+        dynamic_axes: ``True`` (default): axis 0 (``batch``) and axis 1 (``sequence``) of every input of rank >= 2,
+            axis 0 of every rank-1 input; ``False``: static shapes; or an explicit ``torch.onnx.export``
+            ``dynamic_axes`` mapping.
+        quantize_float: quantize the float ``MatMul`` / ``Gemm`` weights; default: ``True`` for a model without
+            ``Linear4bit`` layers, ``False`` for a model with them.
+        quantize_lora: also quantize peft's LoRA adapter weights when float weights are quantized (default: they
+            stay float).
+
+    Returns:
+        The :class:`~onnx_nf4.report.QuantizationReport` (bitsandbytes layers show ``rel_rms_error`` 0: their
+        float weight in the exported graph is their own decoded weight).
+
+    Raises:
+        BnbFormatError: a ``Linear4bit`` layer that cannot be stored exactly (FP4, not quantized yet, a block
+            structure ``MatMulNF4`` cannot represent); the message names the layer.
+        ValueError: a ``Linear4bit`` layer whose weight is in the exported graph but not as the constant weight of a
+            ``MatMul`` / ``Gemm``, or invalid quantization settings.
+    """
+    import torch
+
+    args = args if isinstance(args, tuple) else (args,)
+    bnb_layers = find_linear4bit(model)
+    quantized = {name: to_quantized_weight(bnb_weight(name, module)) for name, module in bnb_layers.items()}
+    lora = _lora_linears(model)
+    if quantize_float is None:
+        quantize_float = not bnb_layers
+
+    substitute = _dequantized_linear_class()
+    replacements: dict[str, torch.nn.Module] = {}
+    layer_keys: dict[Digest, str] = {}
+    for name, module in bnb_layers.items():
+        dtype = module.weight.quant_state.dtype
+        decoded = torch.from_numpy(np.ascontiguousarray(dequantize_weight(quantized[name]).T)).to(dtype)
+        replacements[name] = substitute(decoded, module.bias)
+        for key in _torch_digests(decoded):
+            layer_keys.setdefault(key, name)
+    lora_keys = {key for module in lora.values() for key in _torch_digests(module.weight)}
+
+    target = Path(path)
+    if not target.absolute().parent.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: directory {target.absolute().parent} does not exist")
+    with tempfile.TemporaryDirectory(prefix=".onnx_nf4_export_", dir=target.absolute().parent) as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        with _swapped(model, replacements) as to_export:
+            _torch_export(
+                to_export,
+                args,
+                float_path,
+                kwargs=kwargs,
+                dynamo=dynamo,
+                opset_version=opset_version,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+            )
+        if not bnb_layers and not lora:
+            from ..api import quantize_model
+
+            _, report = quantize_model(
+                float_path,
+                target,
+                block_size=block_size,
+                double_quant=double_quant,
+                format=format,
+                exclude=exclude,
+                min_elements=min_elements,
+            )
+            return report
+        ir_model = load_model(float_path)
+        prequantized = {}
+        lora_weights = set()
+        found: set[str] = set()
+        for weight in graph_weights(ir_model):
+            key = _initializer_digest(weight.tensor)
+            if key in layer_keys:
+                layer = layer_keys[key]
+                prequantized[weight.name] = quantized[layer]
+                found.add(layer)
+            elif key in lora_keys:
+                lora_weights.add(weight.name)
+        stray = sorted(
+            {
+                layer_keys[key]
+                for value in ir_model.graph.initializers.values()
+                if value.const_value is not None and value.name not in prequantized
+                for key in [_initializer_digest(value.const_value)]
+                if key in layer_keys and layer_keys[key] not in found
+            }
+        )
+        if stray:
+            raise ValueError(
+                f"the weight of Linear4bit layer(s) {', '.join(map(repr, stray))} is in the exported graph, but not "
+                "as the constant weight of a MatMul/Gemm, so their NF4 weights cannot be attached"
+            )
+        return quantize_with_prequantized(
+            ir_model,
+            target,
+            prequantized,
+            keep_float=() if quantize_lora else lora_weights,
+            quantize_float=quantize_float,
+            block_size=block_size,
+            double_quant=double_quant,
+            format=format,
+            exclude=exclude,
+            min_elements=min_elements,
+        )
