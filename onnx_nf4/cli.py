@@ -169,14 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_provider(provider: str, subparsers: argparse._SubParsersAction) -> None:
-    """Call ``provider`` (``"module:function"``) on ``subparsers``; skip it when its module is not installed."""
+    """Call ``provider`` (``"module:function"``) on ``subparsers``.
+
+    A provider whose module is not installed is skipped; one whose module fails to import (a bug: it must import
+    without its optional dependencies) is skipped with a warning on stderr, so the other commands keep working.
+    """
     module_name, _, function_name = provider.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and module_name.startswith(err.name):
-            return  # the module (or its package) is not part of this installation
-        raise
+    except ImportError as err:
+        # Absent: the module itself (or its package) is not part of this installation.
+        absent = isinstance(err, ModuleNotFoundError) and (module_name + ".").startswith(f"{err.name}.")
+        if not absent:
+            print(f"{PROG}: warning: commands of {module_name} unavailable ({err})", file=sys.stderr)
+        return
     add_parser: Callable[[argparse._SubParsersAction], None] = getattr(module, function_name)
     add_parser(subparsers)
 
@@ -278,8 +284,9 @@ def format_quantization_report(report: QuantizationReport) -> str:
     double = ", double quantization" if report.double_quant else ""
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)
+        shared = f" ({distinct} distinct weights)" if distinct != len(report.layers) else ""
         lines.append(
-            f"quantized {len(report.layers)} layer(s) ({distinct} distinct weights) to NF4, format {report.format}, "
+            f"quantized {len(report.layers)} layer(s){shared} to NF4, format {report.format}, "
             f"block size {report.block_size}{double}"
         )
         lines.append(

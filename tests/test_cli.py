@@ -445,3 +445,15 @@ def test_subcommand_registered_from_another_module(tmp_path: Path, monkeypatch, 
     assert capsys.readouterr().out == "hello world\n"
     assert cli.main(["hello", "nobody"]) == 1
     assert capsys.readouterr().err == "onnx-nf4: error: nobody to greet\n"
+
+
+def test_subcommand_provider_that_fails_to_import_is_skipped_with_a_warning(tmp_path: Path, monkeypatch, capsys):
+    (tmp_path / "nf4_broken_plugin.py").write_text("import nf4_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "SUBCOMMAND_PROVIDERS", ["nf4_broken_plugin:add_parser"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"onnx-nf4 {onnx_nf4.__version__}\n"
+    assert captured.err.startswith("onnx-nf4: warning: commands of nf4_broken_plugin unavailable (")
