@@ -28,6 +28,7 @@ from .codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE
 
 __all__ = [
     "Rounding",
+    "as_float_array",
     "check_block_size",
     "check_finite",
     "dequantize_blockwise",
@@ -64,7 +65,8 @@ def check_finite(w: np.ndarray, name: str = "weight") -> None:
             )
 
 
-def _as_float_array(w: np.ndarray, name: str) -> np.ndarray:
+def as_float_array(w: np.ndarray, name: str = "weight") -> np.ndarray:
+    """``np.asarray(w)`` if it is float16/float32/float64, else raise ``TypeError`` naming ``name``."""
     w = np.asarray(w)
     if w.dtype.type not in _FLOAT_DTYPES:
         raise TypeError(f"tensor {name!r} has dtype {w.dtype}; NF4 quantizes float16/float32/float64 only")
@@ -155,7 +157,7 @@ def quantize_blockwise(
     bs = check_block_size(block_size)
     if rounding not in ("onnxruntime", "bitsandbytes"):
         raise ValueError(f"rounding must be 'onnxruntime' or 'bitsandbytes', got {rounding!r}")
-    w = _as_float_array(w, name)
+    w = as_float_array(w, name)
     check_finite(w, name)
     flat = w.reshape(-1)
     n = flat.size

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import Rounding, check_block_size, dequantize_blockwise, quantize_blockwise
+from .codebook import NF4_ZERO_CODE
+from .codec import (
+    Rounding,
+    as_float_array,
+    check_block_size,
+    check_finite,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
 from .double_quant import NestedAbsmax, dequantize_absmax, quantize_absmax
 
 __all__ = ["QuantizedWeight", "dequantize_weight", "quantize_weight"]
@@ -56,6 +64,20 @@ class QuantizedWeight:
         return dequantize_absmax(self.absmax.reshape(-1), self.nested).reshape(self.N, self.k_blocks)
 
 
+_CHUNK_ELEMENTS = 1 << 20  # elements of W.T quantized at a time (bounds the extra memory)
+
+
+def _pad_codes_to_zero(packed_rows: np.ndarray, K: int) -> None:
+    """Set the codes of the padding elements ``k >= K`` of ``packed_rows[n, K_pad // 2]`` to 7 (0.0), in place.
+
+    Padding zeros already get code 7 except in a block whose absmax is float32-subnormal, where
+    ``0 * (1/absmax)`` is NaN under onnxruntime rounding.
+    """
+    if K % 2:
+        packed_rows[:, K // 2] = (packed_rows[:, K // 2] & 0xF0) | NF4_ZERO_CODE
+    packed_rows[:, -(-K // 2) :] = NF4_ZERO_CODE * 0x11
+
+
 def quantize_weight(
     w: np.ndarray,
     block_size: int = 64,
@@ -66,23 +88,35 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize a ``MatMul`` weight ``w[K, N]`` (float16/32/64) into the ``MatMulNF4`` layout.
 
+    ``w`` is read column by column in chunks of about 2**20 elements, so the extra memory is a few MB beyond
+    the output whatever the weight's size (no transposed or padded copy of the whole weight is made).
+    With ``double_quant`` the absmax is double-quantized by :func:`onnx_nf4.double_quant.quantize_absmax`.
+
     Raises ``ValueError`` (naming ``name``) for NaN/Inf, a non-2-D weight or a bad block size, and
     ``TypeError`` for a non-float weight.
     """
     bs = check_block_size(block_size)
-    w = np.asarray(w)
+    w = as_float_array(w, name)
     if w.ndim != 2:
         raise ValueError(f"tensor {name!r}: a MatMul weight must be 2-D, got shape {w.shape}")
+    check_finite(w, name)
     K, N = (int(d) for d in w.shape)
     k_blocks = -(-K // bs)
+    k_pad = k_blocks * bs
+    packed = np.empty((N, k_pad // 2), dtype=np.uint8)
+    absmax = np.empty((N, k_blocks), dtype=np.float32)
+    rows = max(1, _CHUNK_ELEMENTS // k_pad)  # rows of W.T (columns of W) per chunk
+    chunk = np.zeros((min(rows, N), k_pad), dtype=np.float32)  # the padding columns stay zero
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        part = chunk[: n1 - n0]
+        part[:, :K] = w[:, n0:n1].T
+        p, a = quantize_blockwise(part, bs, rounding=rounding, name=name)
+        packed[n0:n1] = p.reshape(n1 - n0, k_pad // 2)
+        absmax[n0:n1] = a.reshape(n1 - n0, k_blocks)
     if K % bs:
-        wt = np.zeros((N, k_blocks * bs), dtype=w.dtype)
-        wt[:, :K] = w.T
-    else:
-        wt = w.T
-    packed, absmax = quantize_blockwise(wt, bs, rounding=rounding, name=name)
+        _pad_codes_to_zero(packed, K)
     packed = packed.reshape(N, k_blocks, bs // 2)
-    absmax = absmax.reshape(N, k_blocks)
     if not double_quant:
         return QuantizedWeight(K, N, bs, packed, absmax)
     codes, nested = quantize_absmax(absmax.reshape(-1))
