@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from .codec import dequantize_blockwise
 from .double_quant import NestedAbsmax
@@ -122,16 +123,27 @@ def _decoded_weight(node: ir.Node) -> np.ndarray:
     return dequantize_weight(q)
 
 
+def _activation_dtype(node: ir.Node) -> ir.DataType | None:
+    """The T of a ``MatMulNF4`` / ``MatMulBnb4`` node, when the graph tells it."""
+    if node.domain == MS_DOMAIN:
+        return node.inputs[2].dtype if node.inputs[2] is not None else None  # MatMulBnb4's absmax is of type T
+    bias = node.inputs[6] if len(node.inputs) > 6 else None
+    if bias is not None and bias.dtype is not None:
+        return bias.dtype
+    return node.inputs[0].dtype if node.inputs[0] is not None else None
+
+
 def dequantize_model(
     model_or_path: ModelLike,
     output_path: str | os.PathLike[str] | None = None,
 ) -> onnx.ModelProto | None:
     """Replace every ``MatMulNF4`` / ``MatMulBnb4`` node by a float ``MatMul`` (+ ``Add`` of its bias).
 
-    The weight is the decoded NF4 weight (``NF4[code] * absmax`` in float32), stored in the op's T when ``A``'s
-    type is known (else float32 followed by a ``CastLike`` to ``A``). A debugging aid: the result computes what
-    the quantized model computes, with float kernels. Returns the ``ModelProto``, or ``None`` after writing it
-    to ``output_path``. Unused NF4 initializers are removed.
+    The weight is the decoded NF4 weight (``NF4[code] * absmax`` in float32) stored in the op's T (found from
+    the absmax of ``MatMulBnb4``, the bias, ``A``'s type, or shape inference; when it stays unknown, the float32
+    weight goes through a ``CastLike`` to ``A``). NF4 tensors shared by several nodes give one shared float
+    weight. A debugging aid: the result computes what the quantized model computes, with float kernels. Returns
+    the ``ModelProto``, or ``None`` after writing it to ``output_path``. Unused NF4 initializers are removed.
     """
     model = load_model(model_or_path)
     targets = [
@@ -139,30 +151,36 @@ def dequantize_model(
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
         if (node.domain, node.op_type) in ((DOMAIN, OP_TYPE), (MS_DOMAIN, "MatMulBnb4"))
     ]
+    if any(_activation_dtype(node) is None for node in targets):
+        ShapeInferencePass(strict_mode=False)(model)  # leaves the model unchanged if inference fails
     names = UniqueNames(model)
+    decoded: dict[tuple[int, int, ir.DataType | None], ir.Value] = {}
     for node in targets:
-        graph = node.graph
-        assert isinstance(graph, ir.Graph)
-        a, out = node.inputs[0], node.outputs[0]
-        assert a is not None
-        weight = _decoded_weight(node)
-        base = names.fresh((node.name or out.name or "weight") + "_dequantized")
+        graph, (a, packed, absmax), out = node.graph, node.inputs[:3], node.outputs[0]
+        assert isinstance(graph, ir.Graph) and a is not None and packed is not None and absmax is not None
+        dtype = _activation_dtype(node)
+        key = (id(packed), id(absmax), dtype)
+        if key not in decoded:
+            weight = _decoded_weight(node)
+            weight = weight if dtype is None else weight.astype(dtype.numpy())
+            name = names.fresh(f"{packed.name}_dequantized")
+            value = ir.Value(name=name, shape=ir.Shape(weight.shape), const_value=ir.tensor(weight, name=name))
+            value.type = ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
+            owner = packed.graph if isinstance(packed.graph, ir.Graph) else graph  # visible wherever B is
+            owner.register_initializer(value)
+            decoded[key] = value
+        w_value = decoded[key]
         new_nodes: list[ir.Node] = []
-        if a.dtype is not None:
-            weight = weight.astype(a.dtype.numpy())
-        w_value = ir.Value(name=base, shape=ir.Shape(weight.shape), const_value=ir.tensor(weight, name=base))
-        w_value.type = ir.TensorType(w_value.const_value.dtype)  # type: ignore[union-attr]
-        graph.register_initializer(w_value)
-        if a.dtype is None:
-            cast = ir.Value(name=names.fresh(f"{base}_cast"))
-            new_nodes.append(ir.node("CastLike", [w_value, a], outputs=[cast]))
+        if dtype is None:
+            cast = ir.Value(name=names.fresh(f"{w_value.name}_cast"))
+            new_nodes.append(ir.node("CastLike", [w_value, a], outputs=[cast], name=f"{node.name}_cast"))
             w_value = cast
-        y = ir.Value(name=names.fresh(f"{base}_matmul"))
+        y = ir.Value(name=names.fresh(f"{out.name}_matmul"))
         new_nodes.append(ir.node("MatMul", [a, w_value], outputs=[y], name=node.name))
         bias = node.inputs[6] if node.domain == DOMAIN and len(node.inputs) > 6 else None
         if bias is not None:
-            summed = ir.Value(name=names.fresh(f"{base}_bias"))
-            new_nodes.append(ir.node("Add", [y, bias], outputs=[summed]))
+            summed = ir.Value(name=names.fresh(f"{out.name}_bias"))
+            new_nodes.append(ir.node("Add", [y, bias], outputs=[summed], name=f"{node.name}_bias"))
             y = summed
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [out], [y])
     remove_unused_initializers(model)

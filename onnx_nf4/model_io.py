@@ -96,11 +96,13 @@ def load_model(model: ModelLike) -> ir.Model:
         raise ModelLoadError(f"{path}: not an ONNX model, or the file is truncated or corrupt ({err})") from err
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or no IR version)")
+    if not proto.opset_import:
+        raise ModelLoadError(f"{path}: the model declares no opset (is the file truncated?)")
     try:
         loaded = ir.serde.deserialize_model(proto)
     except Exception as err:  # any inconsistency the deserializer finds in a file that parsed
         raise ModelLoadError(f"{path}: invalid ONNX model ({type(err).__name__}: {err})") from err
-    ir.external_data.set_base_dir(loaded.graph, path.parent)
+    ir.external_data.set_base_dir(loaded.graph, path.absolute().parent)
     _check_external_data(loaded, path)
     return loaded
 
