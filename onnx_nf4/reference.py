@@ -141,7 +141,11 @@ def matmul_nf4(
 
 
 class MatMulNF4(OpRun):
-    """``onnx_nf4::MatMulNF4`` for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``."""
+    """``onnx_nf4::MatMulNF4`` for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``.
+
+    Omitted optional inputs arrive as ``None``. ``accuracy_level`` is accepted and ignored: the reference is the
+    float32 computation that every level must approximate.
+    """
 
     op_domain = DOMAIN
 
