@@ -15,10 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
-
-from onnx_nf4.reference import MatMulNF4
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -27,13 +23,6 @@ BLOCK_SIZE = 64
 LINEAR_LAYERS = 36  # 6 encoder layers x (query, key, value, attention output, intermediate, output)
 ATTENTION_MATMULS = 12  # 6 layers x (Q @ K^T, softmax @ V): B is an activation
 WORD_EMBEDDING = "bert.embeddings.word_embeddings.weight"
-
-
-class GatherElements(OpRun):
-    """``GatherElements`` for the reference runtime (onnx's own fails when the gathered axis exceeds 64)."""
-
-    def _run(self, data, indices, axis=0):
-        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
 
 
 def quantize_with_cli(source: Path, target: Path, *options: str) -> str:
@@ -54,10 +43,6 @@ def quantize_with_cli(source: Path, target: Path, *options: str) -> str:
 def ort_run(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(["last_hidden_state"], inputs)[0]
-
-
-def reference_run(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    return ReferenceEvaluator(str(path), new_ops=[MatMulNF4, GatherElements]).run(["last_hidden_state"], inputs)[0]
 
 
 def nodes(path: Path, op_type: str) -> list[onnx.NodeProto]:
@@ -83,6 +68,14 @@ def rewritten_weight_ratio(path: Path, op_type: str) -> float:
 
 def report_cosine(label: str, cos: np.ndarray) -> None:
     print(f"\n[minilm] {label}: cosine min {cos.min():.6f} mean {cos.mean():.6f} over {cos.size} sentences")
+
+
+@pytest.fixture(scope="module")
+def reference_run(minilm):
+    """``tools/example.py``'s ``run_reference(path, inputs)``: the numpy reference runtime with ``MatMulNF4``."""
+    import example  # tools/ is on sys.path once the minilm fixture has run
+
+    return example.run_reference
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +152,7 @@ def test_word_embedding_is_a_gather_and_stays_float(nf4_path) -> None:
 
 
 def test_reference_runtime_embeddings_match_fp32_and_onnxruntime_quantizer(
-    nf4_path, minilm_inputs, embed, fp32_embeddings, ort_quantizer_embeddings, minilm
+    nf4_path, reference_run, minilm_inputs, embed, fp32_embeddings, ort_quantizer_embeddings, minilm
 ) -> None:
     path, _ = nf4_path
     nf4 = embed(reference_run(path, minilm_inputs))
@@ -205,7 +198,7 @@ def test_rewritten_weights_take_at_most_0145_of_their_fp32_bytes(nf4_path, bnb4_
 
 
 def test_double_quant_takes_at_most_013_and_keeps_the_accuracy(
-    minilm_fp32_path, work, minilm_inputs, embed, fp32_embeddings, minilm
+    minilm_fp32_path, work, reference_run, minilm_inputs, embed, fp32_embeddings, minilm
 ) -> None:
     out = work / "minilm_nf4_dq.onnx"
     quantize_with_cli(minilm_fp32_path, out, "--block-size", str(BLOCK_SIZE), "--double-quant")
@@ -215,3 +208,23 @@ def test_double_quant_takes_at_most_013_and_keeps_the_accuracy(
     report_cosine("onnx_nf4 format, double quantization (reference runtime) vs fp32", cos)
     assert ratio <= 0.13
     assert cos.mean() >= 0.97
+
+
+def test_onnx_nf4_format_on_onnxruntime_with_the_custom_op_library(
+    nf4_path, reference_run, minilm_inputs, embed, fp32_embeddings, minilm
+) -> None:
+    from onnx_nf4.runtime import CustomOpLibraryNotFoundError, session_options
+
+    try:
+        options = session_options()
+    except CustomOpLibraryNotFoundError as err:
+        pytest.skip(str(err))
+    path, _ = nf4_path
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    custom = embed(session.run(["last_hidden_state"], minilm_inputs)[0])
+    vs_reference = minilm.cosine(custom, embed(reference_run(path, minilm_inputs)))
+    vs_fp32 = minilm.cosine(custom, fp32_embeddings)
+    report_cosine("onnx_nf4 format (onnxruntime + custom ops) vs reference runtime", vs_reference)
+    report_cosine("onnx_nf4 format (onnxruntime + custom ops) vs fp32", vs_fp32)
+    assert vs_reference.min() >= 0.99999
+    assert vs_fp32.mean() >= 0.97
