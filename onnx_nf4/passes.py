@@ -277,7 +277,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         supported = _FLOAT_TYPES if self.format == "onnx_nf4" else _BNB4_TYPES
         if tensor.dtype not in supported:
             names = ", ".join(t.name for t in supported)
-            raise _Skip(f"weight dtype {tensor.dtype.name} is not supported by this format ({names})")
+            raise _Skip(f"dtype {tensor.dtype.name} of the weight and A is not supported by this format ({names})")
         rows, cols = (int(d) for d in tensor.shape)
         K, N = (cols, rows) if transpose else (rows, cols)
         assert value is not None and value.name is not None

@@ -145,26 +145,31 @@ def matmul_output_reused_model(K: int = 128, N: int = 64) -> onnx.ModelProto:
 
 
 def skipped_cases_model(K: int = 128, N: int = 64) -> onnx.ModelProto:
-    """Three MatMuls that must be left alone: ``"dynamic"`` (B is the graph input ``"Bdyn"``), ``"batched"``
-    (B is the 3-D initializer ``"W3"``) and ``"integer"`` (int32 A and weight ``"Wint"``)."""
+    """Four MatMuls that must be left alone: ``"dynamic"`` (B is the graph input ``"Bdyn"``), ``"batched"``
+    (B is the 3-D initializer ``"W3"``), ``"integer"`` (int32 A and weight ``"Wint"``) and ``"double"``
+    (float64 A and weight ``"Wdouble"``)."""
     nodes = [
         helper.make_node("MatMul", ["A", "Bdyn"], ["Y1"], name="dynamic"),
         helper.make_node("MatMul", ["A", "W3"], ["Y2"], name="batched"),
         helper.make_node("MatMul", ["Aint", "Wint"], ["Y3"], name="integer"),
+        helper.make_node("MatMul", ["Adouble", "Wdouble"], ["Y4"], name="double"),
     ]
     inits = [
         numpy_helper.from_array(weight((2, K, N)), "W3"),
         numpy_helper.from_array(np.arange(K * N, dtype=np.int32).reshape(K, N) % 7, "Wint"),
+        numpy_helper.from_array(weight((K, N), dtype=np.float64), "Wdouble"),
     ]
     inputs = [
         tensor_info("A", np.float32, ["M", K]),
         tensor_info("Bdyn", np.float32, [K, N]),
         tensor_info("Aint", np.int32, ["M", K]),
+        tensor_info("Adouble", np.float64, ["M", K]),
     ]
     outputs = [
         tensor_info("Y1", np.float32, ["M", N]),
         tensor_info("Y2", np.float32, [2, "M", N]),
         tensor_info("Y3", np.int32, ["M", N]),
+        tensor_info("Y4", np.float64, ["M", N]),
     ]
     return make_model(nodes, inputs, outputs, inits)
 

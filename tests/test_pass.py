@@ -293,11 +293,12 @@ def test_skipped_with_reasons():
     assert reasons == {
         "dynamic": "B is not a constant (graph input 'Bdyn')",
         "batched": "B is 3-D with shape [2, 128, 64]; only a 2-D weight is rewritten",
-        "integer": "weight dtype INT32 is not supported by this format (FLOAT, FLOAT16, BFLOAT16)",
+        "integer": "dtype INT32 of the weight and A is not supported by this format (FLOAT, FLOAT16, BFLOAT16)",
+        "double": "dtype DOUBLE of the weight and A is not supported by this format (FLOAT, FLOAT16, BFLOAT16)",
     }
     assert not report.layers
-    assert op_types(q) == ["MatMul", "MatMul", "MatMul"]
-    assert set(initializers(q)) == {"W3", "Wint"}
+    assert op_types(q) == ["MatMul", "MatMul", "MatMul", "MatMul"]
+    assert set(initializers(q)) == {"W3", "Wint", "Wdouble"}
 
 
 def test_overridable_initializer_and_nonfinite_weight_are_skipped():
@@ -311,7 +312,7 @@ def test_overridable_initializer_and_nonfinite_weight_are_skipped():
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
     q, report = quantize(model)
     assert op_types(q) == ["MatMul"]
-    assert "non-finite" in report.skipped[0].reason and "'W'" in report.skipped[0].reason
+    assert "NaN" in report.skipped[0].reason and "'W'" in report.skipped[0].reason
 
 
 def test_unused_initializers_are_removed():
@@ -527,4 +528,20 @@ def test_com_microsoft_skips_bfloat16():
         [numpy_helper.from_array(weight((128, 64)).astype(bf16), "W")],
     )
     _, report = quantize(model, format="com.microsoft")
-    assert report.skipped[0].reason == "weight dtype BFLOAT16 is not supported by this format (FLOAT, FLOAT16)"
+    assert (
+        report.skipped[0].reason
+        == "dtype BFLOAT16 of the weight and A is not supported by this format (FLOAT, FLOAT16)"
+    )
+
+
+def test_com_microsoft_prequantized_weight():
+    model = matmul_model(128, 64)
+    w = float_weight(model, "W")
+    given = quantize_weight(w, 64)
+    q, _ = quantize(model, format="com.microsoft", prequantized={"W": given})
+    np.testing.assert_array_equal(initializers(q)["W_Bnb4"], given.packed.reshape(-1))  # K % bs == 0: same bytes
+    np.testing.assert_array_equal(initializers(q)["W_absmax"], given.absmax.reshape(-1))
+    for unfit in (quantize_weight(w, 64, double_quant=True), quantize_weight(w[:100], 64)):
+        unfit_model = model if unfit.K == 128 else matmul_model(100, 64)
+        with pytest.raises(ValueError, match="cannot be written as MatMulBnb4"):
+            quantize_model(unfit_model, format="com.microsoft", prequantized={"W": unfit})
