@@ -53,15 +53,27 @@ def check_block_size(block_size: int) -> int:
 
 
 def check_finite(w: np.ndarray, name: str = "weight") -> None:
-    """Raise ``ValueError`` naming ``name`` if ``w`` holds NaN or +-Inf (checked chunk by chunk)."""
-    flat = w.reshape(-1)
-    for start in range(0, flat.size, _CHUNK_ELEMENTS):
-        chunk = flat[start : start + _CHUNK_ELEMENTS]
-        if not np.isfinite(chunk).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(chunk))[0])
+    """Raise ``ValueError`` naming ``name`` if ``w`` holds NaN or +-Inf, or (float64) a value beyond float32.
+
+    Checked in chunks along the first axis, so no copy of ``w`` is made even when it is not contiguous.
+    """
+    w = np.asarray(w)
+    if w.ndim == 0:
+        w = w.reshape(1)
+    if w.size == 0:
+        return
+    rows = max(1, _CHUNK_ELEMENTS // (w.size // w.shape[0]))
+    for start in range(0, w.shape[0], rows):
+        chunk = w[start : start + rows]
+        with np.errstate(over="ignore"):
+            ok = np.isfinite(chunk if chunk.dtype != np.float64 else chunk.astype(np.float32))
+        if not ok.all():
+            index = np.argwhere(~ok)[0]
+            index[0] += start
+            bad = int(np.ravel_multi_index(tuple(index), w.shape))
             raise ValueError(
-                f"tensor {name!r} holds a non-finite value ({flat[bad]!r} at flat index {bad}); "
-                "NF4 cannot represent NaN or Inf"
+                f"tensor {name!r} holds a value that is not finite in float32 ({w[tuple(index)]!r} at flat "
+                f"index {bad}); NF4 cannot represent NaN, Inf or magnitudes beyond float32"
             )
 
 
