@@ -28,10 +28,17 @@ from .schema import DOMAIN, MS_DOMAIN, OP_TYPE
 __all__ = ["dequantize_model", "quantize_model"]
 
 
-def _finish(model: ir.Model, output_path: str | os.PathLike[str] | None) -> onnx.ModelProto | None:
+def _check_output(output_path: str | os.PathLike[str] | None, external_data: bool | None) -> None:
+    if output_path is None and external_data is not None:
+        raise ValueError("external_data applies to a written model: give output_path too")
+
+
+def _finish(
+    model: ir.Model, output_path: str | os.PathLike[str] | None, external_data: bool | None
+) -> onnx.ModelProto | None:
     if output_path is None:
         return ir.serde.serialize_model(model)
-    save_model(model, output_path)
+    save_model(model, output_path, external_data=external_data)
     return None
 
 
@@ -46,6 +53,7 @@ def quantize_model(
     min_elements: int = DEFAULT_MIN_ELEMENTS,
     on_progress: ProgressCallback | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
+    external_data: bool | None = None,
 ) -> tuple[onnx.ModelProto | None, QuantizationReport]:
     """Rewrite the float ``MatMul`` / ``Gemm`` weights of a model to NF4 (see :mod:`onnx_nf4.passes`).
 
@@ -61,6 +69,8 @@ def quantize_model(
             :data:`onnx_nf4.passes.DEFAULT_MIN_ELEMENTS`).
         on_progress: ``on_progress(done, total, weight_name)``, called after each distinct weight.
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
+        external_data: with ``output_path``: ``True`` writes the tensors to ``<output file name>.data``,
+            ``False`` keeps them in the protobuf, ``None`` (default) chooses external data above 2 GB.
 
     Returns:
         ``(model, report)``: the rewritten ``ModelProto`` (``None`` when ``output_path`` is given) and the
@@ -70,6 +80,7 @@ def quantize_model(
         onnx_nf4.model_io.ModelLoadError: the input file cannot be read as an ONNX model.
         ValueError: invalid settings, or a ``prequantized`` weight that does not fit its node.
     """
+    _check_output(output_path, external_data)
     quantize = QuantizeNF4Pass(
         block_size=block_size,
         double_quant=double_quant,
@@ -82,7 +93,7 @@ def quantize_model(
     model = load_model(model_or_path)
     quantize(model)
     assert quantize.report is not None
-    return _finish(model, output_path), quantize.report
+    return _finish(model, output_path, external_data), quantize.report
 
 
 def _const(node: ir.Node, index: int) -> np.ndarray | None:
@@ -136,6 +147,8 @@ def _activation_dtype(node: ir.Node) -> ir.DataType | None:
 def dequantize_model(
     model_or_path: ModelLike,
     output_path: str | os.PathLike[str] | None = None,
+    *,
+    external_data: bool | None = None,
 ) -> onnx.ModelProto | None:
     """Replace every ``MatMulNF4`` / ``MatMulBnb4`` node by a float ``MatMul`` (+ ``Add`` of its bias).
 
@@ -143,8 +156,10 @@ def dequantize_model(
     the absmax of ``MatMulBnb4``, the bias, ``A``'s type, or shape inference; when it stays unknown, the float32
     weight goes through a ``CastLike`` to ``A``). NF4 tensors shared by several nodes give one shared float
     weight. A debugging aid: the result computes what the quantized model computes, with float kernels. Returns
-    the ``ModelProto``, or ``None`` after writing it to ``output_path``. Unused NF4 initializers are removed.
+    the ``ModelProto``, or ``None`` after writing it to ``output_path`` (``external_data`` as for
+    :func:`quantize_model`). Unused NF4 initializers are removed.
     """
+    _check_output(output_path, external_data)
     model = load_model(model_or_path)
     targets = [
         node
@@ -184,4 +199,4 @@ def dequantize_model(
             y = summed
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [out], [y])
     remove_unused_initializers(model)
-    return _finish(model, output_path)
+    return _finish(model, output_path, external_data)

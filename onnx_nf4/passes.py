@@ -30,6 +30,7 @@ one with fewer than ``min_elements`` elements.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,6 +52,8 @@ __all__ = [
     "UniqueNames",
     "remove_unused_initializers",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Weights with fewer elements are kept in float. 4096 elements (e.g. 64 x 64) is 16 KiB of float32: below it
 #: NF4 saves less than 14 KiB per weight, while such small matrices (classifier heads, gates, projections to a
@@ -486,6 +489,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             try:
                 plans.append(self._plan(node))
             except _Skip as skip:
+                logger.debug("skipping %s %r: %s", node.op_type, _node_label(node), skip)
                 report.skipped.append(SkippedLayer(_node_label(node), node.op_type, str(skip)))
         plans = self._drop_nonfinite(plans, report)
 
@@ -500,6 +504,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         for plan in plans:
             entry = quantized[plan.key]
             fused = self._rewrite(plan, entry)
+            logger.debug("rewrote %s %r (weight %r, K=%d, N=%d)", plan.node.op_type, _node_label(plan.node),
+                         plan.weight.name, plan.K, plan.N)  # fmt: skip
             report.layers.append(
                 LayerReport(
                     node=_node_label(plan.node),

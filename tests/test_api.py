@@ -60,6 +60,15 @@ def test_writes_the_model_when_given_an_output_path(tmp_path):
     assert [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node] == ["MatMulNF4"]
 
 
+def test_external_data_on_request(tmp_path):
+    q, _ = quantize_model(matmul_model(128, 64), tmp_path / "out.onnx", external_data=True)
+    assert q is None and (tmp_path / "out.onnx.data").stat().st_size == 64 * 64 + 64 * 2 * 4
+    dequantize_model(tmp_path / "out.onnx", tmp_path / "deq.onnx", external_data=True)
+    assert (tmp_path / "deq.onnx.data").stat().st_size == 128 * 64 * 4
+    with pytest.raises(ValueError, match="give output_path too"):
+        quantize_model(matmul_model(128, 64), external_data=True)
+
+
 def test_output_path_may_be_the_input_path(tmp_path):
     path = tmp_path / "model.onnx"
     onnx.save(matmul_model(128, 64), path)
