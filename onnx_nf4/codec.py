@@ -134,8 +134,8 @@ def _quantize_full_blocks(blocks: np.ndarray, rounding: Rounding) -> tuple[np.nd
 def _quantize_partial_block(tail: np.ndarray, rounding: Rounding) -> tuple[np.ndarray, np.float32]:
     absmax = np.float32(np.abs(tail).max())
     if rounding == "onnxruntime":
-        inv = np.float32(1) / absmax if absmax != 0 else np.float32(0)
         with np.errstate(over="ignore", invalid="ignore"):
+            inv = np.float32(1) / absmax if absmax != 0 else np.float32(0)
             scaled = tail * inv
     else:
         with np.errstate(over="ignore", invalid="ignore"):
