@@ -70,8 +70,8 @@ _CHUNK_ELEMENTS = 1 << 20  # elements of W.T quantized at a time (bounds the ext
 def _pad_codes_to_zero(packed_rows: np.ndarray, K: int) -> None:
     """Set the codes of the padding elements ``k >= K`` of ``packed_rows[n, K_pad // 2]`` to 7 (0.0), in place.
 
-    Padding zeros already get code 7 except in a block whose absmax is float32-subnormal, where
-    ``0 * (1/absmax)`` is NaN under onnxruntime rounding.
+    Padding zeros already get code 7 except in a block whose absmax is so small (below about 2.9e-39) that
+    ``1/absmax`` overflows: ``0 * inf`` is NaN, code 0, under onnxruntime rounding.
     """
     if K % 2:
         packed_rows[:, K // 2] = (packed_rows[:, K // 2] & 0xF0) | NF4_ZERO_CODE
