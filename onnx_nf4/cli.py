@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from . import __version__
@@ -242,16 +243,18 @@ def _check_output_path(path: Path) -> None:
 
 
 def _file_bytes(path: Path) -> int:
-    """Size of the model file plus its external data files (``0`` if the file cannot be read)."""
+    """Bytes of the model file plus the external data files its tensors reference (0 if unreadable)."""
     try:
-        return path.stat().st_size + _external_data_bytes(path)
-    except OSError:
+        model = ir.load(path)
+        data_files = {
+            Path(value.const_value.path)
+            for graph in model.graphs()
+            for value in graph.initializers.values()
+            if isinstance(value.const_value, ir.ExternalTensor)
+        }
+        return path.stat().st_size + sum(file.stat().st_size for file in data_files)
+    except (OSError, ValueError, DecodeError):
         return 0
-
-
-def _external_data_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return data.stat().st_size if data.is_file() else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

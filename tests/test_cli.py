@@ -259,18 +259,19 @@ def test_inspect_float_model(float_model: Path) -> None:
     assert "float MatMul/Gemm: 4 (3 with a constant weight" in proc.stdout
 
 
-def test_dequantize_round_trip(float_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["onnx_nf4", "com.microsoft"])
+def test_dequantize_round_trip(float_model: Path, tmp_path: Path, fmt: str) -> None:
     nf4, back = tmp_path / "nf4.onnx", tmp_path / "back.onnx"
-    assert run_cli("quantize", float_model, nf4, "--block-size", "32").returncode == 0
+    assert run_cli("quantize", float_model, nf4, "--block-size", "32", "--format", fmt).returncode == 0
     proc = run_cli("dequantize", nf4, back)
     assert proc.returncode == 0, proc.stderr
-    assert "MatMulNF4" not in op_types(back)
+    assert not {"MatMulNF4", "MatMulBnb4"} & set(op_types(back))
     onnx.checker.check_model(onnx.load(back), full_check=True)
     inputs = _inputs()
     from onnx.reference import ReferenceEvaluator
 
     got = ReferenceEvaluator(str(back)).run(["Y"], inputs)[0]
-    np.testing.assert_allclose(got, expected_nf4_output(inputs, 32), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, expected_nf4_output(inputs, 32, fmt), rtol=1e-4, atol=1e-5)
     assert "quantized: none" in run_cli("inspect", back).stdout
 
 
@@ -284,6 +285,25 @@ def test_out_equal_to_in_replaces_the_model_and_leaves_no_temporary_file(float_m
     np.testing.assert_allclose(
         run_reference(float_model, inputs), expected_nf4_output(inputs, 64), rtol=1e-4, atol=1e-5
     )
+
+
+def test_out_equal_to_in_with_external_data(tmp_path: Path) -> None:
+    """A model whose weights live in ``model.onnx.data``: read lazily while the new model is written, then replaced."""
+    path = tmp_path / "model.onnx"
+    onnx.save(
+        onnx.load(make_float_model(tmp_path / "source.onnx")),
+        path,
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    (tmp_path / "source.onnx").unlink()
+    proc = run_cli("quantize", path, path, "--block-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} <= {"model.onnx", "model.onnx.data"}
+    assert op_types(path).count("MatMulNF4") == 2
+    inputs = _inputs()
+    np.testing.assert_allclose(run_reference(path, inputs), expected_nf4_output(inputs, 32), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
