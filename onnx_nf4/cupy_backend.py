@@ -1,0 +1,548 @@
+"""``MatMulNF4`` on an NVIDIA GPU without the compiled library: the CUDA kernels through ``cupy.RawModule``.
+
+The kernels are those of the C++ library (``matmul_nf4.cu``), compiled at run time by NVRTC (CuPy caches the
+binaries on disk). The source is found in an installed package (``onnx_nf4/kernels/``) or in a source checkout
+(``custom_ops/cuda/``); the NF4 table header is inlined into it. Needs ``cupy-cuda13x`` (the ``cupy`` extra)
+and a GPU of compute capability 8.0 or newer; importing this module needs neither.
+
+* :func:`matmul_nf4`: ``Y = A @ W (+ bias)`` on device arrays: CuPy arrays or anything that speaks DLPack
+  (PyTorch CUDA tensors come back as PyTorch tensors). Same inputs and attributes as the op
+  (``docs/MatMulNF4.md``) and as :func:`onnx_nf4.reference.matmul_nf4`.
+* :class:`MatMulNF4`: the op for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``, computed
+  on the GPU (the weight tensors are copied to the device once per node).
+* :func:`kernel_source` and :func:`plan_launches`: the preprocessed source and the launch configuration (the
+  same choices as the C++ launcher ``LaunchMatMulNF4``); they need no GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from .schema import DOMAIN
+
+__all__ = [
+    "KernelSourceNotFoundError",
+    "Launch",
+    "MatMulNF4",
+    "kernel_names",
+    "kernel_source",
+    "matmul_nf4",
+    "plan_launches",
+]
+
+Algo = Literal["auto", "simt", "mma"]
+Backend = Literal["nvrtc", "library"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+KERNEL_FILE = "matmul_nf4.cu"
+CODEBOOK_HEADER = "nf4_codebook.h"
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"onnx_nf4/nf4_codebook\.h"[^\n]*$', re.MULTILINE)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_REPO_DIR = _PACKAGE_DIR.parent
+
+#: CTA size of every kernel (kThreads in matmul_nf4.cu) and its warps (kWarps).
+THREADS = 256
+WARPS = THREADS // 32
+#: gridDim.y limit; larger M is split into several launches.
+MAX_ROW_TILES = 65535
+#: Minimum compute capability (mma.m16n8k16 with bfloat16, cvt.rn.bf16.f32).
+MIN_COMPUTE_CAPABILITY = 80
+
+_FLAG_CODES_VEC16 = 1
+_FLAG_ACT_VEC16 = 2
+_CPP_TYPES = {"float32": "float", "float16": "onnx_nf4::gpu::f16", "bfloat16": "onnx_nf4::gpu::bf16"}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_SIMT_TILES = (1, 2, 4, 8)
+_MMA_TILES = (8, 16)
+
+
+class KernelSourceNotFoundError(FileNotFoundError):
+    """``matmul_nf4.cu`` or ``nf4_codebook.h`` is neither installed with the package nor in a source checkout."""
+
+
+def _kernel_files() -> tuple[Path, Path]:
+    """The ``.cu`` source and the codebook header: installed copies first, then the source tree."""
+    candidates = [
+        (_PACKAGE_DIR / "kernels" / KERNEL_FILE, _PACKAGE_DIR / "kernels" / CODEBOOK_HEADER),
+        (
+            _REPO_DIR / "custom_ops" / "cuda" / KERNEL_FILE,
+            _REPO_DIR / "custom_ops" / "include" / "onnx_nf4" / CODEBOOK_HEADER,
+        ),
+    ]
+    for source, header in candidates:
+        if source.is_file() and header.is_file():
+            return source, header
+    searched = ", ".join(f"{s} + {h}" for s, h in candidates)
+    raise KernelSourceNotFoundError(f"the onnx_nf4 CUDA kernel source was not found; searched: {searched}")
+
+
+def kernel_source() -> str:
+    """The CUDA source of the kernels, ready for NVRTC: ``matmul_nf4.cu`` with ``nf4_codebook.h`` inlined.
+
+    Inlining (rather than an include path) keeps the program self-contained, so CuPy's cache key covers the table.
+
+    Raises:
+        KernelSourceNotFoundError: the files are missing.
+        ValueError: the source does not include the header exactly once.
+    """
+    source_path, header_path = _kernel_files()
+    source = source_path.read_text(encoding="utf-8")
+    header = header_path.read_text(encoding="utf-8")
+    matches = _INCLUDE_RE.findall(source)
+    if len(matches) != 1:
+        raise ValueError(f"{source_path} must include onnx_nf4/nf4_codebook.h exactly once, found {len(matches)}")
+    return _INCLUDE_RE.sub(lambda _: header, source, count=1)
+
+
+def kernel_names(dtype: DType) -> list[str]:
+    """The template-ids of every kernel instantiated for activations of ``dtype`` (NVRTC name expressions)."""
+    cpp = _CPP_TYPES[dtype]
+    names = [f"onnx_nf4::gpu::nf4_gemv_simt<{cpp}, {mt}>" for mt in _SIMT_TILES]
+    if dtype != "float32":
+        names += [f"onnx_nf4::gpu::nf4_gemv_mma<{cpp}, {mt}>" for mt in _MMA_TILES]
+    return names
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: rows ``[row_start, row_start + rows)`` of ``A`` and ``Y``.
+
+    Attributes:
+        kernel: the template-id (one of :func:`kernel_names`).
+        grid: ``(x, y)``: column groups, row tiles. The block is always ``THREADS`` threads.
+        row_start, rows: the rows of this launch.
+        k_split: warps per output column (CUDA cores) or per 16-column tile (tensor cores), a power of two <= 8.
+        flags: bit 0: B rows allow 16-byte loads; bit 1: A rows allow 16-byte loads.
+    """
+
+    kernel: str
+    grid: tuple[int, int]
+    row_start: int
+    rows: int
+    k_split: int
+    flags: int
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _k_split(units: int, row_tiles: int, stretches: int, sm_count: int) -> int:
+    """Warps per output unit: about 16 warps per SM, at most WARPS and no more than the unit's stretches."""
+    target = 16 * sm_count
+    ks = 1
+    while ks < WARPS and units * row_tiles * ks < target and 2 * ks <= stretches:
+        ks *= 2
+    return ks
+
+
+def plan_launches(
+    dtype: DType,
+    M: int,
+    K: int,
+    N: int,
+    block_size: int,
+    *,
+    algo: Algo = "auto",
+    sm_count: int,
+    a_ptr: int = 0,
+    b_ptr: int = 0,
+) -> list[Launch]:
+    """The launches of one ``MatMulNF4`` call (what ``LaunchMatMulNF4`` of the C++ library does).
+
+    ``auto`` uses the tensor-core kernel for float16 / bfloat16 and the CUDA-core one for float32. ``a_ptr`` and
+    ``b_ptr`` (device addresses) decide whether 16-byte loads are allowed. No launch for ``M == 0``.
+
+    Raises:
+        ValueError: an unknown ``dtype`` or ``algo``, ``mma`` with float32, or sizes out of range.
+    """
+    if dtype not in _CPP_TYPES:
+        raise ValueError(f"MatMulNF4: unsupported activation dtype {dtype!r}; expected one of {list(_CPP_TYPES)}")
+    if algo not in ("auto", "simt", "mma"):
+        raise ValueError(f"MatMulNF4: algo must be 'auto', 'simt' or 'mma', got {algo!r}")
+    if algo == "mma" and dtype == "float32":
+        raise ValueError("MatMulNF4: the tensor-core kernel takes float16 or bfloat16 A only")
+    if not (1 <= K < 2**31 and 1 <= N < 2**31) or M < 0:
+        raise ValueError(f"MatMulNF4: sizes out of range (M={M}, K={K}, N={N})")
+    if block_size < 16 or block_size > 4096 or block_size & (block_size - 1):
+        raise ValueError(f"MatMulNF4: block_size must be a power of two in [16, 4096], got {block_size}")
+    mma = algo == "mma" or (algo == "auto" and dtype != "float32")
+    row_bytes = _ceil_div(K, block_size) * block_size // 2
+    flags = 0
+    if row_bytes % 16 == 0 and b_ptr % 16 == 0:
+        flags |= _FLAG_CODES_VEC16
+    if K % (16 // _ITEMSIZE[dtype]) == 0 and a_ptr % 16 == 0:
+        flags |= _FLAG_ACT_VEC16
+    if mma:
+        mt = 8 if M <= 8 else 16
+        units, stretches = _ceil_div(N, 16), _ceil_div(row_bytes, 64)
+        kernel = f"onnx_nf4::gpu::nf4_gemv_mma<{_CPP_TYPES[dtype]}, {mt}>"
+    else:
+        mt = next((t for t in _SIMT_TILES if t >= M), _SIMT_TILES[-1])
+        units, stretches = N, _ceil_div(_ceil_div(row_bytes, 16), 32)
+        kernel = f"onnx_nf4::gpu::nf4_gemv_simt<{_CPP_TYPES[dtype]}, {mt}>"
+    k_split = _k_split(units, _ceil_div(M, mt), stretches, sm_count)
+    grid_x = _ceil_div(units, WARPS // k_split)
+    launches = []
+    row = 0
+    while row < M:
+        tiles = min(MAX_ROW_TILES, _ceil_div(M - row, mt))
+        rows = min(tiles * mt, M - row)
+        launches.append(Launch(kernel, (grid_x, tiles), row, rows, k_split, flags))
+        row += rows
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU execution (needs CuPy and a GPU)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as err:
+        raise ImportError(
+            "onnx_nf4.cupy_backend needs CuPy: pip install 'onnx_nf4[cupy]' (cupy-cuda13x) on a machine with an "
+            "NVIDIA GPU"
+        ) from err
+    return cupy
+
+
+_modules: dict[tuple[int, str], Any] = {}
+_modules_lock = threading.Lock()
+
+
+def _module(cupy: Any, dtype: DType) -> Any:
+    """The compiled RawModule of ``dtype``'s kernels on the current device (compiled once per process)."""
+    device = cupy.cuda.Device()
+    key = (int(device.id), dtype)
+    with _modules_lock:
+        module = _modules.get(key)
+        if module is None:
+            cc = int(device.compute_capability)
+            if cc < MIN_COMPUTE_CAPABILITY:
+                raise RuntimeError(
+                    f"MatMulNF4: the CUDA kernels need compute capability >= 8.0, device {device.id} has {cc / 10:.1f}"
+                )
+            module = cupy.RawModule(code=kernel_source(), options=("-std=c++17",), name_expressions=kernel_names(dtype))
+            _modules[key] = module
+    return module
+
+
+def _dtype_name(dtype: Any) -> DType:
+    name = str(dtype)
+    if name not in _CPP_TYPES:
+        raise TypeError(f"MatMulNF4: input 'A' has dtype {name}, expected float32, float16 or bfloat16")
+    return name  # type: ignore[return-value]
+
+
+def _to_cupy(cupy: Any, x: Any, name: str) -> Any:
+    """A CuPy view of a device array (CuPy, or any DLPack producer); PyTorch bfloat16 is viewed as int16."""
+    if isinstance(x, cupy.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        if not x.is_cuda:
+            raise TypeError(f"MatMulNF4: input {name!r} is a CPU tensor; move it to the GPU first")
+        if x.dtype == torch.bfloat16:
+            return cupy.from_dlpack(x.contiguous().view(torch.int16))
+    if hasattr(x, "__dlpack__"):
+        return cupy.from_dlpack(x)
+    raise TypeError(f"MatMulNF4: input {name!r} is a {type(x).__name__}, not a device array (CuPy or DLPack)")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(f"MatMulNF4: {message}")
+
+
+def _aligned_contiguous(cupy: Any, x: Any, alignment: int) -> Any:
+    """``x`` as a C-contiguous array whose data pointer is ``alignment``-aligned (copied only when needed)."""
+    x = cupy.ascontiguousarray(x)
+    if x.data.ptr % alignment:
+        x = x.copy()  # a fresh allocation is 256-byte aligned
+    return x
+
+
+def matmul_nf4(
+    A: Any,
+    B: Any,
+    absmax: Any,
+    nested_absmax: Any = None,
+    nested_code: Any = None,
+    absmax_offset: Any = None,
+    bias: Any = None,
+    *,
+    K: int,
+    N: int,
+    block_size: int,
+    nested_block_size: int = 256,
+    algo: Algo = "auto",
+    stream: Any = None,
+    backend: Backend = "nvrtc",
+) -> Any:
+    """``Y = A @ W (+ bias)`` on the GPU, for an NF4 weight in the ``MatMulNF4`` layout (``docs/MatMulNF4.md``).
+
+    Args:
+        A: float32 / float16 / bfloat16 ``[..., K]`` device array (CuPy, or a DLPack producer such as a PyTorch
+            CUDA tensor).
+        B, absmax, nested_absmax, nested_code, absmax_offset, bias: the op's other inputs, device arrays of the
+            spec's dtypes and shapes (``bias`` of ``A``'s dtype).
+        K, N, block_size, nested_block_size: the node's attributes.
+        algo: ``"auto"`` (tensor cores for float16 / bfloat16, CUDA cores for float32), ``"simt"`` (CUDA cores)
+            or ``"mma"`` (tensor cores; not for float32).
+        stream: a ``cupy.cuda.Stream`` (default: CuPy's current stream). Nothing is synchronized.
+        backend: ``"nvrtc"`` (compile ``matmul_nf4.cu`` at run time; needs no compiled library) or ``"library"``
+            (the same kernels from the compiled custom-op library, through its ``onnx_nf4_cuda_matmul`` entry point).
+
+    Returns:
+        ``Y``, ``[..., N]`` of ``A``'s dtype: a PyTorch tensor when ``A`` is one, else a CuPy array.
+
+    Raises:
+        ValueError, TypeError: inputs that do not match the spec (checked before any launch).
+        ImportError: CuPy is not installed.
+    """
+    cupy = _cupy()
+    from_torch = type(A).__module__.startswith("torch")
+    bf16_torch = from_torch and str(A.dtype) == "torch.bfloat16"
+    a = _to_cupy(cupy, A, "A")
+    dtype = "bfloat16" if bf16_torch else _dtype_name(a.dtype)
+    weights = [None if v is None else _to_cupy(cupy, v, name) for v, name in zip(
+        (B, absmax, nested_absmax, nested_code, absmax_offset, bias), _WEIGHT_NAMES, strict=True)]  # fmt: skip
+    y = _matmul(cupy, a, dtype, *weights, K=K, N=N, block_size=block_size, nested_block_size=nested_block_size,
+                algo=algo, stream=stream, backend=backend)  # fmt: skip
+    if not from_torch:
+        return y
+    import torch
+
+    out = torch.from_dlpack(y)
+    return out.view(torch.bfloat16) if bf16_torch else out
+
+
+_WEIGHT_NAMES = ("B", "absmax", "nested_absmax", "nested_code", "absmax_offset", "bias")
+
+
+def _matmul(
+    cupy: Any,
+    a: Any,
+    dtype: DType,
+    b: Any,
+    s: Any,
+    nested_absmax: Any,
+    nested_code: Any,
+    absmax_offset: Any,
+    bias: Any,
+    *,
+    K: int,
+    N: int,
+    block_size: int,
+    nested_block_size: int = 256,
+    algo: Algo = "auto",
+    stream: Any = None,
+    backend: Backend = "nvrtc",
+) -> Any:
+    """Validates CuPy inputs (``a``'s storage may be 16-bit integers standing for bfloat16) and runs the kernels."""
+    K, N, block_size = int(K), int(N), int(block_size)
+    _check(K >= 1 and N >= 1, f"K and N must be >= 1, got K={K}, N={N}")
+    _check(
+        16 <= block_size <= 4096 and block_size & (block_size - 1) == 0,
+        f"block_size must be a power of two in [16, 4096], got {block_size}",
+    )
+    _check(algo in ("auto", "simt", "mma"), f"algo must be 'auto', 'simt' or 'mma', got {algo!r}")
+    _check(backend in ("nvrtc", "library"), f"backend must be 'nvrtc' or 'library', got {backend!r}")
+    _check(algo != "mma" or dtype != "float32", "the tensor-core kernel ('mma') takes float16 or bfloat16 A only")
+    k_blocks = -(-K // block_size)
+    _check(a.ndim >= 1 and a.shape[-1] == K, f"the last dimension of 'A' must be K={K}, got shape {list(a.shape)}")
+    _check(b.dtype == np.uint8, f"input 'B' must be uint8, got {b.dtype}")
+    expected_b = (N, k_blocks, block_size // 2)
+    _check(b.shape == expected_b, f"input 'B' has shape {list(b.shape)}, expected {list(expected_b)}")
+    _check(s.shape == (N, k_blocks), f"input 'absmax' has shape {list(s.shape)}, expected {[N, k_blocks]}")
+    nested = (nested_absmax, nested_code, absmax_offset)
+    if s.dtype == np.uint8:
+        _check(
+            all(v is not None for v in nested),
+            "absmax is uint8 but nested_absmax, nested_code or absmax_offset is missing",
+        )
+        nbs = int(nested_block_size)
+        _check(nbs >= 16 and nbs & (nbs - 1) == 0, f"nested_block_size must be a power of two >= 16, got {nbs}")
+        _check(
+            all(v.dtype == np.float32 for v in nested), "nested_absmax, nested_code and absmax_offset must be float32"
+        )
+        n_nested = -(-N * k_blocks // nbs)
+        _check(nested_absmax.shape == (n_nested,), f"input 'nested_absmax' has shape {list(nested_absmax.shape)}, "
+               f"expected [{n_nested}]")  # fmt: skip
+        _check(nested_code.shape == (256,), f"input 'nested_code' has shape {list(nested_code.shape)}, expected [256]")
+        _check(absmax_offset.shape in ((), (1,)), f"input 'absmax_offset' has shape {list(absmax_offset.shape)}, "
+               "expected [] or [1]")  # fmt: skip
+    else:
+        _check(s.dtype == np.float32, f"input 'absmax' must be float32 or uint8, got {s.dtype}")
+        _check(all(v is None for v in nested), "absmax is float32, so the nested inputs must be omitted")
+        nbs = 256
+    if bias is not None:
+        _check(bias.dtype == a.dtype, f"input 'bias' has dtype {bias.dtype}, expected {a.dtype} (A's dtype)")
+        _check(bias.shape == (N,), f"input 'bias' has shape {list(bias.shape)}, expected [{N}]")
+
+    lead = a.shape[:-1]
+    M = int(np.prod(lead, dtype=np.int64))
+    y = cupy.empty((*lead, N), dtype=a.dtype)
+    if M == 0:
+        return y
+    a2 = _aligned_contiguous(cupy, a.reshape(M, K), 16)
+    b = _aligned_contiguous(cupy, b, 16)
+    dq = s.dtype == np.uint8
+    s = cupy.ascontiguousarray(s)
+    na, code, offset = (cupy.ascontiguousarray(v) for v in nested) if dq else (None, None, None)
+    bias = None if bias is None else cupy.ascontiguousarray(bias)
+    y2 = y.reshape(M, N)
+    stream = stream if stream is not None else cupy.cuda.get_current_stream()
+    operands = _Operands(a2, b, s, na, code, offset, bias, y2)
+    if backend == "library":
+        _launch_library(dtype, operands, K, N, block_size, nbs, algo, stream)
+    else:
+        _launch_nvrtc(cupy, dtype, operands, K, N, block_size, nbs, algo, stream)
+    return y
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """Validated, C-contiguous device arrays of one call (``a`` [M, K], ``y`` [M, N]; nested ones or ``None``)."""
+
+    a: Any
+    b: Any
+    absmax: Any
+    nested_absmax: Any
+    nested_code: Any
+    absmax_offset: Any
+    bias: Any
+    y: Any
+
+
+def _launch_nvrtc(
+    cupy: Any, dtype: DType, x: _Operands, K: int, N: int, block_size: int, nbs: int, algo: Algo, stream: Any
+) -> None:
+    M = int(x.a.shape[0])
+    device = cupy.cuda.Device()
+    launches = plan_launches(dtype, M, K, N, block_size, algo=algo,
+                             sm_count=int(device.attributes["MultiProcessorCount"]),
+                             a_ptr=x.a.data.ptr, b_ptr=x.b.data.ptr)  # fmt: skip
+    module = _module(cupy, dtype)
+    null = np.uint64(0)
+    dq = x.absmax.dtype == np.uint8
+    pointers = (x.b, null if dq else x.absmax, x.absmax if dq else null, *(null if v is None else v for v in (
+        x.nested_absmax, x.nested_code, x.absmax_offset, x.bias)))  # fmt: skip
+    fixed = (np.int32(K), np.int32(N), np.int32(block_size.bit_length() - 1), np.int32(_ceil_div(K, block_size)),
+             np.int32(nbs.bit_length() - 1 if dq else 0))  # fmt: skip
+    for launch in launches:
+        rows = slice(launch.row_start, launch.row_start + launch.rows)
+        args = (x.a[rows], *pointers, x.y[rows], np.int32(launch.rows), *fixed, np.int32(launch.k_split),
+                np.int32(launch.flags))  # fmt: skip
+        module.get_function(launch.kernel)(launch.grid, (THREADS,), args, stream=stream)
+
+
+_DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+_ALGO_CODES = {"auto": 0, "simt": 1, "mma": 2}
+_library_fn: Any = None
+
+
+def _library_entry() -> Any:
+    """``onnx_nf4_cuda_matmul`` of the compiled library (see custom_ops/src/cuda_op.cc), loaded once."""
+    global _library_fn
+    if _library_fn is None:
+        from .runtime import custom_op_library
+
+        path = custom_op_library()
+        try:
+            fn = ctypes.CDLL(path).onnx_nf4_cuda_matmul
+        except AttributeError as err:
+            raise RuntimeError(f"{path} was built without CUDA (no onnx_nf4_cuda_matmul)") from err
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                       i64, i64, i64, i64, i64, ptr, ctypes.c_char_p, ctypes.c_size_t]  # fmt: skip
+        fn.restype = ctypes.c_int
+        _library_fn = fn
+    return _library_fn
+
+
+def _launch_library(
+    dtype: DType, x: _Operands, K: int, N: int, block_size: int, nbs: int, algo: Algo, stream: Any
+) -> None:
+    fn = _library_entry()
+    err = ctypes.create_string_buffer(512)
+
+    def ptr(v: Any) -> int | None:
+        return None if v is None else int(v.data.ptr)
+
+    dq = x.absmax.dtype == np.uint8
+    rc = fn(_DTYPE_CODES[dtype], _ALGO_CODES[algo], ptr(x.a), ptr(x.b), ptr(x.absmax), int(dq), ptr(x.nested_absmax),
+            ptr(x.nested_code), ptr(x.absmax_offset), ptr(x.bias), ptr(x.y), int(x.a.shape[0]), K, N, block_size, nbs,
+            int(stream.ptr) or None, err, len(err))  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"MatMulNF4: {err.value.decode(errors='replace')}")
+
+
+class MatMulNF4(OpRun):
+    """``onnx_nf4::MatMulNF4`` for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``, on the GPU.
+
+    Inputs and outputs are numpy arrays (as everywhere in the reference evaluator; bfloat16 as ``ml_dtypes``). The
+    weight inputs (all but ``A``) are copied to the device on first use and kept for later runs of the same node,
+    keyed by the identity of the numpy array (initializers are constant).
+    """
+
+    op_domain = DOMAIN
+
+    def _device(self, cupy: Any, x: Any) -> Any:
+        if x is None:
+            return None
+        cache: dict[int, tuple[Any, Any]] = self.__dict__.setdefault("_device_cache", {})
+        hit = cache.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        device = cupy.asarray(_storage(np.asarray(x)))
+        cache[id(x)] = (x, device)  # holding x keeps its id from being reused
+        return device
+
+    def _run(
+        self,
+        A,
+        B,
+        absmax,
+        nested_absmax=None,
+        nested_code=None,
+        absmax_offset=None,
+        bias=None,
+        K=None,
+        N=None,
+        block_size=None,
+        nested_block_size=None,
+        accuracy_level=None,
+    ):
+        missing = [name for name, value in (("K", K), ("N", N), ("block_size", block_size)) if value is None]
+        if missing:
+            raise ValueError(f"MatMulNF4: required attribute(s) {', '.join(missing)} missing")
+        A = np.asarray(A)
+        dtype = _dtype_name(A.dtype)
+        if bias is not None and np.asarray(bias).dtype != A.dtype:
+            raise TypeError(
+                f"MatMulNF4: input 'bias' has dtype {np.asarray(bias).dtype}, expected {A.dtype} (A's dtype)"
+            )
+        cupy = _cupy()
+        weights = [self._device(cupy, v) for v in (B, absmax, nested_absmax, nested_code, absmax_offset, bias)]
+        y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *weights, K=K, N=N, block_size=block_size,
+                    nested_block_size=256 if nested_block_size is None else nested_block_size)  # fmt: skip
+        return (cupy.asnumpy(y).view(A.dtype),)
+
+
+def _storage(x: np.ndarray) -> np.ndarray:
+    """A numpy bfloat16 array (``ml_dtypes``) as its uint16 bit patterns, which CuPy can hold; others unchanged."""
+    return x.view(np.uint16) if str(x.dtype) == "bfloat16" else x
