@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,7 +177,14 @@ def _torch_export(
         options["opset_version"] = opset_version
     if dynamo:
         options.update(verbose=False, external_data=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # dynamic_axes is the documented way to name dynamic dims for both exporters; the dynamo exporter converts
+        # it to dynamic_shapes and warns about that conversion.
+        warnings.filterwarnings("ignore", message=".*dynamic_axes.*", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*from_dynamic_axes_to_dynamic_shapes.*", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used", category=UserWarning)
         torch.onnx.export(model, args, str(path), **options)
 
 
