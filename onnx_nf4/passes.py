@@ -83,15 +83,17 @@ class _Gemm:
     trans_a: bool
     alpha: float
     beta: float
-    c: ir.Value | None
 
 
 @dataclass
 class _Plan:
-    """One node to rewrite."""
+    """One node to rewrite.
+
+    ``A`` and Gemm's ``C`` are read from the node when it is rewritten (:attr:`a`, :attr:`c`), not stored: an
+    earlier rewrite may have replaced the value that feeds them (a fused ``Add`` feeding this node).
+    """
 
     node: ir.Node
-    a: ir.Value
     weight: ir.Value
     tensor: ir.TensorProtocol
     transpose: bool  # W = B.T (Gemm transB=1)
@@ -104,6 +106,16 @@ class _Plan:
     @property
     def key(self) -> tuple[int, bool]:
         return id(self.weight), self.transpose
+
+    @property
+    def a(self) -> ir.Value:
+        a = self.node.inputs[0]
+        assert a is not None
+        return a
+
+    @property
+    def c(self) -> ir.Value | None:
+        return self.node.inputs[2] if self.gemm is not None and len(self.node.inputs) > 2 else None
 
     @property
     def graph(self) -> ir.Graph:
@@ -292,12 +304,11 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         return tensor, K, N
 
     @staticmethod
-    def _check_a(a: ir.Value | None) -> ir.Value:
+    def _check_a(a: ir.Value | None) -> None:
         if a is None:
             raise _Skip("A is missing")
         if a.shape is not None and len(a.shape) < 1:
             raise _Skip("A is a scalar (rank 0)")
-        return a
 
     def _fused_add(self, plan: _Plan) -> None:
         """Fuse a following ``Add`` of a constant ``[N]`` vector into ``plan`` when that is valid."""
@@ -316,18 +327,17 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
 
     def _plan(self, node: ir.Node) -> _Plan:
         if node.op_type == "MatMul":
-            a = self._check_a(node.inputs[0])
+            self._check_a(node.inputs[0])
             tensor, K, N = self._weight(node, node.inputs[1], transpose=False)
-            plan = _Plan(node, a, node.inputs[1], tensor, False, K, N)  # type: ignore[arg-type]
+            plan = _Plan(node, node.inputs[1], tensor, False, K, N)  # type: ignore[arg-type]
             self._fused_add(plan)
             return plan
         trans_b = _int_attr(node, "transB", 0)
-        a = self._check_a(node.inputs[0])
+        self._check_a(node.inputs[0])
         tensor, K, N = self._weight(node, node.inputs[1], transpose=bool(trans_b))
-        c = node.inputs[2] if len(node.inputs) > 2 else None
         gemm = _Gemm(bool(_int_attr(node, "transA", 0)), _float_attr(node, "alpha", 1.0),
-                     _float_attr(node, "beta", 1.0), c)  # fmt: skip
-        return _Plan(node, a, node.inputs[1], tensor, bool(trans_b), K, N, gemm=gemm)  # type: ignore[arg-type]
+                     _float_attr(node, "beta", 1.0))  # fmt: skip
+        return _Plan(node, node.inputs[1], tensor, bool(trans_b), K, N, gemm=gemm)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------- quantization
 
@@ -408,17 +418,17 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
 
     def _gemm_c(self, plan: _Plan, new_nodes: list[ir.Node]) -> tuple[ir.Value | None, ir.Value | None]:
         """``beta * C`` as ``(fused bias [N], value to Add)``; at most one is set."""
-        gemm, graph, dtype = plan.gemm, plan.graph, plan.tensor.dtype
+        gemm, graph, dtype, c_value = plan.gemm, plan.graph, plan.tensor.dtype, plan.c
         assert gemm is not None
-        if gemm.c is None or gemm.beta == 0.0:
+        if c_value is None or gemm.beta == 0.0:
             return None, None
-        tensor = _constant(gemm.c)
+        tensor = _constant(c_value)
         if tensor is None:
             if gemm.beta == 1.0:
-                return None, gemm.c
+                return None, c_value
             beta = self._scalar(graph, f"{_node_label(plan.node)}_beta", gemm.beta, dtype)
-            scaled = ir.Value(name=self._names.fresh(f"{gemm.c.name}_scaled"))
-            new_nodes.append(ir.node("Mul", [gemm.c, beta], outputs=[scaled], name=f"{plan.node.name}_beta_c"))
+            scaled = ir.Value(name=self._names.fresh(f"{c_value.name}_scaled"))
+            new_nodes.append(ir.node("Mul", [c_value, beta], outputs=[scaled], name=f"{plan.node.name}_beta_c"))
             return None, scaled
         c = tensor.numpy()
         if gemm.beta != 1.0:
@@ -426,11 +436,11 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         row_vector = c.ndim <= 1 or (c.ndim == 2 and c.shape[0] == 1)
         if gemm.alpha == 1.0 and row_vector and self.format == "onnx_nf4" and c.size in (1, plan.N):
             if gemm.beta == 1.0 and tuple(c.shape) == (plan.N,):
-                return gemm.c, None
-            return self._initializer(graph, f"{gemm.c.name}_bias", np.broadcast_to(c.reshape(-1), (plan.N,))), None
+                return c_value, None
+            return self._initializer(graph, f"{c_value.name}_bias", np.broadcast_to(c.reshape(-1), (plan.N,))), None
         if gemm.beta == 1.0:
-            return None, gemm.c
-        return None, self._initializer(graph, f"{gemm.c.name}_scaled", c)
+            return None, c_value
+        return None, self._initializer(graph, f"{c_value.name}_scaled", c)
 
     def _rewrite(self, plan: _Plan, quantized: _Quantized) -> bool:
         """Replace the plan's node(s); return whether a bias was fused into the op."""

@@ -174,6 +174,24 @@ def skipped_cases_model(K: int = 128, N: int = 64) -> onnx.ModelProto:
     return make_model(nodes, inputs, outputs, inits)
 
 
+def chained_model(K: int = 128) -> onnx.ModelProto:
+    """Rewrites that feed each other: ``h = A @ W1 + b1`` (a fusable Add) is the A of ``g = h @ W2`` and the C of
+    ``Y = Gemm(g, W3, C=h)``."""
+    nodes = [
+        helper.make_node("MatMul", ["A", "W1"], ["mm1_out"], name="mm1"),
+        helper.make_node("Add", ["mm1_out", "b1"], ["h"], name="add1"),
+        helper.make_node("MatMul", ["h", "W2"], ["g"], name="mm2"),
+        helper.make_node("Gemm", ["g", "W3", "h"], ["Y"], name="gemm", beta=0.5),
+    ]
+    inits = [
+        numpy_helper.from_array(weight((K, K), seed=1), "W1"),
+        numpy_helper.from_array(weight((K,), seed=2), "b1"),
+        numpy_helper.from_array(weight((K, K), seed=3), "W2"),
+        numpy_helper.from_array(weight((K, K), seed=4), "W3"),
+    ]
+    return make_model(nodes, [tensor_info("A", np.float32, [4, K])], [tensor_info("Y", np.float32, [4, K])], inits)
+
+
 def _body_graph(name: str, nodes, inputs, outputs, inits=()) -> onnx.GraphProto:
     return helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(inits))
 

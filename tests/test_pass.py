@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 from models import (
     activations,
+    chained_model,
     gemm_model,
     if_model,
     loop_model,
@@ -189,6 +190,29 @@ def test_shared_weight_is_quantized_once():
     a = activations((2, 128))
     w = nf4_roundtrip(float_weight(model, "W"))
     assert_same_outputs(run_reference(q, {"A": a}), run_reference(with_weights(model, {"W": w}), {"A": a}))
+
+
+def test_rewrites_that_feed_each_other():
+    model = chained_model()
+    q, report = quantize(model)
+    assert op_types(q) == ["MatMulNF4", "MatMulNF4", "Mul", "MatMulNF4", "Add"]
+    assert [(layer.node, layer.fused_bias) for layer in report.layers] == [
+        ("mm1", True), ("mm2", False), ("gemm", False),
+    ]  # fmt: skip
+    w = {name: nf4_roundtrip(float_weight(model, name)) for name in ("W1", "W2", "W3")}
+    feeds = {"A": activations((4, 128))}
+    assert_same_outputs(run_reference(q, feeds), run_reference(with_weights(model, w), feeds))
+    # In the IR, every input must be a live value: produced by a node of the graph, an input or an initializer.
+    ir_model = ir.serde.deserialize_model(model)
+    QuantizeNF4Pass()(ir_model)
+    for node in ir_model.graph:
+        for value in node.inputs:
+            assert (
+                value is None
+                or value.is_graph_input()
+                or value.is_initializer()
+                or value.producer() in list(ir_model.graph)
+            ), f"{node.name} reads a stale value {value.name!r}"
 
 
 # --------------------------------------------------------------------------------------------------- Gemm
