@@ -177,9 +177,10 @@ def make_large_model(
     """Write the model to ``path`` and its weights to external data beside it (see the module docstring).
 
     Memory stays at one :data:`CHUNK_BYTES` chunk plus the protobuf (which holds no weight data).
-    Existing files of the same names are overwritten.
+    The directory is created if needed; existing files of the same names are overwritten.
     """
     model_path = Path(path).absolute()
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     shapes = weight_shapes(layers, hidden, ffn, vocab)
     weights, files = _write_weights(model_path, shapes, seed, per_tensor_files)
     opsets = [helper.make_opsetid("", OPSET)]
