@@ -291,6 +291,7 @@ def matmul_nf4(
     algo: Algo = "auto",
     stream: Any = None,
     backend: Backend = "nvrtc",
+    bfloat16: bool = False,
 ) -> Any:
     """``Y = A @ W (+ bias)`` on the GPU, for an NF4 weight in the ``MatMulNF4`` layout (``docs/MatMulNF4.md``).
 
@@ -305,6 +306,8 @@ def matmul_nf4(
         stream: a ``cupy.cuda.Stream`` (default: CuPy's current stream). Nothing is synchronized.
         backend: ``"nvrtc"`` (compile ``matmul_nf4.cu`` at run time; needs no compiled library) or ``"library"``
             (the same kernels from the compiled custom-op library, through its ``onnx_nf4_cuda_matmul`` entry point).
+        bfloat16: ``A`` (and ``bias``) are uint16 / int16 arrays holding bfloat16 bit patterns (CuPy has no
+            bfloat16 dtype); ``Y`` is returned the same way.
 
     Returns:
         ``Y``, ``[..., N]`` of ``A``'s dtype: a PyTorch tensor when ``A`` is one, else a CuPy array.
@@ -317,7 +320,12 @@ def matmul_nf4(
     from_torch = type(A).__module__.startswith("torch")
     bf16_torch = from_torch and str(A.dtype) == "torch.bfloat16"
     a = _to_cupy(cupy, A, "A")
-    dtype = "bfloat16" if bf16_torch else _dtype_name(a.dtype)
+    if bfloat16:
+        if a.dtype not in (np.uint16, np.int16):
+            raise TypeError(f"MatMulNF4: bfloat16=True needs A as uint16 or int16 bit patterns, got {a.dtype}")
+        dtype: DType = "bfloat16"
+    else:
+        dtype = "bfloat16" if bf16_torch else _dtype_name(a.dtype)
     weights = [None if v is None else _to_cupy(cupy, v, name) for v, name in zip(
         (B, absmax, nested_absmax, nested_code, absmax_offset, bias), _WEIGHT_NAMES, strict=True)]  # fmt: skip
     y = _matmul(cupy, a, dtype, *weights, K=K, N=N, block_size=block_size, nested_block_size=nested_block_size,
