@@ -268,6 +268,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         self.on_progress = on_progress
         self.prequantized: Mapping[str, QuantizedWeight] = dict(prequantized or {})
         self.report: QuantizationReport | None = None
+        self._names: UniqueNames | None = None  # per call: fresh names of the model being rewritten
+        self._code_tables: dict[tuple[int, bytes], ir.Value] = {}  # per call: shared nested code tables
 
     # ----------------------------------------------------------------------------------------------- analysis
 
@@ -363,8 +365,12 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 )
         return q
 
+    def _fresh(self, base: str) -> str:
+        assert self._names is not None, "only during call()"
+        return self._names.fresh(base)
+
     def _initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        name = self._names.fresh(base)
+        name = self._fresh(base)
         tensor = ir.tensor(np.asarray(array, order="C"), name=name)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         graph.register_initializer(value)
@@ -427,7 +433,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             if gemm.beta == 1.0:
                 return None, c_value
             beta = self._scalar(graph, f"{_node_label(plan.node)}_beta", gemm.beta, dtype)
-            scaled = ir.Value(name=self._names.fresh(f"{c_value.name}_scaled"))
+            scaled = ir.Value(name=self._fresh(f"{c_value.name}_scaled"))
             new_nodes.append(ir.node("Mul", [c_value, beta], outputs=[scaled], name=f"{plan.node.name}_beta_c"))
             return None, scaled
         c = tensor.numpy()
@@ -449,12 +455,12 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         a, bias, add_c = plan.a, plan.bias, None
         if plan.gemm is not None:
             if plan.gemm.trans_a:
-                a = ir.Value(name=self._names.fresh(f"{plan.a.name}_T"))
+                a = ir.Value(name=self._fresh(f"{plan.a.name}_T"))
                 new_nodes.append(
                     ir.node("Transpose", [plan.a], {"perm": [1, 0]}, outputs=[a], name=f"{node.name}_transA")
                 )
             bias, add_c = self._gemm_c(plan, new_nodes)
-        y = ir.Value(name=self._names.fresh(f"{node.outputs[0].name}_nf4"))
+        y = ir.Value(name=self._fresh(f"{node.outputs[0].name}_nf4"))
         attributes: dict[str, int] = {"K": plan.K, "N": plan.N}
         if self.format == "com.microsoft":
             attributes.update(block_size=quantized.block_size, quant_type=1)
@@ -472,11 +478,11 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         dtype = plan.tensor.dtype
         if plan.gemm is not None and plan.gemm.alpha != 1.0:
             alpha = self._scalar(graph, f"{_node_label(node)}_alpha", plan.gemm.alpha, dtype)
-            scaled = ir.Value(name=self._names.fresh(f"{y.name}_alpha"))
+            scaled = ir.Value(name=self._fresh(f"{y.name}_alpha"))
             new_nodes.append(ir.node("Mul", [y, alpha], outputs=[scaled], name=f"{node.name}_alpha"))
             y = scaled
         if add_c is not None:
-            summed = ir.Value(name=self._names.fresh(f"{y.name}_c"))
+            summed = ir.Value(name=self._fresh(f"{y.name}_c"))
             new_nodes.append(ir.node("Add", [y, add_c], outputs=[summed], name=f"{node.name}_c"))
             y = summed
         old_nodes = [node] if plan.add is None else [node, plan.add]
@@ -491,7 +497,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         report = QuantizationReport(self.block_size, self.double_quant, self.format)
         self.report = report
         self._names = UniqueNames(model)
-        self._code_tables: dict[tuple[int, bytes], ir.Value] = {}
+        self._code_tables = {}
         plans: list[_Plan] = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in _ONNX_DOMAINS:
