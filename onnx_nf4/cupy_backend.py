@@ -222,6 +222,18 @@ _modules: dict[tuple[int, str], Any] = {}
 _modules_lock = threading.Lock()
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(cupy: Any) -> int:
+    """Multiprocessors of the current device (queried once per device)."""
+    device = cupy.cuda.Device()
+    count = _sm_counts.get(int(device.id))
+    if count is None:
+        count = _sm_counts[int(device.id)] = int(device.attributes["MultiProcessorCount"])
+    return count
+
+
 def _module(cupy: Any, dtype: DType) -> Any:
     """The compiled RawModule of ``dtype``'s kernels on the current device (compiled once per process)."""
     device = cupy.cuda.Device()
@@ -292,6 +304,7 @@ def matmul_nf4(
     stream: Any = None,
     backend: Backend = "nvrtc",
     bfloat16: bool = False,
+    out: Any = None,
 ) -> Any:
     """``Y = A @ W (+ bias)`` on the GPU, for an NF4 weight in the ``MatMulNF4`` layout (``docs/MatMulNF4.md``).
 
@@ -308,6 +321,9 @@ def matmul_nf4(
             (the same kernels from the compiled custom-op library, through its ``onnx_nf4_cuda_matmul`` entry point).
         bfloat16: ``A`` (and ``bias``) are uint16 / int16 arrays holding bfloat16 bit patterns (CuPy has no
             bfloat16 dtype); ``Y`` is returned the same way.
+        out: a C-contiguous CuPy array of ``Y``'s shape and dtype to write into (then returned). With it and
+            contiguous, 16-byte aligned inputs a call allocates and copies nothing, so it can be captured in a
+            CUDA graph.
 
     Returns:
         ``Y``, ``[..., N]`` of ``A``'s dtype: a PyTorch tensor when ``A`` is one, else a CuPy array.
@@ -329,7 +345,7 @@ def matmul_nf4(
     weights = [None if v is None else _to_cupy(cupy, v, name) for v, name in zip(
         (B, absmax, nested_absmax, nested_code, absmax_offset, bias), _WEIGHT_NAMES, strict=True)]  # fmt: skip
     y = _matmul(cupy, a, dtype, *weights, K=K, N=N, block_size=block_size, nested_block_size=nested_block_size,
-                algo=algo, stream=stream, backend=backend)  # fmt: skip
+                algo=algo, stream=stream, backend=backend, out=out)  # fmt: skip
     if not from_torch:
         return y
     import torch
@@ -359,6 +375,7 @@ def _matmul(
     algo: Algo = "auto",
     stream: Any = None,
     backend: Backend = "nvrtc",
+    out: Any = None,
 ) -> Any:
     """Validates CuPy inputs (``a``'s storage may be 16-bit integers standing for bfloat16) and runs the kernels."""
     K, N, block_size = int(K), int(N), int(block_size)
@@ -403,7 +420,14 @@ def _matmul(
 
     lead = a.shape[:-1]
     M = int(np.prod(lead, dtype=np.int64))
-    y = cupy.empty((*lead, N), dtype=a.dtype)
+    if out is None:
+        y = cupy.empty((*lead, N), dtype=a.dtype)
+    else:
+        _check(isinstance(out, cupy.ndarray), "out must be a CuPy array")
+        _check(out.shape == (*lead, N) and out.dtype == a.dtype, f"out must be {a.dtype} of shape {[*lead, N]}, got "
+               f"{out.dtype} of shape {list(out.shape)}")  # fmt: skip
+        _check(out.flags.c_contiguous, "out must be C-contiguous")
+        y = out
     if M == 0:
         return y
     a2 = _aligned_contiguous(cupy, a.reshape(M, K), 16)
@@ -440,9 +464,7 @@ def _launch_nvrtc(
     cupy: Any, dtype: DType, x: _Operands, K: int, N: int, block_size: int, nbs: int, algo: Algo, stream: Any
 ) -> None:
     M = int(x.a.shape[0])
-    device = cupy.cuda.Device()
-    launches = plan_launches(dtype, M, K, N, block_size, algo=algo,
-                             sm_count=int(device.attributes["MultiProcessorCount"]),
+    launches = plan_launches(dtype, M, K, N, block_size, algo=algo, sm_count=_sm_count(cupy),
                              a_ptr=x.a.data.ptr, b_ptr=x.b.data.ptr)  # fmt: skip
     module = _module(cupy, dtype)
     null = np.uint64(0)

@@ -244,6 +244,7 @@ def fake_cupy(monkeypatch):
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(cb, "_modules", {})
+    monkeypatch.setattr(cb, "_sm_counts", {})
     return fake
 
 
@@ -298,6 +299,13 @@ def test_float_absmax_passes_null_nested_pointers(fake_cupy):
     assert args[2].dtype == np.float32 and all(v == 0 for v in args[3:8])
 
 
+def test_out_is_written_in_place(fake_cupy):
+    q = _weight()
+    out = _host(np.empty((3, q.N), np.float16))
+    y = cb.matmul_nf4(_host(np.ones((3, q.K), np.float16)), *_inputs(q), **_attrs(q), out=out)
+    assert y is out and fake_cupy.launches[0][3][8].data.ptr == out.data.ptr
+
+
 def test_zero_rows_launch_nothing(fake_cupy):
     q = _weight()
     y = cb.matmul_nf4(_host(np.ones((0, q.K), np.float32)), *_inputs(q), **_attrs(q))
@@ -331,6 +339,9 @@ def test_misaligned_inputs_are_copied_aligned(fake_cupy):
         (lambda i: i.update(A=np.ones((2, 100), np.float32).tolist()), TypeError, "not a device array"),
         (lambda i: i.update(algo="mma"), ValueError, "float16 or bfloat16 A only"),
         (lambda i: i.update(backend="cpu"), ValueError, "backend must be"),
+        (lambda i: i.update(out=_host(np.empty((2, 23), np.float32))), ValueError, "out must be float32 of shape"),
+        (lambda i: i.update(out=_host(np.empty((24, 2), np.float32)).T), ValueError, "C-contiguous"),
+        (lambda i: i.update(bfloat16=True), TypeError, "uint16 or int16 bit patterns"),
     ],
 )
 def test_bad_inputs_are_rejected_before_launch(fake_cupy, change, error, match):
