@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("input", metavar="IN", type=Path, help="float ONNX model")
     quantize.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
     quantize.add_argument(
-        "--block-size", type=_block_size, default=64, help="weights per absmax block: a power of two in [16, 4096]"
+        "--block-size",
+        metavar="N",
+        type=_block_size,
+        default=64,
+        help="weights per absmax block: a power of two in [16, 4096] (default 64)",
     )
     quantize.add_argument(
         "--double-quant", action="store_true", help="quantize the absmax to 8 bits as well (onnx_nf4 format only)"
@@ -130,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude",
         metavar="REGEX",
         type=_regex,
-        nargs="+",
-        action="extend",
-        default=[],
+        action="append",
         help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
     )
     quantize.add_argument(
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MIN_ELEMENTS,
         help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
     )
+    _add_external_data_option(quantize)
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(handler=_cmd_quantize)
 
@@ -162,11 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dequantize.add_argument("input", metavar="IN", type=Path, help="NF4 ONNX model")
     dequantize.add_argument("output", metavar="OUT", type=Path, help="where to write the float model")
+    _add_external_data_option(dequantize)
     dequantize.set_defaults(handler=_cmd_dequantize)
 
     for provider in SUBCOMMAND_PROVIDERS:
         _register_provider(provider, subparsers)
     return parser
+
+
+def _add_external_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; default: only above 2 GB)",
+    )
 
 
 def _register_provider(provider: str, subparsers: argparse._SubParsersAction) -> None:
@@ -206,9 +219,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             double_quant=args.double_quant,
             format=args.format,
-            exclude=tuple(args.exclude),
+            exclude=tuple(args.exclude or ()),
             min_elements=args.min_elements,
             on_progress=progress.update,
+            external_data=args.external_data,
         )
     print(format_quantization_report(report))
     print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
@@ -229,7 +243,7 @@ def _cmd_dequantize(args: argparse.Namespace) -> int:
 
     _check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
-    dequantize_model(args.input, args.output)
+    dequantize_model(args.input, args.output, external_data=args.external_data)
     print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
     return 0
 

@@ -203,7 +203,7 @@ def test_quantize_com_microsoft_runs_on_stock_onnxruntime(float_model: Path, tmp
 
 def test_quantize_exclude_and_min_elements(float_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "nf4.onnx"
-    proc = run_cli("quantize", float_model, out, "--exclude", "^gem", "--min-elements", "0", "--quiet")
+    proc = run_cli("quantize", "--exclude", "^gem", "--exclude", "^nothing$", float_model, out, "--min-elements", "0")
     assert proc.returncode == 0, proc.stderr
     assert sorted(n.name for n in onnx.load(out).graph.node if n.op_type == "MatMulNF4") == ["mm", "small"]
     gemm_line = next(line for line in proc.stdout.splitlines() if line.startswith("gemm "))
@@ -298,9 +298,13 @@ def test_out_equal_to_in_with_external_data(tmp_path: Path) -> None:
         size_threshold=0,
     )
     (tmp_path / "source.onnx").unlink()
-    proc = run_cli("quantize", path, path, "--block-size", "32")
+    proc = run_cli("quantize", path, path, "--block-size", "32", "--external-data")
     assert proc.returncode == 0, proc.stderr
-    assert {p.name for p in tmp_path.iterdir()} <= {"model.onnx", "model.onnx.data"}
+    assert {p.name for p in tmp_path.iterdir()} == {"model.onnx", "model.onnx.data"}
+    assert any(
+        init.data_location == TensorProto.EXTERNAL
+        for init in onnx.load(path, load_external_data=False).graph.initializer
+    )
     assert op_types(path).count("MatMulNF4") == 2
     inputs = _inputs()
     np.testing.assert_allclose(run_reference(path, inputs), expected_nf4_output(inputs, 32), rtol=1e-4, atol=1e-5)

@@ -126,6 +126,13 @@ def ort_quantizer_embeddings(ort_quantizer_path: Path, minilm_inputs, embed) -> 
     return embed(ort_run(ort_quantizer_path, minilm_inputs))
 
 
+@pytest.fixture(scope="module")
+def nf4_reference_embeddings(nf4_path, reference_run, minilm_inputs, embed) -> np.ndarray:
+    """Embeddings of the CLI's onnx_nf4-format model on the numpy reference runtime."""
+    path, _ = nf4_path
+    return embed(reference_run(path, minilm_inputs))
+
+
 def test_cli_rewrites_the_36_linear_layers_and_skips_the_attention_matmuls(nf4_path, minilm_fp32_path) -> None:
     path, report = nf4_path
     assert len(nodes(minilm_fp32_path, "MatMul")) == LINEAR_LAYERS + ATTENTION_MATMULS
@@ -152,10 +159,9 @@ def test_word_embedding_is_a_gather_and_stays_float(nf4_path) -> None:
 
 
 def test_reference_runtime_embeddings_match_fp32_and_onnxruntime_quantizer(
-    nf4_path, reference_run, minilm_inputs, embed, fp32_embeddings, ort_quantizer_embeddings, minilm
+    nf4_reference_embeddings, fp32_embeddings, ort_quantizer_embeddings, minilm
 ) -> None:
-    path, _ = nf4_path
-    nf4 = embed(reference_run(path, minilm_inputs))
+    nf4 = nf4_reference_embeddings
     vs_fp32 = minilm.cosine(nf4, fp32_embeddings)
     vs_ort = minilm.cosine(nf4, ort_quantizer_embeddings)
     report_cosine("onnx_nf4 format (reference runtime) vs fp32", vs_fp32)
@@ -211,7 +217,7 @@ def test_double_quant_takes_at_most_013_and_keeps_the_accuracy(
 
 
 def test_onnx_nf4_format_on_onnxruntime_with_the_custom_op_library(
-    nf4_path, reference_run, minilm_inputs, embed, fp32_embeddings, minilm
+    nf4_path, nf4_reference_embeddings, minilm_inputs, embed, fp32_embeddings, minilm
 ) -> None:
     from onnx_nf4.runtime import CustomOpLibraryNotFoundError, session_options
 
@@ -222,7 +228,7 @@ def test_onnx_nf4_format_on_onnxruntime_with_the_custom_op_library(
     path, _ = nf4_path
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     custom = embed(session.run(["last_hidden_state"], minilm_inputs)[0])
-    vs_reference = minilm.cosine(custom, embed(reference_run(path, minilm_inputs)))
+    vs_reference = minilm.cosine(custom, nf4_reference_embeddings)
     vs_fp32 = minilm.cosine(custom, fp32_embeddings)
     report_cosine("onnx_nf4 format (onnxruntime + custom ops) vs reference runtime", vs_reference)
     report_cosine("onnx_nf4 format (onnxruntime + custom ops) vs fp32", vs_fp32)
