@@ -349,3 +349,24 @@ def test_layer_repacked_by_the_cpu_kernel_path():
     assert after.nested is None and after.absmax.dtype == np.float32
     scales = to_quantized_weight(before).float_absmax().reshape(-1)  # the decoded double-quantized absmax
     assert np.array_equal(after.absmax, torch.from_numpy(scales).to(torch.bfloat16).float().numpy())
+
+
+def test_half_precision_model(tmp_path):
+    """A float16 model (quant_state.dtype float16) exports float16 activations; MatMulNF4 takes float16 A."""
+    torch.manual_seed(4)
+    quantized = TwoLayers().half().eval()
+    quantize_linears(quantized, 64, True)
+    assert quantized.up.weight.quant_state.dtype == torch.float16
+    x = torch.randn(2, 3, 128)
+    path = tmp_path / "half.onnx"
+    export(quantized, (x.half(),), path, dynamo=False, input_names=["x"])
+    assert {graph_tensors(inputs) for _, inputs in nf4_nodes(path)} == {
+        bnb_tensors(quantized.up),
+        bnb_tensors(quantized.down),
+    }
+    reference = decoded_float_model(quantized)
+    with torch.no_grad():
+        expected = reference(x).numpy()
+    (actual,) = ort_session(path).run(None, {"x": x.half().numpy()})
+    assert actual.dtype == np.float16
+    assert relative_error(actual, expected) <= 1e-2  # float16 activations

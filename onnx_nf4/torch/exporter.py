@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from ..codec import check_block_size
 from ..layout import dequantize_weight
 from ..model_io import load_model
-from ..passes import DEFAULT_MIN_ELEMENTS
+from ..passes import DEFAULT_MIN_ELEMENTS, FORMATS
 from ..report import QuantizationReport
 from .bnb_layout import to_quantized_weight
 from .bnb_modules import bnb_weight, find_linear4bit
@@ -259,6 +260,9 @@ def export(
     """
     import torch
 
+    check_block_size(block_size)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     args = args if isinstance(args, tuple) else (args,)
     bnb_layers = find_linear4bit(model)
     quantized = {name: to_quantized_weight(bnb_weight(name, module)) for name, module in bnb_layers.items()}
