@@ -256,9 +256,20 @@ def _check_output_path(path: Path) -> None:
         raise CLIError(f"{path}: directory {path.absolute().parent} does not exist")
 
 
+#: A model file at least this large holds its tensors itself: its size is not worth parsing it for external data.
+_EMBEDDED_MODEL_BYTES = 16 << 20
+
+
 def _file_bytes(path: Path) -> int:
-    """Bytes of the model file plus the external data files its tensors reference (0 if unreadable)."""
+    """Bytes of the model file plus the external data files its tensors reference (0 if unreadable).
+
+    Only a small model file is parsed (external data keeps the ``.onnx`` file small), so that a large model is
+    never read twice.
+    """
     try:
+        size = path.stat().st_size
+        if size >= _EMBEDDED_MODEL_BYTES:
+            return size
         model = ir.load(path)
         data_files = {
             Path(value.const_value.path)
@@ -266,7 +277,7 @@ def _file_bytes(path: Path) -> int:
             for value in graph.initializers.values()
             if isinstance(value.const_value, ir.ExternalTensor)
         }
-        return path.stat().st_size + sum(file.stat().st_size for file in data_files)
+        return size + sum(file.stat().st_size for file in data_files)
     except (OSError, ValueError, DecodeError):
         return 0
 
