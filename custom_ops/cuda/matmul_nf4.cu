@@ -260,12 +260,15 @@ __global__ void __launch_bounds__(kThreads)
     const int pieces = static_cast<int>((row_bytes + 15) >> 4);  // 16-byte pieces per row
     const u8* row = B + static_cast<i64>(n) * row_bytes;
     const i64 first_block = static_cast<i64>(n) * k_blocks;
+    // The codes of the next stretch are loaded before the current one is decoded (two loads in flight).
+    u32 next[4];
+    load_codes(row, (static_cast<i64>(32 * ks) + lane) * 16, row_bytes, codes_vec, next);
     for (int base = 32 * ks; base < pieces; base += 32 * k_split) {  // uniform trip count
       const i64 piece = base + lane;
       const i64 off = piece * 16;
       const i64 k0 = piece * 32;  // first k of the piece
-      u32 q[4];
-      load_codes(row, off, row_bytes, codes_vec, q);
+      u32 q[4] = {next[0], next[1], next[2], next[3]};
+      load_codes(row, off + 16 * 32 * static_cast<i64>(k_split), row_bytes, codes_vec, next);
       // Scales of bytes 0..7 and 8..15 (different blocks only for block_size 16); 0 past the row.
       float s_lo = 0.0f, s_hi = 0.0f;
       if (off < row_bytes) {
@@ -411,7 +414,7 @@ __device__ __forceinline__ void mma_steps(u32 table, const u32 (&qa)[4], const u
 // of rows m0 + 8j + g. The mma computes D[n, m] with the columns of W as its rows; partial sums of the
 // k_split warps are added in shared memory. T is f16 or bf16; MT is 8 or 16.
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     nf4_gemv_mma(const T* __restrict__ A, const u8* __restrict__ B, const float* absmax, const u8* absmax_codes,
                  const float* nested_absmax, const float* nested_code, const float* absmax_offset, const T* bias,
                  T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift,
@@ -449,12 +452,17 @@ __global__ void __launch_bounds__(kThreads)
       act_valid[j] = m < M;
       act_rows[j] = reinterpret_cast<const u16*>(A) + static_cast<i64>(m) * K;
     }
+    // The codes of the next chunk are loaded before the current one is decoded (two loads in flight per row).
+    u32 next_a[4], next_b[4];
+    load_codes(row_a, static_cast<i64>(ks) * 64 + 16 * t, bytes_a, codes_vec, next_a);
+    load_codes(row_b, static_cast<i64>(ks) * 64 + 16 * t, bytes_b, codes_vec, next_b);
     for (int c = ks; c < chunks; c += k_split) {  // uniform trip count
       const i64 off = static_cast<i64>(c) * 64 + 16 * t;
       const i64 k0 = static_cast<i64>(c) * 128 + 32 * t;
-      u32 qa[4], qb[4];
-      load_codes(row_a, off, bytes_a, codes_vec, qa);
-      load_codes(row_b, off, bytes_b, codes_vec, qb);
+      const u32 qa[4] = {next_a[0], next_a[1], next_a[2], next_a[3]};
+      const u32 qb[4] = {next_b[0], next_b[1], next_b[2], next_b[3]};
+      load_codes(row_a, off + 64 * static_cast<i64>(k_split), bytes_a, codes_vec, next_a);
+      load_codes(row_b, off + 64 * static_cast<i64>(k_split), bytes_b, codes_vec, next_b);
       u32 act[NT8][16];
 #pragma unroll
       for (int j = 0; j < NT8; ++j) {
