@@ -74,9 +74,7 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
         "--exclude",
         metavar="REGEX",
         type=_regex,
-        nargs="+",
-        action="extend",
-        default=[],
+        action="append",
         help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
     )
     parser.add_argument(
@@ -88,6 +86,12 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
         "(default 0.5: catches a wrong mapping)",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the --max-rel-error check")
+    parser.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; default: only above 2 GB)",
+    )
     parser.set_defaults(handler=_cmd_export_bnb)
 
 
@@ -112,11 +116,14 @@ def _cmd_export_bnb(args: argparse.Namespace) -> int:
             quantize_float=args.quantize_float,
             block_size=args.block_size,
             double_quant=args.double_quant,
-            exclude=tuple(args.exclude),
+            exclude=tuple(args.exclude or ()),
             max_rel_error=max_rel_error,
+            external_data=args.external_data,
         )
     for warning in caught:
         print(f"onnx-nf4: warning: {warning.message}", file=sys.stderr)
     print(format_quantization_report(report))
-    print(f"wrote {args.output}: {format_bytes(args.output.stat().st_size)}")
+    data = args.output.with_name(args.output.name + ".data")
+    size = args.output.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    print(f"wrote {args.output}: {format_bytes(size)}")
     return 0

@@ -218,6 +218,7 @@ def export(
     quantize_lora: bool = False,
     exclude: Iterable[str] = (),
     min_elements: int = DEFAULT_MIN_ELEMENTS,
+    external_data: bool | None = None,
 ) -> QuantizationReport:
     """Export ``model`` with ``torch.onnx.export`` and write it to ``path`` with NF4 weights.
 
@@ -230,10 +231,11 @@ def export(
     Args:
         model: the module to export (put it in ``eval()`` mode first); it is left as it was.
         args: the example positional inputs (a tensor or a tuple), as for ``torch.onnx.export``.
-        path: the ``.onnx`` file to write (weights over 2 GB go to ``<file name>.data`` beside it).
-        block_size, double_quant, format, exclude, min_elements: as for :func:`onnx_nf4.quantize_model`, for the
-            float weights that are quantized. ``exclude`` also applies to ``Linear4bit`` layers (an excluded one
-            stays a float ``MatMul`` holding its decoded weight).
+        path: the ``.onnx`` file to write.
+        block_size, double_quant, format, exclude, min_elements, external_data: as for
+            :func:`onnx_nf4.quantize_model`, for the float weights that are quantized (``external_data=None``
+            writes ``<file name>.data`` only above 2 GB). ``exclude`` also applies to ``Linear4bit`` layers (an
+            excluded one stays a float ``MatMul`` holding its decoded weight).
         kwargs: example keyword inputs.
         dynamo: ``True`` (default): the ``torch.export``-based exporter (the one PyTorch develops and defaults to);
             ``False``: the TorchScript exporter (faster to run, deprecated by PyTorch).
@@ -309,6 +311,7 @@ def export(
                 format=format,
                 exclude=exclude,
                 min_elements=min_elements,
+                external_data=external_data,
             )
             return report
         ir_model = load_model(float_path)
@@ -348,4 +351,5 @@ def export(
             format=format,
             exclude=exclude,
             min_elements=min_elements,
+            external_data=external_data,
         )

@@ -94,6 +94,7 @@ def quantize_with_prequantized(
     format: str = "onnx_nf4",
     exclude: Iterable[str] = (),
     min_elements: int = DEFAULT_MIN_ELEMENTS,
+    external_data: bool | None = None,
 ) -> QuantizationReport:
     """Write ``model`` to ``output_path`` with the ``prequantized`` weights as NF4 (rewritten in place).
 
@@ -101,8 +102,8 @@ def quantize_with_prequantized(
     ``MatMul`` / ``Gemm`` weight stays float unless ``quantize_float`` is set; then it is quantized with
     ``block_size`` / ``double_quant`` when it has at least ``min_elements`` elements and is not in ``keep_float``.
     ``exclude`` (regular expressions on node and weight names) applies to every weight, prequantized ones
-    included. Without ``quantize_float`` the report states the most common block size of the prequantized weights
-    and whether any is double-quantized.
+    included; ``external_data`` is as for :func:`onnx_nf4.quantize_model`. Without ``quantize_float`` the report
+    states the most common block size of the prequantized weights and whether any is double-quantized.
     """
     if not quantize_float and prequantized:
         # Nothing else is quantized: report the settings of the inserted weights (the most common block size).
@@ -126,5 +127,6 @@ def quantize_with_prequantized(
         exclude=patterns,
         min_elements=0,
         prequantized=prequantized,
+        external_data=external_data,
     )
     return report

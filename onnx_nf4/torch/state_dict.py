@@ -195,6 +195,7 @@ def export_bnb_state_dict(
     exclude: Iterable[str] = (),
     min_elements: int = DEFAULT_MIN_ELEMENTS,
     max_rel_error: float | None = DEFAULT_MAX_REL_ERROR,
+    external_data: bool | None = None,
 ) -> QuantizationReport:
     """Write the float ONNX ``model`` to ``output_path`` with the 4-bit layers of a bitsandbytes state dict.
 
@@ -209,7 +210,7 @@ def export_bnb_state_dict(
         state_dict: a ``.safetensors`` file, a ``torch.save`` file, or a mapping of names to tensors / arrays.
         output_path: where to write the NF4 model.
         quantize_float: also quantize the other float weights (``block_size``, ``double_quant``, ``min_elements``).
-        format, exclude: as for :func:`onnx_nf4.quantize_model`.
+        format, exclude, external_data: as for :func:`onnx_nf4.quantize_model`.
         max_rel_error: refuse a mapping where ``rms(W_float - W_nf4) > max_rel_error * rms(W_float)`` (a wrong
             layer); ``None`` skips this check.
 
@@ -253,4 +254,5 @@ def export_bnb_state_dict(
         format=format,
         exclude=exclude,
         min_elements=min_elements,
+        external_data=external_data,
     )
