@@ -68,8 +68,12 @@ def test_small_model_matches_quantize_model(tmp_path, dynamo, double_quant):
 
 def test_defaults_name_inputs_and_make_batch_and_sequence_dynamic(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from test_bnb_export import ort_session, relative_error
+    from onnx_nf4.runtime import CustomOpLibraryNotFoundError, session_options
 
+    try:
+        options = session_options()
+    except CustomOpLibraryNotFoundError as err:
+        pytest.skip(f"the onnx_nf4 custom-op library is not built: {err}")
     model = block()
     path = tmp_path / "block.onnx"
     export(model, (torch.randn(2, 5, 128), torch.tensor(0.5)), path, dynamo=False)
@@ -77,8 +81,7 @@ def test_defaults_name_inputs_and_make_batch_and_sequence_dynamic(tmp_path):
     assert [i.name for i in graph.input] == ["tokens", "scale"]
     dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims[:2] == ["batch", "sequence"]
-    session = ort_session(path)
-    assert isinstance(session, ort.InferenceSession)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     with torch.no_grad():  # the model with the NF4 weights the pass writes (block size 64, onnxruntime rounding)
         for linear in (model.proj, model.out):
             w = dequantize_weight(quantize_weight(linear.weight.numpy().T, 64))
@@ -88,7 +91,7 @@ def test_defaults_name_inputs_and_make_batch_and_sequence_dynamic(tmp_path):
         reference = model(x, torch.tensor(0.5)).numpy()
     (actual,) = session.run(None, {"tokens": x.numpy(), "scale": np.array(0.5, np.float32)})
     assert actual.shape == (3, 9, 64)
-    assert relative_error(actual, reference) <= 1e-4
+    assert np.abs(actual - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
 def test_static_shapes_and_exclusion(tmp_path):
