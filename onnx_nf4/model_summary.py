@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .passes import _constant
+from .passes import constant_tensor
 from .schema import DOMAIN as NF4_DOMAIN
 from .schema import MS_DOMAIN
 from .schema import OP_TYPE as NF4_OP
@@ -173,7 +173,7 @@ def summarize_model(model: ir.Model) -> ModelSummary:
             summary.quantized.append(_quantized_layer(summary, node, name, BNB4_WEIGHT_INPUTS))
         elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
             b = _input(node, 1)
-            tensor = _constant(b)
+            tensor = constant_tensor(b)
             if tensor is not None:
                 summary.tensor_bytes[b.name] = tensor.nbytes
             summary.float_layers.append(
@@ -197,7 +197,7 @@ def _quantized_layer(summary: ModelSummary, node: ir.Node, name: str, weight_inp
     tensors = []
     for i in weight_inputs:
         value = _input(node, i)
-        tensor = _constant(value)
+        tensor = constant_tensor(value)
         if tensor is not None:
             summary.tensor_bytes[value.name] = tensor.nbytes
             tensors.append(value.name)

@@ -138,7 +138,7 @@ def _node_label(node: ir.Node) -> str:
     return node.name or f"<{node.op_type} -> {node.outputs[0].name}>"
 
 
-def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     """The tensor of an initializer (not a graph input) or of a ``Constant`` node's ``value``, else ``None``."""
     if value is None or value.is_graph_input():
         return None
@@ -286,7 +286,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             if value.is_initializer():
                 raise _Skip(f"B ({value.name!r}) is an initializer that is also a graph input (overridable)")
             raise _Skip(f"B is not a constant (graph input {value.name!r})")
-        tensor = _constant(value)
+        tensor = constant_tensor(value)
         if tensor is None:
             raise _Skip("B is not a constant (neither an initializer nor a Constant node)")
         if len(tensor.shape) != 2:
@@ -322,7 +322,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or add.graph is not plan.graph:
             return
         other = add.inputs[1 - uses[0].idx]
-        tensor = _constant(other)
+        tensor = constant_tensor(other)
         if tensor is None or tensor.dtype != plan.tensor.dtype or tuple(tensor.shape) != (plan.N,):
             return
         plan.bias, plan.add = other, add
@@ -428,7 +428,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         assert gemm is not None
         if c_value is None or gemm.beta == 0.0:
             return None, None
-        tensor = _constant(c_value)
+        tensor = constant_tensor(c_value)
         if tensor is None:
             if gemm.beta == 1.0:
                 return None, c_value

@@ -5,6 +5,8 @@
 :func:`onnx_nf4.layout.dequantize_weight` (and :func:`onnx_nf4.double_quant.dequantize_absmax` for a uint8 absmax),
 multiplies in float32 (also for float16 / bfloat16 ``A``), adds the bias in float32 and rounds once to ``A``'s
 dtype. :class:`MatMulNF4` wraps it for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``.
+:data:`REFERENCE_OPS` adds a ``GatherElements`` that works on any axis length (onnx's own fails beyond 64, which
+breaks transformer models such as BERT): ``ReferenceEvaluator(model, new_ops=REFERENCE_OPS)`` runs any rewritten model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .double_quant import NestedAbsmax
 from .layout import QuantizedWeight, dequantize_weight
 from .schema import DOMAIN, OP_TYPE
 
-__all__ = ["MatMulNF4", "matmul_nf4"]
+__all__ = ["REFERENCE_OPS", "GatherElements", "MatMulNF4", "matmul_nf4"]
 
 _NAME = OP_TYPE
 
@@ -181,3 +183,14 @@ class MatMulNF4(OpRun):
             nested_block_size=256 if nested_block_size is None else nested_block_size,
         )
         return (y,)
+
+
+class GatherElements(OpRun):
+    """``GatherElements`` (opset 11+) via ``numpy.take_along_axis``, for any length of the gathered axis."""
+
+    def _run(self, data, indices, axis=0):
+        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
+
+
+#: The ``new_ops`` that let ``onnx.reference.ReferenceEvaluator`` run any model this package writes.
+REFERENCE_OPS: tuple[type[OpRun], ...] = (MatMulNF4, GatherElements)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -34,7 +33,7 @@ from onnx_nf4 import quantize_model
 from onnx_nf4.cli import main as onnx_nf4_cli
 from onnx_nf4.model_io import load_model
 from onnx_nf4.model_summary import summarize_model
-from onnx_nf4.reference import MatMulNF4
+from onnx_nf4.reference import REFERENCE_OPS
 from onnx_nf4.table import format_bytes, render_table
 
 #: Semantic search queries, each paraphrasing one of ``minilm.SENTENCES`` without sharing its key words.
@@ -50,16 +49,9 @@ QUERIES: tuple[str, ...] = (
 Runner = Callable[[Path, dict[str, np.ndarray]], np.ndarray]
 
 
-class GatherElements(OpRun):
-    """``GatherElements`` for onnx's reference runtime (its own fails when the gathered axis exceeds 64)."""
-
-    def _run(self, data, indices, axis=0):
-        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
-
-
 def run_reference(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """``last_hidden_state`` from onnx's reference runtime with the numpy ``MatMulNF4``."""
-    evaluator = ReferenceEvaluator(str(path), new_ops=[MatMulNF4, GatherElements])
+    evaluator = ReferenceEvaluator(str(path), new_ops=REFERENCE_OPS)
     return evaluator.run([minilm.OUTPUT_NAME], inputs)[0]
 
 
