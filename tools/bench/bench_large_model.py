@@ -15,12 +15,14 @@ Steps:
 4. Run the whole output model in onnxruntime (custom-op library) and the float model, and report the relative
    error of the logits (the 4-bit error of every weight, compounded over the layers).
 
-``--markdown FILE`` writes the result with the machine and package versions. Needs psutil and the built
-custom-op library (``tools/build_dev.sh``), and about 3.5 GB free disk in ``--workdir`` (default: a temporary
-directory, deleted afterwards unless ``--keep``).
+The verdict is PASS when the CLI succeeds, the checked layers equal the reference, the logits are finite and the
+peak RSS is below ``--max-rss-mb`` (default 1500). ``--markdown FILE`` writes the result with the machine and
+package versions. Needs psutil, the built custom-op library (``tools/build_dev.sh``) and about 3.5 GB of free disk
+in ``--workdir`` (default: a temporary directory, deleted afterwards unless ``--keep``).
 
 Usage: ``python tools/bench/bench_large_model.py [--markdown tools/bench/RESULTS_large_model.md]
-[--per-tensor-files] [--block-size 64] [--double-quant] [--workdir DIR] [--keep]``.
+[--per-tensor-files] [--block-size 64] [--double-quant] [--max-rss-mb 1500] [--workdir DIR] [--keep]
+[--model EXISTING.onnx]``.
 """
 
 from __future__ import annotations
@@ -233,9 +235,10 @@ def _versions() -> str:
     )
 
 
-def render(result: Result) -> str:
+def render(result: Result, max_rss_bytes: float) -> str:
     run = result.run
-    ok = all(layer.bytes_identical and layer.max_err_over_bound <= 1 for layer in result.layers)
+    layers_ok = bool(result.layers) and all(c.bytes_identical and c.max_err_over_bound <= 1 for c in result.layers)
+    passed = run.returncode == 0 and layers_ok and result.e2e_finite and run.peak_rss_bytes < max_rss_bytes
     lines = [
         "# Large-model quantization: peak memory of the `onnx-nf4` CLI",
         "",
@@ -273,9 +276,9 @@ def render(result: Result) -> str:
         f"{result.e2e_seconds:.1f} s, logits finite: {'yes' if result.e2e_finite else 'NO'}, relative L2 error "
         f"against the float32 model {result.e2e_rel_error:.4f} (the NF4 error of every weight, compounded).",
         "",
-        f"Verdict: {'PASS' if ok and run.returncode == 0 and result.e2e_finite else 'FAIL'} "
-        f"(layers equal the reference; peak RSS {run.peak_rss_bytes / MB:.0f} MB for "
-        f"{result.input_bytes / MB:.0f} MB of input).",
+        f"Verdict: {'PASS' if passed else 'FAIL'} (exit status 0, checked layers equal the reference: "
+        f"{'yes' if layers_ok else 'NO'}; peak RSS {run.peak_rss_bytes / MB:.0f} MB for "
+        f"{result.input_bytes / MB:.0f} MB of input, limit {max_rss_bytes / MB:.0f} MB).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -292,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--double-quant", action="store_true")
+    parser.add_argument("--max-rss-mb", type=float, default=1500, help="peak RSS above this fails (default 1500)")
     parser.add_argument("--markdown", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
 
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(result.layers[-1])
             del src, out
             result.e2e_rel_error, result.e2e_seconds, result.e2e_finite = end_to_end(model_in, model_out, vocab)
-        text = render(result)
+        text = render(result, args.max_rss_mb * MB)
         print(text)
         if args.markdown:
             args.markdown.write_text(text)
