@@ -370,3 +370,17 @@ def test_half_precision_model(tmp_path):
     (actual,) = ort_session(path).run(None, {"x": x.half().numpy()})
     assert actual.dtype == np.float16
     assert relative_error(actual, expected) <= 1e-2  # float16 activations
+
+
+def test_weight_not_folded_into_a_matmul_constant_is_an_error(tmp_path, monkeypatch):
+    """An exporter that leaves ``Transpose(weight)`` in the graph: the layer's NF4 weight cannot be attached."""
+    from onnx_nf4.torch import exporter
+
+    def unfolded_export(model, args, path, **_):
+        with torch.no_grad():
+            torch.onnx.export(model, args, str(path), dynamo=False, do_constant_folding=False)
+
+    monkeypatch.setattr(exporter, "_torch_export", unfolded_export)
+    _, quantized = small_model(blocksize=64, double_quant=False)
+    with pytest.raises(ValueError, match=r"Linear4bit layer\(s\) 'down', 'up' is in the exported graph, but not"):
+        export(quantized, (torch.randn(2, 3, 128),), tmp_path / "unfolded.onnx")

@@ -326,11 +326,14 @@ def export(
                 found.add(layer)
             elif key in lora_keys:
                 lora_weights.add(weight.name)
+        shapes = {key[0] for key, layer in layer_keys.items() if layer not in found}
         stray = sorted(
             {
                 layer_keys[key]
                 for value in ir_model.graph.initializers.values()
-                if value.const_value is not None and value.name not in prequantized
+                if value.const_value is not None
+                and value.name not in prequantized
+                and tuple(value.const_value.shape) in shapes
                 for key in [_initializer_digest(value.const_value)]
                 if key in layer_keys and layer_keys[key] not in found
             }
