@@ -63,6 +63,11 @@ _CPP_TYPES = {"float32": "float", "float16": "onnx_nf4::gpu::f16", "bfloat16": "
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SIMT_TILES = (1, 2, 4, 8)
 _MMA_TILES = (8, 16)
+#: Above this M the tensor-core path uses the CTA-tiled kernel (kSkinnyMaxRows), in tiles of
+#: TILE_N columns x TILE_M rows (kTileN, kTileM).
+SKINNY_MAX_ROWS = 32
+TILE_N = 128
+TILE_M = 64
 
 
 class KernelSourceNotFoundError(FileNotFoundError):
@@ -109,6 +114,7 @@ def kernel_names(dtype: DType) -> list[str]:
     names = [f"onnx_nf4::gpu::nf4_gemv_simt<{cpp}, {mt}>" for mt in _SIMT_TILES]
     if dtype != "float32":
         names += [f"onnx_nf4::gpu::nf4_gemv_mma<{cpp}, {mt}>" for mt in _MMA_TILES]
+        names.append(f"onnx_nf4::gpu::nf4_gemm_mma<{cpp}>")
     return names
 
 
@@ -120,7 +126,8 @@ class Launch:
         kernel: the template-id (one of :func:`kernel_names`).
         grid: ``(x, y)``: column groups, row tiles. The block is always ``THREADS`` threads.
         row_start, rows: the rows of this launch.
-        k_split: warps per output column (CUDA cores) or per 16-column tile (tensor cores), a power of two <= 8.
+        k_split: warps per output column (CUDA cores) or per 16-column tile (skinny tensor-core kernel), a power of
+            two <= 8; 1 for the tiled kernel.
         flags: bit 0: B rows allow 16-byte loads; bit 1: A rows allow 16-byte loads.
     """
 
@@ -159,7 +166,8 @@ def plan_launches(
 ) -> list[Launch]:
     """The launches of one ``MatMulNF4`` call (what ``LaunchMatMulNF4`` of the C++ library does).
 
-    ``auto`` uses the tensor-core kernel for float16 / bfloat16 and the CUDA-core one for float32. ``a_ptr`` and
+    ``auto`` uses the tensor-core kernels for float16 / bfloat16 (skinny up to M = 32, tiled above) and the CUDA-core
+    one for float32. ``a_ptr`` and
     ``b_ptr`` (device addresses) decide whether 16-byte loads are allowed. No launch for ``M == 0``.
 
     Raises:
@@ -182,16 +190,20 @@ def plan_launches(
         flags |= _FLAG_CODES_VEC16
     if K % (16 // _ITEMSIZE[dtype]) == 0 and a_ptr % 16 == 0:
         flags |= _FLAG_ACT_VEC16
-    if mma:
-        mt = 8 if M <= 8 else 16
-        units, stretches = _ceil_div(N, 16), _ceil_div(row_bytes, 64)
-        kernel = f"onnx_nf4::gpu::nf4_gemv_mma<{_CPP_TYPES[dtype]}, {mt}>"
+    if mma and M > SKINNY_MAX_ROWS:
+        mt, k_split, grid_x = TILE_M, 1, _ceil_div(N, TILE_N)
+        kernel = f"onnx_nf4::gpu::nf4_gemm_mma<{_CPP_TYPES[dtype]}>"
     else:
-        mt = next((t for t in _SIMT_TILES if t >= M), _SIMT_TILES[-1])
-        units, stretches = N, _ceil_div(_ceil_div(row_bytes, 16), 32)
-        kernel = f"onnx_nf4::gpu::nf4_gemv_simt<{_CPP_TYPES[dtype]}, {mt}>"
-    k_split = _k_split(units, _ceil_div(M, mt), stretches, sm_count)
-    grid_x = _ceil_div(units, WARPS // k_split)
+        if mma:
+            mt = 8 if M <= 8 else 16
+            units, stretches = _ceil_div(N, 16), _ceil_div(row_bytes, 64)
+            kernel = f"onnx_nf4::gpu::nf4_gemv_mma<{_CPP_TYPES[dtype]}, {mt}>"
+        else:
+            mt = next((t for t in _SIMT_TILES if t >= M), _SIMT_TILES[-1])
+            units, stretches = N, _ceil_div(_ceil_div(row_bytes, 16), 32)
+            kernel = f"onnx_nf4::gpu::nf4_gemv_simt<{_CPP_TYPES[dtype]}, {mt}>"
+        k_split = _k_split(units, _ceil_div(M, mt), stretches, sm_count)
+        grid_x = _ceil_div(units, WARPS // k_split)
     launches = []
     row = 0
     while row < M:

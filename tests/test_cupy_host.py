@@ -69,10 +69,11 @@ def test_kernel_names_are_instantiable_template_ids():
     assert cb.kernel_names("float32") == [f"onnx_nf4::gpu::nf4_gemv_simt<float, {mt}>" for mt in (1, 2, 4, 8)]
     for dtype, cpp in (("float16", "f16"), ("bfloat16", "bf16")):
         names = cb.kernel_names(dtype)
-        assert len(names) == 6
-        assert names[-2:] == [f"onnx_nf4::gpu::nf4_gemv_mma<onnx_nf4::gpu::{cpp}, {mt}>" for mt in (8, 16)]
+        assert len(names) == 7
+        assert names[-3:-1] == [f"onnx_nf4::gpu::nf4_gemv_mma<onnx_nf4::gpu::{cpp}, {mt}>" for mt in (8, 16)]
+        assert names[-1] == f"onnx_nf4::gpu::nf4_gemm_mma<onnx_nf4::gpu::{cpp}>"
         assert f"struct {cpp} {{" in src
-    assert "nf4_gemv_simt(" in src and "nf4_gemv_mma(" in src
+    assert "nf4_gemv_simt(" in src and "nf4_gemv_mma(" in src and "nf4_gemm_mma(" in src
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,12 +92,13 @@ def test_kernel_names_are_instantiable_template_ids():
         ("float16", "auto", 1, "mma", 8),
         ("float16", "auto", 8, "mma", 8),
         ("float16", "auto", 9, "mma", 16),
-        ("bfloat16", "auto", 2048, "mma", 16),
+        ("float16", "auto", 32, "mma", 16),
         ("bfloat16", "simt", 4, "simt", 4),
         ("float16", "mma", 1, "mma", 8),
     ],
 )
 def test_plan_kernel_choice(dtype, algo, M, family, mt):
+    """Skinny kernels: CUDA cores for float32, tensor cores for 16-bit A up to M = 32."""
     (launch,) = cb.plan_launches(dtype, M, 4096, 4096, 64, algo=algo, sm_count=SM_COUNT)
     assert launch.kernel == f"onnx_nf4::gpu::nf4_gemv_{family}<{cb._CPP_TYPES[dtype]}, {mt}>"
     assert launch.kernel in cb.kernel_names(dtype)
@@ -104,11 +106,20 @@ def test_plan_kernel_choice(dtype, algo, M, family, mt):
     assert launch.grid[1] == -(-M // mt)
 
 
+@pytest.mark.parametrize(("dtype", "M"), [("float16", 33), ("bfloat16", 2048), ("float16", 64 * 65535 + 1)])
+def test_plan_large_m_uses_the_tiled_kernel(dtype, M):
+    launches = cb.plan_launches(dtype, M, 4096, 1000, 64, sm_count=SM_COUNT)
+    assert {x.kernel for x in launches} == {f"onnx_nf4::gpu::nf4_gemm_mma<{cb._CPP_TYPES[dtype]}>"}
+    assert all(x.k_split == 1 and x.grid[0] == 8 for x in launches)  # ceil(1000 / 128) column tiles
+    assert [x.grid[1] for x in launches] == [-(-x.rows // cb.TILE_M) for x in launches]
+    assert sum(x.rows for x in launches) == M and launches[-1].row_start + launches[-1].rows == M
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize(
     ("M", "K", "N", "bs"),
     [(1, 4096, 4096, 64), (1, 14336, 4096, 64), (16, 8192, 28672, 64), (1, 64, 1, 64), (3, 40, 5, 64),
-     (2048, 4096, 14336, 128), (1, 100000, 3, 16)],
+     (20, 4096, 14336, 128), (1, 100000, 3, 16)],
 )  # fmt: skip
 def test_plan_grid_covers_every_output(dtype, M, K, N, bs):
     (launch,) = cb.plan_launches(dtype, M, K, N, bs, sm_count=SM_COUNT)
@@ -145,11 +156,11 @@ def test_plan_flags_follow_alignment():
 
 
 def test_plan_splits_huge_m_into_launches():
-    M = cb.MAX_ROW_TILES * 16 + 20
-    launches = cb.plan_launches("bfloat16", M, 64, 64, 64, sm_count=SM_COUNT)
+    M = cb.MAX_ROW_TILES * 8 + 20
+    launches = cb.plan_launches("float32", M, 64, 64, 64, sm_count=SM_COUNT)
     assert [(x.row_start, x.rows, x.grid[1]) for x in launches] == [
-        (0, cb.MAX_ROW_TILES * 16, cb.MAX_ROW_TILES),
-        (cb.MAX_ROW_TILES * 16, 20, 2),
+        (0, cb.MAX_ROW_TILES * 8, cb.MAX_ROW_TILES),
+        (cb.MAX_ROW_TILES * 8, 20, 3),
     ]
     assert cb.plan_launches("float32", 0, 64, 64, 64, sm_count=SM_COUNT) == []
 

@@ -13,11 +13,13 @@
 //                         per step, decodes every code once with a register table (one shuffle per code),
 //                         multiplies by the block scale in float32 (rule 2 exactly) and uses the weight for
 //                         all MT rows. float32 A uses it; it also serves float16 / bfloat16 on request.
-//   nf4_gemv_mma<T, MT>   tensor cores (mma.m16n8k16, float32 accumulators) for float16 / bfloat16 A. A warp
-//                         owns 16 output columns x MT rows; W is fed as the sum of two T values per code
+//   nf4_gemv_mma<T, MT>   tensor cores (mma.m16n8k16, float32 accumulators) for float16 / bfloat16 A, M <= 32. A
+//                         warp owns 16 output columns x MT rows; W is fed as the sum of two T values per code
 //                         (hi + lo, decoded with one shuffle per code from a split table), the block scale
 //                         is applied in float32 to the partial sums of each block. See docs/gpu.md for the
 //                         error bound (2^-23 relative per weight for float16, 2^-17 for bfloat16).
+//   nf4_gemm_mma<T>       the same arithmetic for M > 32, tiled: a CTA decodes a 128 x 64 tile of codes into
+//                         shared memory once for 64 rows of A and runs mma on ldmatrix operands.
 // Both kernels read B with 128-bit non-allocating loads aligned with the blocks, decode double-quantized
 // absmax in-kernel (fl32(fl32(code * nested) + offset), no FMA) and add the bias before the single rounding to T.
 #include "onnx_nf4/nf4_codebook.h"
@@ -201,12 +203,13 @@ __device__ __forceinline__ void load_act8(const T* row, i64 k, i64 K, bool vec, 
   }
 }
 
-// Thirty-two 16-bit activations A[row][k .. k + 32) as pairs: p[i] = A[k + 2i] | A[k + 2i + 1] << 16 (0 past
-// K). vec: as for load_act8; k % 32 == 0.
-__device__ __forceinline__ void load_act_pairs(const u16* row, i64 k, i64 K, bool vec, u32 (&p)[16]) {
+// 2 * P 16-bit activations A[row][k .. k + 2P) as pairs: p[i] = A[k + 2i] | A[k + 2i + 1] << 16 (0 past K).
+// vec: as for load_act8; k % 8 == 0; P % 4 == 0.
+template <int P>
+__device__ __forceinline__ void load_act_pairs(const u16* row, i64 k, i64 K, bool vec, u32 (&p)[P]) {
   if (vec) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < P / 4; ++v) {
       u32 q[4] = {0u, 0u, 0u, 0u};
       if (k + 8 * v < K) ld_v4(row + k + 8 * v, q);
 #pragma unroll
@@ -214,7 +217,7 @@ __device__ __forceinline__ void load_act_pairs(const u16* row, i64 k, i64 K, boo
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < P; ++i) {
       const u32 lo = k + 2 * i < K ? __ldg(row + k + 2 * i) : 0u;
       const u32 hi = k + 2 * i + 1 < K ? __ldg(row + k + 2 * i + 1) : 0u;
       p[i] = lo | (hi << 16);
@@ -523,12 +526,190 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core GEMM for large M
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kTileN = 128;         // output columns per CTA (rows of the mma)
+constexpr int kTileM = 64;          // activation rows per CTA
+constexpr int kTileK = 64;          // k per stage
+constexpr int kLd = kTileK + 8;     // shared row length in 16-bit elements (144 bytes: conflict-free ldmatrix)
+constexpr int kMaxTileBlocks = 4;   // absmax blocks per stage (block_size 16)
+
+struct alignas(16) U32x4 {
+  u32 x, y, z, w;
+};
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices of 16-bit elements; lane l addresses one row of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+// Grid: x = ceil(N / kTileN), y = ceil(M / kTileM); kThreads threads (k_split must be 1). Per stage of kTileK k,
+// the CTA decodes a 128 x 64 tile of codes into shared memory as the two-term split of NF4 (hi and lo, in T; the
+// scale is not applied) and stages 64 x 64 activations; warp w computes columns 32 (w % 4) .. + 31 x rows
+// 32 (w / 4) .. + 31 with mma.m16n8k16 (ldmatrix operands). Every 16-k step lies in one absmax block, so the
+// float32 products of a block are summed apart and scaled once when the block ends.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    nf4_gemm_mma(const T* __restrict__ A, const u8* __restrict__ B, const float* absmax, const u8* absmax_codes,
+                 const float* nested_absmax, const float* nested_code, const float* absmax_offset, const T* bias,
+                 T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift,
+                 int k_split, int flags) {
+  static_assert(sizeof(T) == 2, "16-bit activations only");
+  __shared__ __align__(16) u16 s_whi[kTileN][kLd];
+  __shared__ __align__(16) u16 s_wlo[kTileN][kLd];
+  __shared__ __align__(16) u16 s_act[kTileM][kLd];
+  __shared__ float s_scale[kTileN][kMaxTileBlocks];
+  (void)k_split;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_base = blockIdx.x * kTileN, m_base = blockIdx.y * kTileM;
+  const int wn = 32 * (warp & 3), wm = 32 * (warp >> 2);
+  const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
+  const bool codes_vec = (flags & kFlagCodesVec16) != 0, act_vec = (flags & kFlagActVec16) != 0;
+  const u32 table = split_pair<T>(c_nf4[lane & 15]);
+
+  // Staging roles: codes of column n_base + (tid / 2), bytes 16 (tid % 2) .. + 15 of the stage;
+  // activations of row m_base + tid / 4, k 16 (tid % 4) .. + 15 of the stage.
+  const int w_row = tid >> 1, w_half = tid & 1;
+  const int n_w = n_base + w_row;
+  const i64 row_bytes = static_cast<i64>(k_blocks) << (block_shift - 1);
+  const i64 w_bytes = n_w < N ? row_bytes : 0;  // absent columns read as 0
+  const u8* w_ptr = B + static_cast<i64>(n_w) * row_bytes;
+  const int a_row = tid >> 2, a_quarter = tid & 3;
+  const bool a_valid = m_base + a_row < M;
+  const u16* a_ptr = reinterpret_cast<const u16*>(A) + static_cast<i64>(m_base + a_row) * K;
+
+  const int stages = (K + kTileK - 1) / kTileK;  // k past K adds nothing (its activations are 0)
+  const int last_step = 4 * stages - 1;
+
+  u32 codes[4], acts[8];
+  float s_lo = 0.0f, s_hi = 0.0f;
+  auto load_stage = [&](int st) {
+    const i64 off = static_cast<i64>(st) * (kTileK / 2) + 16 * w_half;
+    load_codes(w_ptr, off, w_bytes, codes_vec, codes);
+    s_lo = s_hi = 0.0f;
+    if (off < w_bytes) {
+      const i64 f = static_cast<i64>(n_w) * k_blocks + ((2 * off) >> block_shift);
+      s_lo = block_scale(sc, f);
+      s_hi = block_shift > 4 ? s_lo : (off + 8 < w_bytes ? block_scale(sc, f + 1) : 0.0f);
+    }
+    if (a_valid) {
+      load_act_pairs(a_ptr, static_cast<i64>(st) * kTileK + 16 * a_quarter, K, act_vec, acts);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acts[i] = 0u;
+    }
+  };
+
+  float d[2][4][4], c[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) d[i][j][r] = c[i][j][r] = 0.0f;
+
+  load_stage(0);
+  for (int st = 0; st < stages; ++st) {
+    __syncthreads();  // the previous stage is consumed
+    {
+      U32x4 hi[4], lo[4];
+      u32* hw = &hi[0].x;
+      u32* lw = &lo[0].x;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) decode_byte(table, codes[j], 8 * i, hw[4 * j + i], lw[4 * j + i]);
+      U32x4* dst_hi = reinterpret_cast<U32x4*>(&s_whi[w_row][32 * w_half]);
+      U32x4* dst_lo = reinterpret_cast<U32x4*>(&s_wlo[w_row][32 * w_half]);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        dst_hi[v] = hi[v];
+        dst_lo[v] = lo[v];
+      }
+      U32x4* dst_a = reinterpret_cast<U32x4*>(&s_act[a_row][16 * a_quarter]);
+      dst_a[0] = U32x4{acts[0], acts[1], acts[2], acts[3]};
+      dst_a[1] = U32x4{acts[4], acts[5], acts[6], acts[7]};
+      // Stage-local block of this thread's first code (block_size <= 64: stages start on block boundaries).
+      s_scale[w_row][(32 * w_half) >> block_shift] = s_lo;
+      if (block_shift == 4) s_scale[w_row][2 * w_half + 1] = s_hi;
+    }
+    __syncthreads();
+    if (st + 1 < stages) load_stage(st + 1);  // in flight during the mmas
+
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      const int kk = 16 * ks;
+      u32 a_hi[2][4], a_lo[2][4], b[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        ldmatrix_x4(a_hi[i], &s_whi[wn + 16 * i + (lane & 15)][kk + 8 * (lane >> 4)]);
+        ldmatrix_x4(a_lo[i], &s_wlo[wn + 16 * i + (lane & 15)][kk + 8 * (lane >> 4)]);
+      }
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        ldmatrix_x4(b[p], &s_act[wm + 16 * p + (lane & 7) + ((lane >> 4) << 3)][kk + 8 * ((lane >> 3) & 1)]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const u32 b0 = b[j >> 1][2 * (j & 1)], b1 = b[j >> 1][2 * (j & 1) + 1];
+          mma16816(static_cast<T*>(nullptr), c[i][j], a_hi[i], b0, b1);
+          mma16816(static_cast<T*>(nullptr), c[i][j], a_lo[i], b0, b1);
+        }
+      const int step = 4 * st + ks;
+      if (((step + 1) << 4) % (1 << block_shift) == 0 || step == last_step) {  // uniform: the block ends
+        const int lb = kk >> block_shift;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float sa = s_scale[wn + 16 * i + g][lb], sb = s_scale[wn + 16 * i + g + 8][lb];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            d[i][j][0] = fmaf(sa, c[i][j][0], d[i][j][0]);
+            d[i][j][1] = fmaf(sa, c[i][j][1], d[i][j][1]);
+            d[i][j][2] = fmaf(sb, c[i][j][2], d[i][j][2]);
+            d[i][j][3] = fmaf(sb, c[i][j][3], d[i][j][3]);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) c[i][j][r] = 0.0f;
+          }
+        }
+      }
+    }
+  }
+
+  // d[i][j]: columns n = n_base + wn + 16i + g (+ 8 for r >= 2), rows m = m_base + wm + 8j + 2t (+ 1 for odd r).
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int n = n_base + wn + 16 * i + g + 8 * (r >> 1);
+      if (n >= N) continue;
+      const float bn = bias != nullptr ? to_float(bias[n]) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int m = m_base + wm + 8 * j + 2 * t + (r & 1);
+        if (m < M) Y[static_cast<i64>(m) * N + n] = from_float<T>(d[i][j][r] + bn);
+      }
+    }
+}
+
 #ifndef __CUDACC_RTC__
 // ---------------------------------------------------------------------------------------------------------
 // Host launcher (nvcc build only; onnx_nf4/cupy_backend.py mirrors the configuration logic)
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
+
+constexpr int64_t kSkinnyMaxRows = 32;  // 16-bit A with more rows runs nf4_gemm_mma
 
 bool IsPowerOfTwo(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
@@ -583,19 +764,25 @@ std::string LaunchTyped(const Problem& p, bool mma, cudaStream_t stream, int sm_
   if (row_bytes % 16 == 0 && Aligned(p.B, 16)) flags |= kFlagCodesVec16;
   if (p.K % elems_per_16 == 0 && Aligned(p.A, 16)) flags |= kFlagActVec16;
 
-  // Row tile (template MT) for this M.
+  // Kernel and row tile (template MT) for this M. mma rows above kSkinnyMaxRows use the CTA-tiled kernel.
+  const bool tiled = mma && p.M > kSkinnyMaxRows;
   int mt;
-  if (mma) {
+  if (tiled) {
+    mt = kTileM;
+  } else if (mma) {
     mt = p.M <= 8 ? 8 : 16;
   } else {
     mt = p.M <= 1 ? 1 : (p.M <= 2 ? 2 : (p.M <= 4 ? 4 : 8));
   }
-  const int64_t units = mma ? (p.N + 15) / 16 : p.N;
-  const int64_t stretches = mma ? (row_bytes + 63) / 64 : ((row_bytes + 15) / 16 + 31) / 32;
-  const int64_t row_tiles_total = (p.M + mt - 1) / mt;
-  const int k_split = KSplit(units, row_tiles_total, stretches, sm_count);
-  const int64_t units_per_cta = kWarps / k_split;
-  const int64_t grid_x = (units + units_per_cta - 1) / units_per_cta;
+  int k_split = 1;
+  int64_t grid_x = (p.N + kTileN - 1) / kTileN;
+  if (!tiled) {
+    const int64_t units = mma ? (p.N + 15) / 16 : p.N;
+    const int64_t stretches = mma ? (row_bytes + 63) / 64 : ((row_bytes + 15) / 16 + 31) / 32;
+    k_split = KSplit(units, (p.M + mt - 1) / mt, stretches, sm_count);
+    const int64_t units_per_cta = kWarps / k_split;
+    grid_x = (units + units_per_cta - 1) / units_per_cta;
+  }
   if (grid_x > 0x7fffffff) return "N is too large for one grid";
 
   constexpr int64_t kMaxRowTiles = 65535;  // gridDim.y limit: larger M is split into several launches
@@ -610,6 +797,11 @@ std::string LaunchTyped(const Problem& p, bool mma, cudaStream_t stream, int sm_
     const LaunchArgs<T> x = {static_cast<const T*>(a_part), &p, static_cast<T*>(y_part), static_cast<int>(rows),
                              block_shift, static_cast<int>(k_blocks), nested_shift, k_split, flags};
     if constexpr (sizeof(T) == 2) {
+      if (tiled) {
+        Run(nf4_gemm_mma<T>, grid, stream, x);
+        row += rows;
+        continue;
+      }
       if (mma) {
         if (mt == 8) {
           Run(nf4_gemv_mma<T, 8>, grid, stream, x);
