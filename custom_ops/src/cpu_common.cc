@@ -15,7 +15,7 @@ const int8_t kNF4I8[ONNX_NF4_NUM_CODES] = {-127, -88, -67, -50, -36, -23, -12, 0
 float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
   const int64_t f = n * w.k_blocks + b;
   if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f / w.nested_block_size];
+  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
   return product + w.absmax_offset;
 }
 

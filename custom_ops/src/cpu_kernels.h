@@ -48,6 +48,8 @@ class Scratch {
   virtual ~Scratch() = default;
   // Zero-filled memory of `bytes` bytes, 64-byte aligned, valid until the op returns. Throws std::bad_alloc.
   virtual void* Zeroed(size_t bytes) = 0;
+  // The same without the zero fill, for buffers the kernel writes before reading.
+  virtual void* Uninitialized(size_t bytes) = 0;
 };
 
 // One call of the op in float32.

@@ -55,51 +55,83 @@ struct GemvArgs {
   int64_t kpad;
 };
 
-// MR rows of A against NC columns at a time; the scale multiplies the per-block sums.
-template <int MR, int NC>
-void GemvTile(const GemvArgs& g, int64_t m0, int64_t n0) {
+// MR rows of A against one column, U code groups per step (U independent accumulator pairs per row).
+// Columns are walked one after the other, so the weight is read as one sequential stream (several
+// interleaved column streams measured markedly slower from DRAM). The scale multiplies each block's sum; two
+// running totals alternate between blocks to halve their dependency chain.
+template <int MR, int U>
+void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end) {
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
-  const int64_t bs = w.block_size, kb = w.k_blocks, row_bytes = kb * bs / 2;
+  const int64_t bs = w.block_size, kb = w.k_blocks;
+  const uint8_t* codes = w.packed + n * kb * bs / 2;
   const Table table = LoadTable();
-  __m256 tot[MR][NC];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) tot[m][c] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < kb; ++b) {
-    __m256 acc_e[MR][NC], acc_o[MR][NC];
+  __m256 tot0[MR], tot1[MR];
+  for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = _mm256_setzero_ps();
+  // One block: its sums, times its scale, into tot (a lambda: the two totals stay in registers).
+  auto block = [&](int64_t b, __m256 (&tot)[MR]) {
+    __m256 acc[MR][2 * U];
     for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < NC; ++c) acc_e[m][c] = acc_o[m][c] = _mm256_setzero_ps();
-    for (int64_t k = b * bs; k < (b + 1) * bs; k += kGroup) {
-      for (int c = 0; c < NC; ++c) {
+      for (int u = 0; u < 2 * U; ++u) acc[m][u] = _mm256_setzero_ps();
+    // do-while with pointers: the compiler sees at least one trip and keeps acc in registers.
+    const uint8_t* c = codes + b * (bs / 2);
+    const uint8_t* const c_end = c + bs / 2;
+    const float* a = g.ap + m0 * g.kpad + b * bs;
+    do {
+      for (int u = 0; u < U; ++u) {
         __m256 we, wo;
-        Decode16(w.packed + (n0 + c) * row_bytes + k / 2, table, &we, &wo);
+        Decode16(c + u * (kGroup / 2), table, &we, &wo);
         for (int m = 0; m < MR; ++m) {
-          const float* a = g.ap + (m0 + m) * g.kpad + k;
-          acc_e[m][c] = _mm256_fmadd_ps(we, _mm256_loadu_ps(a), acc_e[m][c]);
-          acc_o[m][c] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(a + 8), acc_o[m][c]);
+          const float* am = a + m * g.kpad + u * kGroup;
+          acc[m][2 * u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(am), acc[m][2 * u]);
+          acc[m][2 * u + 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(am + 8), acc[m][2 * u + 1]);
         }
       }
+      c += U * (kGroup / 2);
+      a += U * kGroup;
+    } while (c < c_end);
+    const __m256 s = _mm256_set1_ps(Scale(w, n, b));
+    for (int m = 0; m < MR; ++m) {
+      for (int u = 2 * U; u > 1; u /= 2)
+        for (int v = 0; v < u / 2; ++v) acc[m][v] = _mm256_add_ps(acc[m][v], acc[m][v + u / 2]);
+      tot[m] = _mm256_fmadd_ps(acc[m][0], s, tot[m]);
     }
-    for (int c = 0; c < NC; ++c) {
-      const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, b));
-      for (int m = 0; m < MR; ++m) tot[m][c] = _mm256_fmadd_ps(_mm256_add_ps(acc_e[m][c], acc_o[m][c]), s, tot[m][c]);
+  };
+  if constexpr (MR <= 2) {  // few rows: alternate two totals to halve their dependency chains
+    int64_t b = b_begin;
+    for (; b + 1 < b_end; b += 2) {
+      block(b, tot0);
+      block(b + 1, tot1);
     }
+    if (b < b_end) block(b, tot0);
+  } else {  // MR independent chains already; a second set of totals would spill registers
+    for (int64_t b = b_begin; b < b_end; ++b) block(b, tot0);
   }
   for (int m = 0; m < MR; ++m) {
-    for (int c = 0; c < NC; ++c) {
-      float y = HorizontalSum(tot[m][c]);
-      if (p.bias != nullptr) y += p.bias[n0 + c];
-      p.Y[(m0 + m) * w.N + n0 + c] = y;
-    }
+    float& y = p.Y[(m0 + m) * w.N + n];
+    const float base = b_begin > 0 ? y : (p.bias != nullptr ? p.bias[n] : 0.0f);
+    y = base + HorizontalSum(_mm256_add_ps(tot0[m], tot1[m]));
   }
 }
 
+// Columns [n0, n1) for MR rows; one row gets up to 4 groups per step, two rows 2 (block size permitting).
+// K is walked in chunks whose MR activation rows fit in L1 (32 KiB), partial sums accumulating in Y.
 template <int MR>
 void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int NC = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
-  int64_t n = n0;
-  for (; n + NC <= n1; n += NC) GemvTile<MR, NC>(g, m0, n);
-  for (; n < n1; ++n) GemvTile<MR, 1>(g, m0, n);
+  const int64_t bs = g.p->w.block_size, kb = g.p->w.k_blocks, groups = bs / kGroup;
+  const int64_t chunk = MaxI64(1, (int64_t{32768} / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
+  for (int64_t b0 = 0; b0 < kb; b0 += chunk) {
+    const int64_t b1 = MinI64(kb, b0 + chunk);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (MR == 1 && groups % 4 == 0) {
+        GemvColumn<MR, 4>(g, m0, n, b0, b1);
+      } else if (MR <= 2 && groups % 2 == 0) {
+        GemvColumn<MR, 2>(g, m0, n, b0, b1);
+      } else {
+        GemvColumn<MR, 1>(g, m0, n, b0, b1);
+      }
+    }
+  }
 }
 
 void GemvTask(void* data, size_t task) {
@@ -135,6 +167,7 @@ void GemmTask(void* data, size_t task) {
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
   const int64_t bs = w.block_size, kb = w.k_blocks, row_bytes = kb * bs / 2;
+  const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(bs));
   const int64_t n0 = static_cast<int64_t>(task) * kTileN, nc = MinI64(kTileN, w.N - n0);
   const Table table = LoadTable();
   alignas(32) float panel[kTileN * kGemmKc];
@@ -148,12 +181,23 @@ void GemmTask(void* data, size_t task) {
         continue;
       }
       const uint8_t* codes = w.packed + (n0 + c) * row_bytes;
-      for (int64_t j = 0; j < kc; j += kGroup) {
-        const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, (k0 + j) / bs));
-        __m256 we, wo;
-        Decode16(codes + (k0 + j) / 2, table, &we, &wo);
-        _mm256_storeu_ps(dst + j, _mm256_mul_ps(we, s));
-        _mm256_storeu_ps(dst + j + 8, _mm256_mul_ps(wo, s));
+      // The columns are TN interleaved streams, which the hardware prefetchers serve poorly: fetch the next
+      // chunk's codes (kc / 2 bytes) now.
+      if (k0 + kc < g.kpad) {
+        for (int64_t off = 0; off < kc / 2; off += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(codes + (k0 + kc) / 2 + off), _MM_HINT_T0);
+        }
+      }
+      for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
+        const int64_t b = (k0 + j) >> bs_log2;
+        const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, b));
+        const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
+        for (; j < j_end; j += kGroup) {
+          __m256 we, wo;
+          Decode16(codes + (k0 + j) / 2, table, &we, &wo);
+          _mm256_storeu_ps(dst + j, _mm256_mul_ps(we, s));
+          _mm256_storeu_ps(dst + j + 8, _mm256_mul_ps(wo, s));
+        }
       }
     }
     for (int64_t m = 0; m < g.mpad; m += kTileM) {
@@ -203,7 +247,7 @@ void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   auto* at = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(kpad * mpad)));
   PackTransposedCodeOrder(p.A, p.M, w.K, mpad, kGroup, at);
   const int64_t tiles = CeilDiv(w.N, kTileN);
-  auto* yt = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(tiles * kTileN * mpad)));
+  auto* yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(tiles * kTileN * mpad)));
   GemmArgs g{&p, at, yt, kpad, mpad};
   par.For(static_cast<size_t>(tiles), GemmTask, &g);
 }

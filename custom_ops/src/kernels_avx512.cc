@@ -17,7 +17,7 @@ namespace {
 
 constexpr int64_t kGroup = 32;    // codes per 16-byte step
 constexpr int64_t kGemvCols = 16;  // columns per GEMV task
-constexpr int64_t kTileN = 12;     // GEMM tile: 12 columns x 32 rows
+constexpr int64_t kTileN = 12;     // GEMM tile: 12 columns x 32 rows (24 x 16 when M <= 16)
 constexpr int64_t kTileM = 32;
 constexpr int64_t kGemmKc = 256;   // K per decoded panel (12 x 256 floats: 12 KiB, L1)
 constexpr int64_t kMinGemmRows = 16;    // float32: rows from which the tiles beat weight streaming
@@ -38,51 +38,83 @@ struct GemvArgs {
   int64_t kpad;
 };
 
-// MR rows of A against NC columns at a time; the scale multiplies the per-block sums.
-template <int MR, int NC>
-void GemvTile(const GemvArgs& g, int64_t m0, int64_t n0) {
+// MR rows of A against one column, U code groups per step (U independent accumulator pairs per row).
+// Columns are walked one after the other, so the weight is read as one sequential stream (several
+// interleaved column streams measured markedly slower from DRAM). The scale multiplies each block's sum; two
+// running totals alternate between blocks to halve their dependency chain.
+template <int MR, int U>
+void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end) {
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
-  const int64_t bs = w.block_size, kb = w.k_blocks, row_bytes = kb * bs / 2;
+  const int64_t bs = w.block_size, kb = w.k_blocks;
+  const uint8_t* codes = w.packed + n * kb * bs / 2;
   const __m512 table = _mm512_loadu_ps(kNF4);
-  __m512 tot[MR][NC];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) tot[m][c] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < kb; ++b) {
-    __m512 acc_e[MR][NC], acc_o[MR][NC];
+  __m512 tot0[MR], tot1[MR];
+  for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = _mm512_setzero_ps();
+  // One block: its sums, times its scale, into tot (a lambda: the two totals stay in registers).
+  auto block = [&](int64_t b, __m512 (&tot)[MR]) {
+    __m512 acc[MR][2 * U];
     for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < NC; ++c) acc_e[m][c] = acc_o[m][c] = _mm512_setzero_ps();
-    for (int64_t k = b * bs; k < (b + 1) * bs; k += kGroup) {
-      for (int c = 0; c < NC; ++c) {
+      for (int u = 0; u < 2 * U; ++u) acc[m][u] = _mm512_setzero_ps();
+    // do-while with pointers: the compiler sees at least one trip and keeps acc in registers.
+    const uint8_t* c = codes + b * (bs / 2);
+    const uint8_t* const c_end = c + bs / 2;
+    const float* a = g.ap + m0 * g.kpad + b * bs;
+    do {
+      for (int u = 0; u < U; ++u) {
         __m512 we, wo;
-        Decode32(w.packed + (n0 + c) * row_bytes + k / 2, table, &we, &wo);
+        Decode32(c + u * (kGroup / 2), table, &we, &wo);
         for (int m = 0; m < MR; ++m) {
-          const float* a = g.ap + (m0 + m) * g.kpad + k;
-          acc_e[m][c] = _mm512_fmadd_ps(we, _mm512_loadu_ps(a), acc_e[m][c]);
-          acc_o[m][c] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(a + 16), acc_o[m][c]);
+          const float* am = a + m * g.kpad + u * kGroup;
+          acc[m][2 * u] = _mm512_fmadd_ps(we, _mm512_loadu_ps(am), acc[m][2 * u]);
+          acc[m][2 * u + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(am + 16), acc[m][2 * u + 1]);
         }
       }
+      c += U * (kGroup / 2);
+      a += U * kGroup;
+    } while (c < c_end);
+    const __m512 s = _mm512_set1_ps(Scale(w, n, b));
+    for (int m = 0; m < MR; ++m) {
+      for (int u = 2 * U; u > 1; u /= 2)
+        for (int v = 0; v < u / 2; ++v) acc[m][v] = _mm512_add_ps(acc[m][v], acc[m][v + u / 2]);
+      tot[m] = _mm512_fmadd_ps(acc[m][0], s, tot[m]);
     }
-    for (int c = 0; c < NC; ++c) {
-      const __m512 s = _mm512_set1_ps(Scale(w, n0 + c, b));
-      for (int m = 0; m < MR; ++m) tot[m][c] = _mm512_fmadd_ps(_mm512_add_ps(acc_e[m][c], acc_o[m][c]), s, tot[m][c]);
+  };
+  if constexpr (MR <= 2) {  // few rows: alternate two totals to halve their dependency chains
+    int64_t b = b_begin;
+    for (; b + 1 < b_end; b += 2) {
+      block(b, tot0);
+      block(b + 1, tot1);
     }
+    if (b < b_end) block(b, tot0);
+  } else {  // MR independent chains already; a second set of totals would spill registers
+    for (int64_t b = b_begin; b < b_end; ++b) block(b, tot0);
   }
   for (int m = 0; m < MR; ++m) {
-    for (int c = 0; c < NC; ++c) {
-      float y = _mm512_reduce_add_ps(tot[m][c]);
-      if (p.bias != nullptr) y += p.bias[n0 + c];
-      p.Y[(m0 + m) * w.N + n0 + c] = y;
-    }
+    float& y = p.Y[(m0 + m) * w.N + n];
+    const float base = b_begin > 0 ? y : (p.bias != nullptr ? p.bias[n] : 0.0f);
+    y = base + _mm512_reduce_add_ps(_mm512_add_ps(tot0[m], tot1[m]));
   }
 }
 
+// Columns [n0, n1) for MR rows; one row gets up to 4 groups per step, two rows 2 (block size permitting).
+// K is walked in chunks whose MR activation rows fit in L1 (32 KiB), partial sums accumulating in Y.
 template <int MR>
 void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int NC = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
-  int64_t n = n0;
-  for (; n + NC <= n1; n += NC) GemvTile<MR, NC>(g, m0, n);
-  for (; n < n1; ++n) GemvTile<MR, 1>(g, m0, n);
+  const int64_t bs = g.p->w.block_size, kb = g.p->w.k_blocks, groups = bs / kGroup;
+  const int64_t chunk = MaxI64(1, (int64_t{32768} / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
+  for (int64_t b0 = 0; b0 < kb; b0 += chunk) {
+    const int64_t b1 = MinI64(kb, b0 + chunk);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (MR == 1 && groups % 4 == 0) {
+        GemvColumn<MR, 4>(g, m0, n, b0, b1);
+      } else if (MR <= 2 && groups % 2 == 0) {
+        GemvColumn<MR, 2>(g, m0, n, b0, b1);
+      } else {
+        GemvColumn<MR, 1>(g, m0, n, b0, b1);
+      }
+    }
+  }
 }
 
 void GemvTask(void* data, size_t task) {
@@ -119,56 +151,71 @@ struct GemmArgs {
   int64_t kpad, mpad;
 };
 
+// TN columns x (16 * V) rows per register tile: <12, 2> (24 accumulators) in general, <24, 1> when M <= 16
+// (a 32-row tile would be half padding).
+template <int TN, int V>
 void GemmTask(void* data, size_t task) {
   const GemmArgs& g = *static_cast<const GemmArgs*>(data);
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
   const int64_t bs = w.block_size, kb = w.k_blocks, row_bytes = kb * bs / 2;
-  const int64_t n0 = static_cast<int64_t>(task) * kTileN, nc = MinI64(kTileN, w.N - n0);
+  const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(bs));
+  const int64_t n0 = static_cast<int64_t>(task) * TN, nc = MinI64(TN, w.N - n0);
   const __m512 table = _mm512_loadu_ps(kNF4);
-  alignas(64) float panel[kTileN * kGemmKc];
+  alignas(64) float panel[TN * kGemmKc];
   float* yt = g.yt + n0 * g.mpad;
   for (int64_t k0 = 0; k0 < g.kpad; k0 += kGemmKc) {
     const int64_t kc = MinI64(kGemmKc, g.kpad - k0);
-    for (int64_t c = 0; c < kTileN; ++c) {
+    for (int64_t c = 0; c < TN; ++c) {
       float* dst = panel + c * kc;
       if (c >= nc) {
         std::memset(dst, 0, sizeof(float) * kc);
         continue;
       }
       const uint8_t* codes = w.packed + (n0 + c) * row_bytes;
-      for (int64_t j = 0; j < kc; j += kGroup) {
-        const __m512 s = _mm512_set1_ps(Scale(w, n0 + c, (k0 + j) / bs));
-        __m512 we, wo;
-        Decode32(codes + (k0 + j) / 2, table, &we, &wo);
-        _mm512_storeu_ps(dst + j, _mm512_mul_ps(we, s));
-        _mm512_storeu_ps(dst + j + 16, _mm512_mul_ps(wo, s));
+      // The columns are TN interleaved streams, which the hardware prefetchers serve poorly: fetch the next
+      // chunk's codes (kc / 2 bytes) now.
+      if (k0 + kc < g.kpad) {
+        for (int64_t off = 0; off < kc / 2; off += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(codes + (k0 + kc) / 2 + off), _MM_HINT_T0);
+        }
+      }
+      for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
+        const int64_t b = (k0 + j) >> bs_log2;
+        const __m512 s = _mm512_set1_ps(Scale(w, n0 + c, b));
+        const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
+        for (; j < j_end; j += kGroup) {
+          __m512 we, wo;
+          Decode32(codes + (k0 + j) / 2, table, &we, &wo);
+          _mm512_storeu_ps(dst + j, _mm512_mul_ps(we, s));
+          _mm512_storeu_ps(dst + j + 16, _mm512_mul_ps(wo, s));
+        }
       }
     }
-    for (int64_t m = 0; m < g.mpad; m += kTileM) {
-      __m512 acc[kTileN][2];
+    for (int64_t m = 0; m < g.mpad; m += 16 * V) {
+      __m512 acc[TN][V];
       if (k0 == 0) {
-        for (int c = 0; c < kTileN; ++c) acc[c][0] = acc[c][1] = _mm512_setzero_ps();
+#pragma GCC unroll 24
+        for (int c = 0; c < TN; ++c)
+          for (int v = 0; v < V; ++v) acc[c][v] = _mm512_setzero_ps();
       } else {
-        for (int c = 0; c < kTileN; ++c) {
-          acc[c][0] = _mm512_loadu_ps(yt + c * g.mpad + m);
-          acc[c][1] = _mm512_loadu_ps(yt + c * g.mpad + m + 16);
-        }
+#pragma GCC unroll 24
+        for (int c = 0; c < TN; ++c)
+          for (int v = 0; v < V; ++v) acc[c][v] = _mm512_loadu_ps(yt + c * g.mpad + m + 16 * v);
       }
       const float* at = g.at + k0 * g.mpad + m;
       for (int64_t k = 0; k < kc; ++k) {
-        const __m512 a0 = _mm512_loadu_ps(at + k * g.mpad);
-        const __m512 a1 = _mm512_loadu_ps(at + k * g.mpad + 16);
-        for (int c = 0; c < kTileN; ++c) {
+        __m512 a[V];
+        for (int v = 0; v < V; ++v) a[v] = _mm512_loadu_ps(at + k * g.mpad + 16 * v);
+#pragma GCC unroll 24
+        for (int c = 0; c < TN; ++c) {
           const __m512 wv = _mm512_set1_ps(panel[c * kc + k]);
-          acc[c][0] = _mm512_fmadd_ps(a0, wv, acc[c][0]);
-          acc[c][1] = _mm512_fmadd_ps(a1, wv, acc[c][1]);
+          for (int v = 0; v < V; ++v) acc[c][v] = _mm512_fmadd_ps(a[v], wv, acc[c][v]);
         }
       }
-      for (int c = 0; c < kTileN; ++c) {
-        _mm512_storeu_ps(yt + c * g.mpad + m, acc[c][0]);
-        _mm512_storeu_ps(yt + c * g.mpad + m + 16, acc[c][1]);
-      }
+#pragma GCC unroll 24
+      for (int c = 0; c < TN; ++c)
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(yt + c * g.mpad + m + 16 * v, acc[c][v]);
     }
   }
   for (int64_t m = 0; m < p.M; ++m) {
@@ -192,20 +239,22 @@ void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
     par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), GemvTask, &g);
     return;
   }
-  const int64_t mpad = CeilDiv(p.M, kTileM) * kTileM;
+  const bool narrow = p.M <= 16;
+  const int64_t tile_n = narrow ? 2 * kTileN : kTileN, tile_m = narrow ? kTileM / 2 : kTileM;
+  const int64_t mpad = CeilDiv(p.M, tile_m) * tile_m;
   auto* at = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(kpad * mpad)));
   PackTransposedCodeOrder(p.A, p.M, w.K, mpad, kGroup, at);
-  const int64_t tiles = CeilDiv(w.N, kTileN);
-  auto* yt = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(tiles * kTileN * mpad)));
+  const int64_t tiles = CeilDiv(w.N, tile_n);
+  auto* yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(tiles * tile_n * mpad)));
   GemmArgs g{&p, at, yt, kpad, mpad};
-  par.For(static_cast<size_t>(tiles), GemmTask, &g);
+  par.For(static_cast<size_t>(tiles), narrow ? GemmTask<2 * kTileN, 1> : GemmTask<kTileN, 2>, &g);
 }
 
 // ---------------------------------------------------------------- accuracy_level 4 (int8 activations)
 //
 // 64 codes per step: 32 bytes of B, nibbles split into 32 even-k and 32 odd-k codes, vpshufb maps them to
 // unsigned bytes round(NF4 * 127) + 128, vpdpbusd multiplies with the int8 activations (packed in the same
-// order). The +128 adds 128 * sum(q_a) per block, subtracted with the per-(row, block) sums.
+// order). The +128 adds 128 * sum(q_a) per block, which starts the block's integer accumulator negative.
 
 constexpr int64_t kGroupI8 = 64;
 
@@ -217,15 +266,19 @@ struct Int8Args {
   int64_t kpad;
 };
 
-inline __m512i Decode64U8(const uint8_t* bytes, __m512i table) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m256i even = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-  const __m256i odd = _mm256_and_si256(v, mask);
-  return _mm512_shuffle_epi8(table, _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1));
+// 32 bytes -> 64 unsigned weight bytes in code order: both halves of a zmm get the bytes, the lower half is
+// shifted right by 4 (high nibbles: even k), the upper half not (low nibbles: odd k), then vpshufb.
+inline __m512i Decode64U8(const uint8_t* bytes, __m512i table, __m512i shifts, __m512i mask) {
+  const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  return _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srlv_epi16(v, shifts), mask));
 }
 
-template <int MR>
+constexpr int64_t kInt8Chunk = 64;  // blocks whose combined scales are prepared at once (stack buffers)
+
+// MR rows against column n. Per chunk of blocks, f[m][b] = scale_w[b] * scale_a[m][b] is prepared first
+// (vectorized), so a block costs its dot products plus one convert and one FMA with a broadcast operand; the
+// +128 bias of the table, 128 * sum_b f[m][b] * qsum[m][b], is one vector dot product per chunk.
+template <int MR, int U>
 void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
@@ -233,27 +286,61 @@ void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
   const uint8_t* codes = w.packed + n * kb * bs / 2;
   const __m512i table = _mm512_broadcast_i32x4(_mm_add_epi8(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4I8)), _mm_set1_epi8(static_cast<char>(-128))));
-  float tot[MR] = {};
-  __m512 totv[MR];
-  for (int m = 0; m < MR; ++m) totv[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < kb; ++b) {
-    __m512i acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
-    for (int64_t k = b * bs; k < (b + 1) * bs; k += kGroupI8) {
-      const __m512i wq = Decode64U8(codes + k / 2, table);
+  const __m512i shifts = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_setzero_si256(), 1);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  alignas(64) float sw[kInt8Chunk];
+  alignas(64) float f[MR][kInt8Chunk];
+  __m512 tot0[MR], tot1[MR], corr[MR];
+  for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = corr[m] = _mm512_setzero_ps();
+  auto block = [&](int64_t b, int64_t j, __m512 (&tot)[MR]) {
+    __m512i acc[MR][U];
+    for (int m = 0; m < MR; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_si512();
+    const uint8_t* c = codes + b * (bs / 2);
+    const uint8_t* const c_end = c + bs / 2;
+    const int8_t* a = g.qa + m0 * g.kpad + b * bs;
+    do {  // at least one trip (block_size >= U * 64): acc stays in registers
+      for (int u = 0; u < U; ++u) {
+        const __m512i wq = Decode64U8(c + u * (kGroupI8 / 2), table, shifts, mask);
+        for (int m = 0; m < MR; ++m) {
+          acc[m][u] = _mm512_dpbusd_epi32(acc[m][u], wq, _mm512_loadu_si512(a + m * g.kpad + u * kGroupI8));
+        }
+      }
+      c += U * (kGroupI8 / 2);
+      a += U * kGroupI8;
+    } while (c < c_end);
+    for (int m = 0; m < MR; ++m) {
+      for (int u = 1; u < U; ++u) acc[m][0] = _mm512_add_epi32(acc[m][0], acc[m][u]);
+      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), _mm512_set1_ps(f[m][j]), tot[m]);
+    }
+  };
+  for (int64_t b0 = 0; b0 < kb; b0 += kInt8Chunk) {
+    const int64_t nb = MinI64(kInt8Chunk, kb - b0);
+    if (w.absmax != nullptr) {
+      std::memcpy(sw, w.absmax + n * kb + b0, sizeof(float) * nb);
+    } else {
+      for (int64_t j = 0; j < nb; ++j) sw[j] = Scale(w, n, b0 + j);
+    }
+    for (int64_t j = 0; j < nb; j += 16) {
+      const __mmask16 lanes = nb - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - j)) - 1);
+      const __m512 s = _mm512_maskz_loadu_ps(lanes, sw + j);
       for (int m = 0; m < MR; ++m) {
-        acc[m] = _mm512_dpbusd_epi32(acc[m], wq, _mm512_loadu_si512(g.qa + (m0 + m) * g.kpad + k));
+        const int64_t row = (m0 + m) * kb + b0 + j;
+        const __m512 fm = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lanes, g.ascale + row));
+        _mm512_store_ps(f[m] + j, fm);
+        corr[m] = _mm512_fmadd_ps(fm, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, g.qsum + row)), corr[m]);
       }
     }
-    const float s = Scale(w, n, b);
-    for (int m = 0; m < MR; ++m) {
-      const float f = s * g.ascale[(m0 + m) * kb + b];
-      totv[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(f), totv[m]);
-      tot[m] += f * static_cast<float>(g.qsum[(m0 + m) * kb + b]);
+    int64_t j = 0;
+    for (; j + 1 < nb; j += 2) {
+      block(b0 + j, j, tot0);
+      block(b0 + j + 1, j + 1, tot1);
     }
+    if (j < nb) block(b0 + j, j, tot0);
   }
   for (int m = 0; m < MR; ++m) {
-    float y = (_mm512_reduce_add_ps(totv[m]) - 128.0f * tot[m]) * (1.0f / kInt8Levels);
+    const __m512 sum = _mm512_fmadd_ps(corr[m], _mm512_set1_ps(-128.0f), _mm512_add_ps(tot0[m], tot1[m]));
+    float y = _mm512_reduce_add_ps(sum) * (1.0f / kInt8Levels);
     if (p.bias != nullptr) y += p.bias[n];
     p.Y[(m0 + m) * w.N + n] = y;
   }
@@ -266,11 +353,12 @@ void Int8Task(void* data, size_t task) {
   for (int64_t m0 = 0; m0 < M;) {
     const int64_t rows = MinI64(M - m0, 4);
     for (int64_t n = n0; n < n1; ++n) {
+      const bool pairs = g.p->w.block_size >= 2 * kGroupI8;  // two independent sums per block
       switch (rows) {
-        case 1: Int8Tile<1>(g, m0, n); break;
-        case 2: Int8Tile<2>(g, m0, n); break;
-        case 3: Int8Tile<3>(g, m0, n); break;
-        default: Int8Tile<4>(g, m0, n); break;
+        case 1: pairs ? Int8Tile<1, 2>(g, m0, n) : Int8Tile<1, 1>(g, m0, n); break;
+        case 2: pairs ? Int8Tile<2, 2>(g, m0, n) : Int8Tile<2, 1>(g, m0, n); break;
+        case 3: Int8Tile<3, 1>(g, m0, n); break;
+        default: Int8Tile<4, 1>(g, m0, n); break;
       }
     }
     m0 += rows;

@@ -39,14 +39,17 @@ class OrtParallelRunner final : public cpu::ParallelRunner {
 // Scratch buffers of one call, freed when it returns.
 class CallScratch final : public cpu::Scratch {
  public:
-  void* Zeroed(size_t bytes) override {
+  void* Zeroed(size_t bytes) override { return Allocate(bytes, true); }
+  void* Uninitialized(size_t bytes) override { return Allocate(bytes, false); }
+
+ private:
+  void* Allocate(size_t bytes, bool zero) {
     constexpr size_t kAlign = 64;
-    auto& buf = buffers_.emplace_back(new char[bytes + kAlign]());
+    auto& buf = buffers_.emplace_back(zero ? new char[bytes + kAlign]() : new char[bytes + kAlign]);
     const auto addr = reinterpret_cast<uintptr_t>(buf.get());
     return buf.get() + ((kAlign - addr % kAlign) % kAlign);
   }
 
- private:
   std::vector<std::unique_ptr<char[]>> buffers_;
 };
 

@@ -17,7 +17,7 @@ inline int64_t MinI64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline float Scale(const Nf4Weight& w, int64_t n, int64_t b) {
   const int64_t f = n * w.k_blocks + b;
   if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f / w.nested_block_size];
+  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
   return product + w.absmax_offset;
 }
 inline int64_t MaxI64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -27,11 +27,16 @@ inline void PackRowCodeOrder(const float* a, int64_t K, int64_t group, float* ds
   for (int64_t k = 0; k < K; ++k) dst[CodeOrderPos(k, group)] = a[k];
 }
 
-// at[K_pad][mpad] (zeroed) <- A[M][K] transposed, K in code order of `group`.
+// at[K_pad][mpad] (zeroed) <- A[M][K] transposed, K in code order of `group`. Cache-blocked over 64 k: the
+// rows of A are read sequentially and the 64 destination rows (64 * mpad floats) stay in L1.
 inline void PackTransposedCodeOrder(const float* A, int64_t M, int64_t K, int64_t mpad, int64_t group, float* at) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* a = A + m * K;
-    for (int64_t k = 0; k < K; ++k) at[CodeOrderPos(k, group) * mpad + m] = a[k];
+  constexpr int64_t kBlock = 64;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t k1 = MinI64(K, k0 + kBlock);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* a = A + m * K;
+      for (int64_t k = k0; k < k1; ++k) at[CodeOrderPos(k, group) * mpad + m] = a[k];
+    }
   }
 }
 
