@@ -139,12 +139,11 @@ void GemvTask(void* data, size_t task) {
   const int64_t N = g.p->w.N, M = g.p->M;
   const int64_t n0 = static_cast<int64_t>(task) * kGemvCols, n1 = MinI64(n0 + kGemvCols, N);
   for (int64_t m0 = 0; m0 < M;) {
-    const int64_t rows = MinI64(M - m0, 4);
+    const int64_t rows = MinI64(M - m0, 3);  // 3 rows: 6 accumulators + 3 totals + table fit 16 registers
     switch (rows) {
       case 1: GemvRows<1>(g, m0, n0, n1); break;
       case 2: GemvRows<2>(g, m0, n0, n1); break;
-      case 3: GemvRows<3>(g, m0, n0, n1); break;
-      default: GemvRows<4>(g, m0, n0, n1); break;
+      default: GemvRows<3>(g, m0, n0, n1); break;
     }
     m0 += rows;
   }
@@ -162,44 +161,51 @@ struct GemmArgs {
   int64_t kpad, mpad;
 };
 
+// Decodes the exact weights W[k0 + j, n0 + c] (j < kc, c < kTileN; zero for c >= nc) into panel[c][j], in
+// code order. Not inlined: its table registers must not compete with the 12 accumulators of the tile loop.
+__attribute__((noinline)) void DecodePanel(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                                           int64_t kpad, float* panel) {
+  const int64_t bs = w.block_size, row_bytes = w.k_blocks * bs / 2;
+  const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(bs));
+  const Table table = LoadTable();
+  for (int64_t c = 0; c < kTileN; ++c) {
+    float* dst = panel + c * kc;
+    if (c >= nc) {
+      std::memset(dst, 0, sizeof(float) * kc);
+      continue;
+    }
+    const uint8_t* codes = w.packed + (n0 + c) * row_bytes;
+    // The columns are kTileN interleaved streams, which the hardware prefetchers serve poorly: fetch the next
+    // chunk's codes (kc / 2 bytes) now.
+    if (k0 + kc < kpad) {
+      for (int64_t off = 0; off < kc / 2; off += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes + (k0 + kc) / 2 + off), _MM_HINT_T0);
+      }
+    }
+    for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
+      const int64_t b = (k0 + j) >> bs_log2;
+      const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, b));
+      const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
+      for (; j < j_end; j += kGroup) {
+        __m256 we, wo;
+        Decode16(codes + (k0 + j) / 2, table, &we, &wo);
+        _mm256_storeu_ps(dst + j, _mm256_mul_ps(we, s));
+        _mm256_storeu_ps(dst + j + 8, _mm256_mul_ps(wo, s));
+      }
+    }
+  }
+}
+
 void GemmTask(void* data, size_t task) {
   const GemmArgs& g = *static_cast<const GemmArgs*>(data);
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
-  const int64_t bs = w.block_size, kb = w.k_blocks, row_bytes = kb * bs / 2;
-  const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(bs));
   const int64_t n0 = static_cast<int64_t>(task) * kTileN, nc = MinI64(kTileN, w.N - n0);
-  const Table table = LoadTable();
   alignas(32) float panel[kTileN * kGemmKc];
   float* yt = g.yt + n0 * g.mpad;
   for (int64_t k0 = 0; k0 < g.kpad; k0 += kGemmKc) {
     const int64_t kc = MinI64(kGemmKc, g.kpad - k0);
-    for (int64_t c = 0; c < kTileN; ++c) {
-      float* dst = panel + c * kc;
-      if (c >= nc) {
-        std::memset(dst, 0, sizeof(float) * kc);
-        continue;
-      }
-      const uint8_t* codes = w.packed + (n0 + c) * row_bytes;
-      // The columns are TN interleaved streams, which the hardware prefetchers serve poorly: fetch the next
-      // chunk's codes (kc / 2 bytes) now.
-      if (k0 + kc < g.kpad) {
-        for (int64_t off = 0; off < kc / 2; off += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(codes + (k0 + kc) / 2 + off), _MM_HINT_T0);
-        }
-      }
-      for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
-        const int64_t b = (k0 + j) >> bs_log2;
-        const __m256 s = _mm256_set1_ps(Scale(w, n0 + c, b));
-        const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
-        for (; j < j_end; j += kGroup) {
-          __m256 we, wo;
-          Decode16(codes + (k0 + j) / 2, table, &we, &wo);
-          _mm256_storeu_ps(dst + j, _mm256_mul_ps(we, s));
-          _mm256_storeu_ps(dst + j + 8, _mm256_mul_ps(wo, s));
-        }
-      }
-    }
+    DecodePanel(w, n0, nc, k0, kc, g.kpad, panel);
     for (int64_t m = 0; m < g.mpad; m += kTileM) {
       __m256 acc[kTileN][2];
       if (k0 == 0) {
@@ -276,6 +282,10 @@ inline __m256i Decode32I8(const uint8_t* bytes, __m256i table) {
   return _mm256_shuffle_epi8(table, _mm256_set_m128i(odd, even));
 }
 
+constexpr int64_t kInt8Chunk = 64;  // blocks whose combined scales are prepared at once (stack buffer)
+
+// MR rows against column n. Per chunk of blocks, f[m][b] = scale_w[b] * scale_a[m][b] is prepared first, so
+// a block costs its dot products plus one convert and one FMA.
 template <int MR>
 void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
   const Problem& p = *g.p;
@@ -284,28 +294,45 @@ void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
   const uint8_t* codes = w.packed + n * kb * bs / 2;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4I8)));
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 tot[MR];
-  for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < kb; ++b) {
+  alignas(32) float f[MR][kInt8Chunk];
+  __m256 tot0[MR], tot1[MR];
+  for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, int64_t j, __m256 (&tot)[MR]) {
     __m256i acc[MR];
     for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_si256();
-    for (int64_t k = b * bs; k < (b + 1) * bs; k += kGroupI8) {
-      const __m256i wq = Decode32I8(codes + k / 2, table);
+    const uint8_t* c = codes + b * (bs / 2);
+    const uint8_t* const c_end = c + bs / 2;
+    const int8_t* a = g.qa + m0 * g.kpad + b * bs;
+    do {  // at least one trip (block_size >= 32): acc stays in registers
+      const __m256i wq = Decode32I8(c, table);
       const __m256i wabs = _mm256_abs_epi8(wq);
       for (int m = 0; m < MR; ++m) {
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qa + (m0 + m) * g.kpad + k));
-        const __m256i prod16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(a, wq));
+        const __m256i am = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + m * g.kpad));
+        const __m256i prod16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(am, wq));
         acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(prod16, ones));
       }
+      c += kGroupI8 / 2;
+      a += kGroupI8;
+    } while (c < c_end);
+    for (int m = 0; m < MR; ++m) tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(f[m][j]), tot[m]);
+  };
+  for (int64_t b0 = 0; b0 < kb; b0 += kInt8Chunk) {
+    const int64_t nb = MinI64(kInt8Chunk, kb - b0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float s = Scale(w, n, b0 + j);
+      for (int m = 0; m < MR; ++m) f[m][j] = s * g.ascale[(m0 + m) * kb + b0 + j];
     }
-    const float s = Scale(w, n, b);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 f = _mm256_set1_ps(s * g.ascale[(m0 + m) * kb + b]);
-      tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), f, tot[m]);
+    int64_t j = 0;
+    if constexpr (MR <= 2) {  // alternate two totals to halve their dependency chains
+      for (; j + 1 < nb; j += 2) {
+        block(b0 + j, j, tot0);
+        block(b0 + j + 1, j + 1, tot1);
+      }
     }
+    for (; j < nb; ++j) block(b0 + j, j, tot0);
   }
   for (int m = 0; m < MR; ++m) {
-    float y = HorizontalSum(tot[m]) * (1.0f / kInt8Levels);
+    float y = HorizontalSum(_mm256_add_ps(tot0[m], tot1[m])) * (1.0f / kInt8Levels);
     if (p.bias != nullptr) y += p.bias[n];
     p.Y[(m0 + m) * w.N + n] = y;
   }
