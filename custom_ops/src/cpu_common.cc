@@ -36,7 +36,7 @@ void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_bl
       sum += c;
     }
     scale[b] = s;
-    qsum[b] = sum;
+    if (qsum != nullptr) qsum[b] = sum;
   }
 }
 

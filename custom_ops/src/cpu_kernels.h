@@ -95,7 +95,7 @@ inline constexpr int64_t CodeOrderPos(int64_t k, int64_t group) {
 // Int8 quantization of one activation row, per block of `block_size` along K (K_pad = k_blocks * block_size):
 // scale[b] = max|a| / 127 over the block, q = round_half_even(a * 127 / max|a|) (0 for an all-zero block),
 // written at CodeOrderPos(k, group) of q[K_pad] (the padding k in [K, K_pad) stays as given: zero it), and
-// qsum[b] = sum of q over the block.
+// qsum[b] = sum of q over the block (unless qsum is nullptr).
 void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_blocks, int64_t group, int8_t* q,
                      float* scale, int32_t* qsum);
 

@@ -43,7 +43,7 @@ struct GemvArgs {
 // interleaved column streams measured markedly slower from DRAM). The scale multiplies each block's sum; two
 // running totals alternate between blocks to halve their dependency chain.
 template <int MR, int U>
-void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end) {
+void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end, bool prefetch_next) {
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
   const int64_t bs = w.block_size, kb = w.k_blocks;
@@ -60,6 +60,9 @@ void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64
     const uint8_t* c = codes + b * (bs / 2);
     const uint8_t* const c_end = c + bs / 2;
     const float* a = g.ap + m0 * g.kpad + b * bs;
+    // When K is walked in pieces, the next column's piece is not where the hardware prefetchers look: request
+    // it gradually, at the current offset of this piece (one piece ahead).
+    if (prefetch_next) __builtin_prefetch(c + kb * bs / 2, 0, 3);
     do {
       for (int u = 0; u < U; ++u) {
         __m512 we, wo;
@@ -105,13 +108,15 @@ void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t chunk = MaxI64(1, (int64_t{32768} / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
   for (int64_t b0 = 0; b0 < kb; b0 += chunk) {
     const int64_t b1 = MinI64(kb, b0 + chunk);
+    const bool pieces = chunk < kb;
     for (int64_t n = n0; n < n1; ++n) {
+      const bool prefetch = pieces && n + 1 < n1;
       if (MR == 1 && groups % 4 == 0) {
-        GemvColumn<MR, 4>(g, m0, n, b0, b1);
+        GemvColumn<MR, 4>(g, m0, n, b0, b1, prefetch);
       } else if (MR <= 2 && groups % 2 == 0) {
-        GemvColumn<MR, 2>(g, m0, n, b0, b1);
+        GemvColumn<MR, 2>(g, m0, n, b0, b1, prefetch);
       } else {
-        GemvColumn<MR, 1>(g, m0, n, b0, b1);
+        GemvColumn<MR, 1>(g, m0, n, b0, b1, prefetch);
       }
     }
   }

@@ -90,9 +90,8 @@ void MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const int64_t kb = w.k_blocks, kpad = kb * w.block_size;
   auto* qa = static_cast<int8_t*>(scratch.Zeroed(static_cast<size_t>(p.M * kpad)));
   auto* ascale = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kb)));
-  auto* qsum = static_cast<int32_t*>(scratch.Zeroed(sizeof(int32_t) * static_cast<size_t>(p.M * kb)));
-  for (int64_t m = 0; m < p.M; ++m) {
-    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, 2, qa + m * kpad, ascale + m * kb, qsum + m * kb);
+  for (int64_t m = 0; m < p.M; ++m) {  // the signed table needs no per-block sums
+    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, 2, qa + m * kpad, ascale + m * kb, nullptr);
   }
   Int8Task t{&p, qa, ascale};
   par.For(static_cast<size_t>(CeilDiv(w.N, kColsPerTask)), Int8Columns, &t);

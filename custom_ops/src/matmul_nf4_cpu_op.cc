@@ -11,6 +11,7 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -45,28 +46,22 @@ class CallScratch final : public cpu::Scratch {
  private:
   void* Allocate(size_t bytes, bool zero) {
     constexpr size_t kAlign = 64;
-    auto& buf = buffers_.emplace_back(zero ? new char[bytes + kAlign]() : new char[bytes + kAlign]);
-    const auto addr = reinterpret_cast<uintptr_t>(buf.get());
-    return buf.get() + ((kAlign - addr % kAlign) % kAlign);
+    std::unique_ptr<char[]> buf(zero ? new char[bytes + kAlign]() : new char[bytes + kAlign]);
+    char* data = buf.get();
+    buffers_.push_back(std::move(buf));
+    const auto addr = reinterpret_cast<uintptr_t>(data);
+    return data + ((kAlign - addr % kAlign) % kAlign);
   }
 
   std::vector<std::unique_ptr<char[]>> buffers_;
 };
 
-// float16 / bfloat16 <-> float32 (round to nearest even), by the onnxruntime header types.
-template <typename T>
-float ToFloat(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    return v.ToFloat();
-  }
-}
-
+// float16 / bfloat16 -> float32 by the onnxruntime header types (the way back, T(float), rounds to nearest
+// even).
 template <typename T>
 std::vector<float> ToFloatVector(const T* src, size_t count) {
   std::vector<float> out(count);
-  for (size_t i = 0; i < count; ++i) out[i] = ToFloat<T>(src[i]);
+  for (size_t i = 0; i < count; ++i) out[i] = src[i].ToFloat();
   return out;
 }
 

@@ -40,12 +40,13 @@ inline void PackTransposedCodeOrder(const float* A, int64_t M, int64_t K, int64_
   }
 }
 
-// Quantizes every row of p.A to int8 in code order of `group` (see QuantizeRowInt8).
+// Quantizes every row of p.A to int8 in code order of `group` (see QuantizeRowInt8; qsum may be nullptr).
 inline void QuantizeRowsInt8(const Problem& p, int64_t group, int8_t* qa, float* ascale, int32_t* qsum) {
   const Nf4Weight& w = p.w;
   const int64_t kb = w.k_blocks, kpad = kb * w.block_size;
   for (int64_t m = 0; m < p.M; ++m) {
-    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, group, qa + m * kpad, ascale + m * kb, qsum + m * kb);
+    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, group, qa + m * kpad, ascale + m * kb,
+                    qsum != nullptr ? qsum + m * kb : nullptr);
   }
 }
 

@@ -7,6 +7,7 @@ that load from other processes hits every variant alike), with ``onnxruntime.Inf
 * ``fp32``: ``MatMul`` with the float32 weight;
 * ``nf4``: ``MatMulNF4`` (block 64, ``accuracy_level`` 0: float32 compute);
 * ``nf4_acc4``: ``MatMulNF4`` (block 64, ``accuracy_level`` 4: int8 activations);
+* ``nf4_b128_acc4``: the same with block 128 (the block size of ``nbits128``);
 * ``bnb4``: ``com.microsoft::MatMulBnb4`` (NF4, block 64, the same codes and scales as ``nf4``);
 * ``nbits{32,128}_acc{0,4}``: ``com.microsoft::MatMulNBits`` (symmetric int4, block 32 / 128).
 
@@ -121,10 +122,12 @@ def run_case(K: int, N: int, M: int, threads: int, rounds: int, seed: int = 0) -
     w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
     a = rng.standard_normal((M, K)).astype(np.float32)
     q = onnx_nf4.quantize_weight(w, BLOCK_NF4)
+    q128 = onnx_nf4.quantize_weight(w, 128)
     models = {
         "fp32": fp32_model(w),
         "nf4": nf4_model(q, 0),
         "nf4_acc4": nf4_model(q, 4),
+        "nf4_b128_acc4": nf4_model(q128, 4),
         "bnb4": bnb4_model(q),
         "nbits32_acc0": nbits_model(w, 32, 0),
         "nbits32_acc4": nbits_model(w, 32, 4),
@@ -170,6 +173,24 @@ def format_case(K: int, N: int, M: int, threads: int, results: list[Result]) -> 
     return "\n".join(lines)
 
 
+SUMMARY_HEADER = [
+    "| K x N | M | threads | fp32 ms | nf4 ms | nf4_acc4 ms | nf4 vs fp32 | nf4 vs nbits32_acc0 | "
+    "nf4 vs nbits128_acc0 | nf4 vs bnb4 | nf4_acc4 vs nbits128_acc4 | nf4_b128_acc4 vs nbits128_acc4 |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def summary_row(K: int, N: int, M: int, threads: int, results: list[Result]) -> str:
+    """One line of the summary: speed-ups (> 1: MatMulNF4 is faster) against the baselines."""
+    by = {r.name: r.ms for r in results}
+    return (
+        f"| {K} x {N} | {M} | {threads} | {by['fp32']:.3f} | {by['nf4']:.3f} | {by['nf4_acc4']:.3f} "
+        f"| {by['fp32'] / by['nf4']:.2f}x | {by['nbits32_acc0'] / by['nf4']:.2f}x "
+        f"| {by['nbits128_acc0'] / by['nf4']:.2f}x | {by['bnb4'] / by['nf4']:.2f}x "
+        f"| {by['nbits128_acc4'] / by['nf4_acc4']:.2f}x | {by['nbits128_acc4'] / by['nf4_b128_acc4']:.2f}x |"
+    )
+
+
 def machine_header() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -193,18 +214,23 @@ def main() -> None:
     shapes, threads = (SHAPES[:1], THREADS[:1]) if args.quick else (SHAPES, THREADS)
     header = machine_header()
     print(header)
-    sections = []
+    sections, summary = [], list(SUMMARY_HEADER)
     for K, N in shapes:
         for M in ROWS:
             for t in threads:
-                text = format_case(K, N, M, t, run_case(K, N, M, t, args.rounds))
+                results = run_case(K, N, M, t, args.rounds)
+                text = format_case(K, N, M, t, results)
                 print(text + "\n", flush=True)
                 sections.append(text)
+                summary.append(summary_row(K, N, M, t, results))
+    print("\n".join(summary))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("# CPU benchmark: MatMulNF4 vs onnxruntime MatMul / MatMulBnb4 / MatMulNBits\n\n")
-            f.write(f"{header}.\n\nCommand: `python tools/bench/bench_cpu.py --rounds {args.rounds}`\n\n")
-            f.write("\n\n".join(sections) + "\n")
+            f.write(f"{header}.\n\nCommand: `python tools/bench/bench_cpu.py --rounds {args.rounds}` ")
+            f.write(f"(median of {args.rounds} interleaved runs per variant; NF4 block size {BLOCK_NF4}).\n\n")
+            f.write("## Summary (speed-up > 1: MatMulNF4 is faster)\n\n" + "\n".join(summary) + "\n\n")
+            f.write("## Every variant\n\n" + "\n\n".join(sections) + "\n")
 
 
 if __name__ == "__main__":
