@@ -66,6 +66,7 @@ void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64
   const int64_t bs = w.block_size, kb = w.k_blocks;
   const uint8_t* codes = w.packed + n * kb * bs / 2;
   const Table table = LoadTable();
+  if (b_begin == 0) PrefetchScales(w, n + kScaleLookahead);
   __m256 tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = _mm256_setzero_ps();
   // One block: its sums, times its scale, into tot (a lambda: the two totals stay in registers).
@@ -300,6 +301,7 @@ void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4I8)));
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float f[MR][kInt8Chunk];
+  PrefetchScales(w, n + kScaleLookahead);
   __m256 tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = _mm256_setzero_ps();
   auto block = [&](int64_t b, int64_t j, __m256 (&tot)[MR]) {

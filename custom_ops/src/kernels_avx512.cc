@@ -49,6 +49,7 @@ void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64
   const int64_t bs = w.block_size, kb = w.k_blocks;
   const uint8_t* codes = w.packed + n * kb * bs / 2;
   const __m512 table = _mm512_loadu_ps(kNF4);
+  if (b_begin == 0) PrefetchScales(w, n + kScaleLookahead);
   __m512 tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = _mm512_setzero_ps();
   // One block: its sums, times its scale, into tot (a lambda: the two totals stay in registers).
@@ -319,6 +320,7 @@ void Int8Tile(const Int8Args& g, int64_t m0, int64_t n) {
       tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), _mm512_set1_ps(f[m][j]), tot[m]);
     }
   };
+  PrefetchScales(w, n + kScaleLookahead);
   for (int64_t b0 = 0; b0 < kb; b0 += kInt8Chunk) {
     const int64_t nb = MinI64(kInt8Chunk, kb - b0);
     if (w.absmax != nullptr) {

@@ -13,6 +13,16 @@ namespace {  // NOLINT(build/namespaces): see above
 
 inline int64_t MinI64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Weight-streaming kernels request the float32 scales of the column this many columns ahead when they start a
+// column: each column's scales are a new short stream, and a demand miss on them stalls the column's start.
+constexpr int64_t kScaleLookahead = 4;
+
+inline void PrefetchScales(const Nf4Weight& w, int64_t n) {
+  if (w.absmax == nullptr || n >= w.N) return;
+  const float* row = w.absmax + n * w.k_blocks;
+  for (int64_t i = 0; i < w.k_blocks; i += 16) __builtin_prefetch(row + i, 0, 3);
+}
+
 // BlockScale inlined for the hot loops (same arithmetic; the target is built with -ffp-contract=off).
 inline float Scale(const Nf4Weight& w, int64_t n, int64_t b) {
   const int64_t f = n * w.k_blocks + b;
