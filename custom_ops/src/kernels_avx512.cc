@@ -17,8 +17,9 @@ namespace {
 
 constexpr int64_t kGroup = 32;    // codes per 16-byte step
 constexpr int64_t kGemvCols = 16;  // columns per GEMV task
-constexpr int64_t kTileN = 12;     // GEMM tile: 12 columns x 32 rows (24 x 16 when M <= 16)
+constexpr int64_t kTileN = 12;     // GEMM tile: 12 columns x 32 rows
 constexpr int64_t kTileM = 32;
+constexpr int64_t kTileNNarrow = 24;  // columns of the 16-row tile (M <= 16)
 constexpr int64_t kGemmKc = 256;   // K per decoded panel (12 x 256 floats: 12 KiB, L1)
 constexpr int64_t kMinGemmRows = 16;    // float32: rows from which the tiles beat weight streaming
 constexpr int64_t kMinInt8GemmRows = 32;  // accuracy_level 4: rows from which the float32 tiles are faster
@@ -246,14 +247,14 @@ void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
     return;
   }
   const bool narrow = p.M <= 16;
-  const int64_t tile_n = narrow ? 2 * kTileN : kTileN, tile_m = narrow ? kTileM / 2 : kTileM;
+  const int64_t tile_n = narrow ? kTileNNarrow : kTileN, tile_m = narrow ? kTileM / 2 : kTileM;
   const int64_t mpad = CeilDiv(p.M, tile_m) * tile_m;
   auto* at = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(kpad * mpad)));
   PackTransposedCodeOrder(p.A, p.M, w.K, mpad, kGroup, at);
   const int64_t tiles = CeilDiv(w.N, tile_n);
   auto* yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(tiles * tile_n * mpad)));
   GemmArgs g{&p, at, yt, kpad, mpad};
-  par.For(static_cast<size_t>(tiles), narrow ? GemmTask<2 * kTileN, 1> : GemmTask<kTileN, 2>, &g);
+  par.For(static_cast<size_t>(tiles), narrow ? GemmTask<kTileNNarrow, 1> : GemmTask<kTileN, 2>, &g);
 }
 
 // ---------------------------------------------------------------- accuracy_level 4 (int8 activations)
