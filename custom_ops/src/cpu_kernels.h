@@ -4,7 +4,7 @@
 // float32 and C-contiguous here; the op converts float16 / bfloat16 at its boundary. Sizes were validated
 // before (matmul_nf4_args.h), so the kernels trust them.
 //
-// Every ISA module (portable C++, AVX2+FMA, AVX-512) implements the same three entry points; Dispatch()
+// Every ISA module (portable C++, AVX2+FMA, AVX-512) implements the same KernelSet; Dispatch()
 // picks one at run time from the CPU's features. docs/cpu_kernel.md describes the algorithms.
 #ifndef ONNX_NF4_CPU_KERNELS_H_
 #define ONNX_NF4_CPU_KERNELS_H_
