@@ -11,8 +11,9 @@ from .codebook import NF4_CODE, NF4_THRESHOLDS
 from .codec import dequantize_blockwise, quantize_blockwise
 from .layout import QuantizedWeight, dequantize_weight, quantize_weight
 from .passes import QuantizeNF4Pass
-from .reference import MatMulNF4
+from .reference import REFERENCE_OPS, MatMulNF4
 from .report import QuantizationReport
+from .runtime import custom_op_library, session_options
 
 schema.register()
 
@@ -21,15 +22,18 @@ __version__ = "0.1.0"
 __all__ = [
     "NF4_CODE",
     "NF4_THRESHOLDS",
+    "REFERENCE_OPS",
     "MatMulNF4",
     "QuantizationReport",
     "QuantizeNF4Pass",
     "QuantizedWeight",
     "__version__",
+    "custom_op_library",
     "dequantize_blockwise",
     "dequantize_model",
     "dequantize_weight",
     "quantize_blockwise",
     "quantize_model",
     "quantize_weight",
+    "session_options",
 ]

@@ -5,8 +5,8 @@
 #      onnxruntime_cxx_api.h, e.g. the include/ of an onnxruntime release archive);
 #   2. a cached copy under ONNX_NF4_CACHE_DIR (default: $XDG_CACHE_HOME/onnx_nf4 or ~/.cache/onnx_nf4);
 #   3. the official headers of onnxruntime 1.29 (ORT_API_VERSION 29, MIT) from the pinned npm package
-#      com.github.asus4.onnxruntime@0.4.9, downloaded from the npm registry (or with `npm pack` when a
-#      direct download fails), checked against a SHA-256, and unpacked into the cache.
+#      com.github.asus4.onnxruntime@0.4.9, fetched once with `npm pack`, checked against a SHA-256, and
+#      unpacked into the cache.
 # Headers of API version V work with any onnxruntime >= the release of V (the library asks the runtime
 # for the API table of version V at load time).
 
@@ -46,23 +46,19 @@ if(NOT EXISTS "${_stamp}")
   set(_tgz "${_work}/${ONNX_NF4_ORT_NPM_PACKAGE}-${ONNX_NF4_ORT_NPM_VERSION}.tgz")
   file(REMOVE_RECURSE "${_work}")
   file(MAKE_DIRECTORY "${_work}")
-  set(_url "https://registry.npmjs.org/${ONNX_NF4_ORT_NPM_PACKAGE}/-/${ONNX_NF4_ORT_NPM_PACKAGE}-${ONNX_NF4_ORT_NPM_VERSION}.tgz")
-  message(STATUS "onnx_nf4: downloading onnxruntime headers (${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION}, 150 MB, once)")
-  file(DOWNLOAD "${_url}" "${_tgz}" STATUS _dl_status TLS_VERIFY ON)
-  list(GET _dl_status 0 _dl_code)
-  if(NOT _dl_code EQUAL 0)
-    find_program(_npm NAMES npm npm.cmd)
-    if(NOT _npm)
-      message(FATAL_ERROR "onnx_nf4: could not download ${_url} (${_dl_status}) and npm is not installed. "
-                          "Set ONNXRUNTIME_INCLUDE_DIR to a directory with the onnxruntime C/C++ headers.")
-    endif()
-    message(STATUS "onnx_nf4: direct download failed (${_dl_status}); trying npm pack")
-    execute_process(COMMAND "${_npm}" pack "${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION}" --silent
-                    WORKING_DIRECTORY "${_work}" RESULT_VARIABLE _npm_rc OUTPUT_QUIET)
-    if(NOT _npm_rc EQUAL 0 OR NOT EXISTS "${_tgz}")
-      message(FATAL_ERROR "onnx_nf4: npm pack ${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION} failed. "
-                          "Set ONNXRUNTIME_INCLUDE_DIR to a directory with the onnxruntime C/C++ headers.")
-    endif()
+  find_program(_npm NAMES npm npm.cmd)
+  if(NOT _npm)
+    message(FATAL_ERROR "onnx_nf4: npm is needed once to fetch the onnxruntime headers "
+                        "(${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION}) and is not installed. Install npm, "
+                        "or set ONNXRUNTIME_INCLUDE_DIR to a directory with the onnxruntime C/C++ headers.")
+  endif()
+  message(STATUS "onnx_nf4: fetching onnxruntime headers with npm pack "
+                 "(${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION}, 150 MB, once)")
+  execute_process(COMMAND "${_npm}" pack "${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION}" --silent
+                  WORKING_DIRECTORY "${_work}" RESULT_VARIABLE _npm_rc OUTPUT_QUIET)
+  if(NOT _npm_rc EQUAL 0 OR NOT EXISTS "${_tgz}")
+    message(FATAL_ERROR "onnx_nf4: npm pack ${ONNX_NF4_ORT_NPM_PACKAGE}@${ONNX_NF4_ORT_NPM_VERSION} failed. "
+                        "Set ONNXRUNTIME_INCLUDE_DIR to a directory with the onnxruntime C/C++ headers.")
   endif()
   file(SHA256 "${_tgz}" _sha)
   if(NOT _sha STREQUAL ONNX_NF4_ORT_NPM_SHA256)
