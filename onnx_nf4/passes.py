@@ -24,12 +24,16 @@ run across the rows of ``W.T``, absmax in the weight's dtype; no bias, no double
 
 Everything else is left alone, with the reason in ``report.skipped``: a non-constant or overridable (graph
 input) ``B``, a ``B`` that is not 2-D, a non-float weight (T must be float32, float16 or bfloat16; MatMul and
-Gemm force A, B and Y to share it), a scalar ``A``, a weight holding NaN/Inf, an excluded node or weight, or
-one with fewer than ``min_elements`` elements.
+Gemm force A, B and Y to share it), a scalar ``A``, an empty weight, a weight holding NaN/Inf, an excluded node or
+weight, or one with fewer than ``min_elements`` elements.
+
+Memory: weights are read one at a time. An external (memory-mapped) weight is unmapped once it has been checked
+and once it has been quantized, so at most one float weight is resident, besides the NF4 tensors being built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -194,6 +198,49 @@ def _rel_rms_error(w: np.ndarray, wq: np.ndarray) -> float:
     return math.sqrt(num / den) if den else 0.0
 
 
+def _nf4_rel_rms_error(w: np.ndarray, q: QuantizedWeight) -> float:
+    """:func:`_rel_rms_error` of ``w[K, N]`` and the weight ``q`` stands for, decoding ``q`` a few columns at a time.
+
+    Never holds a decoded copy of the whole weight: the extra memory stays a few MB whatever its size.
+    """
+    absmax = q.float_absmax()
+    cols = max(1, _ERROR_CHUNK_ELEMENTS // max(1, q.K))
+    num = den = 0.0
+    for n0 in range(0, q.N, cols):
+        n1 = min(n0 + cols, q.N)
+        part = QuantizedWeight(q.K, n1 - n0, q.block_size, q.packed[n0:n1], absmax[n0:n1])
+        ref = w[:, n0:n1].astype(np.float32).ravel()
+        diff = ref - dequantize_weight(part).ravel()
+        num += float(np.dot(diff, diff))
+        den += float(np.dot(ref, ref))
+    return math.sqrt(num / den) if den else 0.0
+
+
+def _release(tensor: ir.TensorProtocol) -> None:
+    """Unmap an external tensor's file: its pages would otherwise count as resident memory until the pass ends.
+
+    The tensor stays usable (it is mapped again when read). A tensor still viewed by a live array stays mapped.
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
+
+
+def _nonfinite_reason(tensor: ir.TensorProtocol, name: str) -> str | None:
+    """Why ``tensor`` cannot be quantized (it holds NaN or Inf), or ``None``; unmaps an external tensor after.
+
+    An error reading the tensor is raised, not returned: it is no reason to skip a layer.
+    """
+    tensor.numpy()  # reads or maps it
+    try:
+        check_finite(tensor.numpy(), name)
+    except ValueError as err:
+        return str(err)
+    finally:
+        _release(tensor)
+    return None
+
+
 class UniqueNames:
     """Fresh value names, unique in the whole model (``fresh(base)`` returns ``base`` or ``base_<i>``)."""
 
@@ -297,6 +344,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             raise _Skip(f"dtype {tensor.dtype.name} of the weight and A is not supported by this format ({names})")
         rows, cols = (int(d) for d in tensor.shape)
         K, N = (cols, rows) if transpose else (rows, cols)
+        if K == 0 or N == 0:
+            raise _Skip(f"weight has no elements (shape {[rows, cols]})")
         assert value is not None and value.name is not None
         reason = self._excluded(node, value.name)
         if reason:
@@ -384,6 +433,13 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         return self._code_tables[key]
 
     def _quantize(self, plan: _Plan) -> _Quantized:
+        """Quantize the plan's weight, then unmap it if it is external (one float weight resident at a time)."""
+        try:
+            return self._quantize_weight(plan)
+        finally:
+            _release(plan.tensor)
+
+    def _quantize_weight(self, plan: _Plan) -> _Quantized:
         w = _as_numpy_float(plan.tensor)
         if plan.transpose:
             w = w.T
@@ -415,7 +471,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 self._nested_code(graph, q.nested.code),
                 self._initializer(graph, f"{name}_absmax_offset", np.array(q.nested.offset, dtype=np.float32)),
             ]
-        return _Quantized(q, q.block_size, inputs, q.nbytes, _rel_rms_error(w, dequantize_weight(q)))
+        return _Quantized(q, q.block_size, inputs, q.nbytes, _nf4_rel_rms_error(w, q))
 
     # ------------------------------------------------------------------------------------------------ rewrite
 
@@ -549,10 +605,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             if plan.key not in verdict:
                 verdict[plan.key] = None
                 if plan.weight.name not in self.prequantized:
-                    try:
-                        check_finite(plan.tensor.numpy(), plan.weight.name or "weight")
-                    except ValueError as err:
-                        verdict[plan.key] = str(err)
+                    verdict[plan.key] = _nonfinite_reason(plan.tensor, plan.weight.name or "weight")
             if verdict[plan.key] is None:
                 kept.append(plan)
             else:
