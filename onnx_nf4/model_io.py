@@ -3,7 +3,9 @@
 * :func:`load_model` accepts a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` and returns an
   ``onnx_ir.Model``. Files are read with ``onnx_ir``: external tensors stay on disk (memory-mapped when read).
   Every failure is a :class:`ModelLoadError` naming the file: missing or unreadable file, a directory, not an
-  ONNX model, truncated file or protobuf garbage, missing or too short external data file.
+  ONNX model, truncated file or protobuf garbage, a name that is not valid UTF-8, missing or too short external
+  data file, external data outside the model's directory (``../``, a symbolic link out of it) or with several
+  hard links (``onnx_ir`` refuses both), an external ``length`` that disagrees with the tensor's shape and type.
 * :func:`save_model` writes to a temporary directory inside the target directory, fsyncs, then moves the
   external data file (if any) and the model into place with ``os.replace``. Saving over the model's own source
   path is therefore safe: the input stays intact until the new files are complete, and tensors still mapped from
@@ -20,7 +22,7 @@ from typing import Union
 
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 __all__ = [
     "PROTOBUF_LIMIT_BYTES",
@@ -51,12 +53,28 @@ def _external_tensors(model: ir.Model):
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
+    directory = path.absolute().parent.resolve()
     for tensor in _external_tensors(model):
         data_path = Path(tensor.path)
+        if not data_path.resolve().is_relative_to(directory):
+            raise ModelLoadError(
+                f"{path}: external data file {tensor.location!r} of tensor {tensor.name!r} is outside the model's "
+                f"directory (it resolves to {data_path.resolve()})"
+            )
         if not data_path.is_file():
             raise ModelLoadError(
                 f"{path}: external data file {tensor.location!r} of tensor {tensor.name!r} not found "
                 f"(looked for {data_path})"
+            )
+        if data_path.resolve().stat().st_nlink > 1:
+            raise ModelLoadError(
+                f"{path}: external data file {tensor.location!r} has several hard links, which onnx_ir refuses to "
+                "read (copy the file instead of linking it)"
+            )
+        if tensor.length is not None and tensor.length != tensor.nbytes:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} declares external data length {tensor.length}, but its shape "
+                f"{list(tensor.shape)} and type {tensor.dtype.name} need {tensor.nbytes} bytes"
             )
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         size = data_path.stat().st_size
@@ -65,6 +83,24 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 f"{path}: external data file {tensor.location!r} is truncated: tensor {tensor.name!r} "
                 f"needs bytes up to {end}, the file has {size}"
             )
+
+
+def _undecodable_string(message: Message) -> str | None:
+    """The path of the first string field of ``message`` (recursively) that is not valid UTF-8, or ``None``.
+
+    Protobuf keeps such a proto2 string as ``bytes``; ``onnx_ir`` would fail on it only when writing the model.
+    """
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_STRING:
+            if any(isinstance(item, bytes) for item in values):
+                return field.name
+        elif field.type == field.TYPE_MESSAGE:
+            for item in values:
+                found = _undecodable_string(item)
+                if found is not None:
+                    return f"{field.name}.{found}"
+    return None
 
 
 def load_model(model: ModelLike) -> ir.Model:
@@ -98,6 +134,9 @@ def load_model(model: ModelLike) -> ir.Model:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or no IR version)")
     if not proto.opset_import:
         raise ModelLoadError(f"{path}: the model declares no opset (is the file truncated?)")
+    bad_string = _undecodable_string(proto)
+    if bad_string is not None:
+        raise ModelLoadError(f"{path}: field {bad_string} is not valid UTF-8 (the file is corrupt)")
     try:
         loaded = ir.serde.deserialize_model(proto)
     except Exception as err:  # any inconsistency the deserializer finds in a file that parsed
