@@ -3,8 +3,9 @@
 Return convention of both: ``(model, report)`` / ``model`` where ``model`` is an ``onnx.ModelProto`` when no
 ``output_path`` is given, and ``None`` when it is (the model is then written there, atomically, with external
 data when it exceeds 2 GB; a model that large could not be returned as one protobuf anyway, and not building the
-protobuf saves a copy of every weight). The input is never modified: a path is read lazily, a ``ModelProto``
-is left as it was, and ``output_path`` may be the input path.
+protobuf saves a copy of every weight). A returned protobuf holds every
+tensor itself, also those of an input with external data. The input is never modified: a path is read lazily, a
+``ModelProto`` is left as it was, and ``output_path`` may be the input path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from .codec import dequantize_blockwise
+from .codec import check_block_size, dequantize_blockwise
 from .double_quant import NestedAbsmax
 from .layout import QuantizedWeight, dequantize_weight
 from .model_io import ModelLike, load_model, save_model
@@ -37,6 +38,7 @@ def _finish(
     model: ir.Model, output_path: str | os.PathLike[str] | None, external_data: bool | None
 ) -> onnx.ModelProto | None:
     if output_path is None:
+        ir.external_data.load_to_model(model)  # self-contained: no reference to the input's data files
         return ir.serde.serialize_model(model)
     save_model(model, output_path, external_data=external_data)
     return None
@@ -114,24 +116,61 @@ def _attr(node: ir.Node, name: str, default: int | None = None) -> int:
     return int(attr.as_int())
 
 
+def _check_input(node: ir.Node, name: str, array: np.ndarray, dtypes: tuple[type, ...], shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` naming ``node`` unless ``array`` has one of ``dtypes`` and exactly ``shape``."""
+    if array.dtype not in [np.dtype(d) for d in dtypes]:
+        expected = " or ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{node.op_type} node {node.name!r}: input {name!r} is {array.dtype}, expected {expected}")
+    if array.shape != shape:
+        raise ValueError(
+            f"{node.op_type} node {node.name!r}: input {name!r} has shape {list(array.shape)}, expected {list(shape)}"
+        )
+
+
+def _nested(node: ir.Node, N: int, k_blocks: int, absmax: np.ndarray) -> NestedAbsmax | None:
+    """The double-quantization statistics of a ``MatMulNF4`` node, checked against ``absmax``'s dtype and size."""
+    label = f"{OP_TYPE} node {node.name!r}"
+    nested_absmax, code, offset = (_const(node, i) for i in (3, 4, 5))
+    if absmax.dtype != np.uint8:
+        if nested_absmax is not None or code is not None or offset is not None:
+            raise ValueError(
+                f"{label}: absmax is float32, so nested_absmax, nested_code and absmax_offset must be omitted"
+            )
+        return None
+    if nested_absmax is None or code is None or offset is None:
+        raise ValueError(f"{label}: uint8 absmax without the nested statistics")
+    nbs = _attr(node, "nested_block_size", 256)
+    if nbs < 16 or nbs & (nbs - 1):
+        raise ValueError(f"{label}: nested_block_size must be a power of two >= 16, got {nbs}")
+    _check_input(node, "nested_absmax", nested_absmax, (np.float32,), (-(-N * k_blocks // nbs),))
+    _check_input(node, "nested_code", code, (np.float32,), (256,))
+    _check_input(node, "absmax_offset", offset.reshape(()) if offset.shape == (1,) else offset, (np.float32,), ())
+    return NestedAbsmax(nested_absmax, code, np.float32(offset.reshape(())), nbs)
+
+
 def _decoded_weight(node: ir.Node) -> np.ndarray:
-    """The float32 ``W[K, N]`` of a ``MatMulNF4`` or ``MatMulBnb4`` node."""
+    """The float32 ``W[K, N]`` of a ``MatMulNF4`` or ``MatMulBnb4`` node.
+
+    Every attribute and tensor is checked against the op's spec first: an inconsistent (crafted or corrupt) node
+    raises ``ValueError`` naming it.
+    """
     K, N, bs = _attr(node, "K"), _attr(node, "N"), _attr(node, "block_size")
+    if K < 1 or N < 1:
+        raise ValueError(f"{node.op_type} node {node.name!r}: K and N must be >= 1, got K={K}, N={N}")
+    try:
+        check_block_size(bs)
+    except ValueError as err:
+        raise ValueError(f"{node.op_type} node {node.name!r}: {err}") from None
     packed, absmax = _const(node, 1), _const(node, 2)
     assert packed is not None and absmax is not None
     if node.domain == MS_DOMAIN:
+        _check_input(node, "B", packed, (np.uint8,), (-(-N * K // 2),))
+        _check_input(node, "absmax", absmax, (np.float32, np.float16), (-(-N * K // bs),))
         return dequantize_blockwise(packed, absmax.astype(np.float32), (N, K), bs).T
-    nested = None
-    if absmax.dtype == np.uint8:
-        nested_absmax, code, offset = (_const(node, i) for i in (3, 4, 5))
-        if nested_absmax is None or code is None or offset is None:
-            raise ValueError(f"{OP_TYPE} node {node.name!r}: uint8 absmax without the nested statistics")
-        nested = NestedAbsmax(
-            nested_absmax, code, np.float32(offset.reshape(())), _attr(node, "nested_block_size", 256)
-        )
     k_blocks = -(-K // bs)
-    q = QuantizedWeight(K, N, bs, packed.reshape(N, k_blocks, bs // 2), absmax.reshape(N, k_blocks), nested)
-    return dequantize_weight(q)
+    _check_input(node, "B", packed, (np.uint8,), (N, k_blocks, bs // 2))
+    _check_input(node, "absmax", absmax, (np.float32, np.uint8), (N, k_blocks))
+    return dequantize_weight(QuantizedWeight(K, N, bs, packed, absmax, _nested(node, N, k_blocks, absmax)))
 
 
 def _activation_dtype(node: ir.Node) -> ir.DataType | None:
