@@ -4,11 +4,14 @@ Steps:
 
 1. Generate the synthetic LLM-like model of ``tools/make_large_model.py`` (default 2.59 GB of float32 weights in
    external data; ``--per-tensor-files`` for one data file per weight), unless ``--model`` names an existing one.
-2. Run ``python -m onnx_nf4 quantize IN OUT -q`` in a subprocess. Its peak resident set size is the kernel's
-   high-water mark of that process (``ru_maxrss`` from ``os.wait4``: anonymous memory *and* resident pages of
-   memory-mapped files, so mapped weights count); the RSS of the process tree is also sampled every 20 ms with
-   ``psutil`` as a cross-check. Wall time and the input and output sizes on disk are recorded.
-3. Check a few layers of the output (the first ``q_proj``, a middle ``down_proj`` and the 262 MB ``lm_head``):
+2. Run ``python -m onnx_nf4 quantize IN OUT -q --external-data`` in a subprocess, then the same without
+   ``--external-data`` (the default, which writes a model under 2 GB as one protobuf). The peak resident set
+   size is the kernel's high-water mark of that process, ``VmHWM``, written by the process itself when the
+   command ends (anonymous memory *and* resident pages of memory-mapped files, so mapped weights count;
+   ``ru_maxrss`` of a child would also count the benchmark process it was forked from). The RSS of the process
+   tree is also sampled every 20 ms with ``psutil`` as a cross-check. Wall time and the input and output sizes
+   on disk are recorded.
+3. Check a few layers of the first output (the first ``q_proj``, a middle ``down_proj`` and the 262 MB ``lm_head``):
    their NF4 bytes equal :func:`onnx_nf4.quantize_weight` of the input weight, and the ``MatMulNF4`` node run
    alone in onnxruntime with this package's custom-op library equals the numpy reference
    :func:`onnx_nf4.reference.matmul_nf4` within float32 rounding of a length-K dot product.
@@ -16,9 +19,9 @@ Steps:
    error of the logits (the 4-bit error of every weight, compounded over the layers).
 
 The verdict is PASS when the CLI succeeds, the checked layers equal the reference, the logits are finite and the
-peak RSS is below ``--max-rss-mb`` (default 1500). ``--markdown FILE`` writes the result with the machine and
-package versions. Needs psutil, the built custom-op library (``tools/build_dev.sh``) and about 3.5 GB of free disk
-in ``--workdir`` (default: a temporary directory, deleted afterwards unless ``--keep``).
+peak RSS with ``--external-data`` is below ``--max-rss-mb`` (default 1500). ``--markdown FILE`` writes the result
+with the machine and package versions. Needs psutil, the built custom-op library (``tools/build_dev.sh``) and about
+4 GB of free disk in ``--workdir`` (default: a temporary directory, deleted afterwards unless ``--keep``).
 
 Usage: ``python tools/bench/bench_large_model.py [--markdown tools/bench/RESULTS_large_model.md]
 [--per-tensor-files] [--block-size 64] [--double-quant] [--max-rss-mb 1500] [--workdir DIR] [--keep]
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import platform
 import shutil
 import subprocess
@@ -67,12 +69,25 @@ class Measured:
     stdout: str
     stderr: str
     wall_s: float
-    peak_rss_bytes: int  # the process's own high-water mark (ru_maxrss)
+    peak_rss_bytes: int  # the process's own high-water mark (VmHWM)
     sampled_tree_peak_bytes: int  # the largest sampled RSS sum over the process and its children
 
 
-def run_measured(cmd: list[str], sample_s: float = 0.02) -> Measured:
-    """Run ``cmd``; return its output, wall time and peak memory (see the module docstring)."""
+#: ``python -c PEAK_WRAPPER ARGS`` runs ``python -m onnx_nf4 ARGS``, then writes its ``VmHWM`` to stderr.
+PEAK_WRAPPER = """
+import runpy, sys
+sys.argv[0] = "onnx-nf4"
+try:
+    runpy.run_module("onnx_nf4", run_name="__main__")
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write("\\nVmHWM_kB " + hwm.split()[1] + "\\n")
+"""
+
+
+def run_cli_measured(args: list[str], sample_s: float = 0.02) -> Measured:
+    """Run ``onnx-nf4 ARGS``; return its output, wall time and peak memory (see the module docstring)."""
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, *args]
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -95,21 +110,15 @@ def run_measured(cmd: list[str], sample_s: float = 0.02) -> Measured:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         done.set()
         sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        return Measured(
-            proc.returncode,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-            wall,
-            usage.ru_maxrss * 1024,  # KiB on Linux
-            sampled,
-        )
+        stderr = err.read().decode(errors="replace").rstrip()
+        stderr, _, hwm = stderr.rpartition("\nVmHWM_kB ")
+        return Measured(proc.returncode, out.read().decode(errors="replace"), stderr, wall, int(hwm) * 1024, sampled)
 
 
 def files_of(model_path: Path) -> list[Path]:
@@ -203,15 +212,23 @@ def end_to_end(model_in: Path, model_out: Path, vocab: int) -> tuple[float, floa
 
 
 @dataclass
-class Result:
+class Variant:
+    """One CLI run."""
+
+    label: str
     command: str
+    run: Measured
+    output_bytes: int = 0
+    output_files: int = 0
+
+
+@dataclass
+class Result:
     weights: int
     data_files_in: int
     input_bytes: int
     largest_weight_bytes: int
-    run: Measured
-    output_bytes: int
-    data_files_out: int
+    variants: list[Variant] = field(default_factory=list)
     layers: list[LayerCheck] = field(default_factory=list)
     e2e_rel_error: float = float("nan")
     e2e_seconds: float = float("nan")
@@ -236,9 +253,10 @@ def _versions() -> str:
 
 
 def render(result: Result, max_rss_bytes: float) -> str:
-    run = result.run
+    main_run = result.variants[0].run
     layers_ok = bool(result.layers) and all(c.bytes_identical and c.max_err_over_bound <= 1 for c in result.layers)
-    passed = run.returncode == 0 and layers_ok and result.e2e_finite and run.peak_rss_bytes < max_rss_bytes
+    ok_runs = all(v.run.returncode == 0 for v in result.variants)
+    passed = ok_runs and layers_ok and result.e2e_finite and main_run.peak_rss_bytes < max_rss_bytes
     lines = [
         "# Large-model quantization: peak memory of the `onnx-nf4` CLI",
         "",
@@ -250,19 +268,18 @@ def render(result: Result, max_rss_bytes: float) -> str:
         f"{result.input_bytes / MB:.0f} MB on disk in {result.data_files_in} external data file(s), largest "
         f"weight {result.largest_weight_bytes / MB:.0f} MB.",
         "",
-        f"Command: `{result.command}`",
+        "| output | command | exit | peak RSS (VmHWM) | sampled peak (psutil) | peak / input | wall time | output |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {v.label} | `{v.command}` | {v.run.returncode} | {v.run.peak_rss_bytes / MB:.0f} MB | "
+            f"{v.run.sampled_tree_peak_bytes / MB:.0f} MB | {v.run.peak_rss_bytes / result.input_bytes:.3f} | "
+            f"{v.run.wall_s:.1f} s | {v.output_bytes / MB:.0f} MB in {v.output_files} file(s) |"
+            for v in result.variants
+        ),
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| exit status | {run.returncode} |",
-        f"| peak RSS of the CLI process (ru_maxrss) | {run.peak_rss_bytes / MB:.0f} MB |",
-        f"| peak sampled RSS of the process tree (psutil, 20 ms) | {run.sampled_tree_peak_bytes / MB:.0f} MB |",
-        f"| peak RSS / input size | {run.peak_rss_bytes / result.input_bytes:.3f} |",
-        f"| wall time | {run.wall_s:.1f} s |",
-        f"| output on disk | {result.output_bytes / MB:.0f} MB in {1 + result.data_files_out} file(s) |",
-        "",
-        "Layers checked (NF4 bytes vs `quantize_weight` of the input; `MatMulNF4` in onnxruntime vs the reference, "
-        "error as a fraction of the float32 dot-product bound `2 K eps |A| @ |W|`, A of 8 rows):",
+        f"Layers checked in the {result.variants[0].label} output (NF4 bytes vs `quantize_weight` of the input; "
+        "`MatMulNF4` in onnxruntime vs the reference, error as a fraction of the float32 dot-product bound "
+        "`2 K eps |A| @ |W|`, A of 8 rows):",
         "",
         "| weight | K x N | bytes identical | max error / bound | max abs error |",
         "|---|---|---|---|---|",
@@ -276,9 +293,10 @@ def render(result: Result, max_rss_bytes: float) -> str:
         f"{result.e2e_seconds:.1f} s, logits finite: {'yes' if result.e2e_finite else 'NO'}, relative L2 error "
         f"against the float32 model {result.e2e_rel_error:.4f} (the NF4 error of every weight, compounded).",
         "",
-        f"Verdict: {'PASS' if passed else 'FAIL'} (exit status 0, checked layers equal the reference: "
-        f"{'yes' if layers_ok else 'NO'}; peak RSS {run.peak_rss_bytes / MB:.0f} MB for "
-        f"{result.input_bytes / MB:.0f} MB of input, limit {max_rss_bytes / MB:.0f} MB).",
+        f"Verdict: {'PASS' if passed else 'FAIL'} (every run exit status 0: {'yes' if ok_runs else 'NO'}; checked "
+        f"layers equal the reference: {'yes' if layers_ok else 'NO'}; peak RSS with external data "
+        f"{main_run.peak_rss_bytes / MB:.0f} MB for {result.input_bytes / MB:.0f} MB of input, limit "
+        f"{max_rss_bytes / MB:.0f} MB).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -318,24 +336,26 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {name: shape for name, shape in shapes.items() if len(shape) == 2}
         layers = max(int(name.split(".")[1]) for name in shapes if name.startswith("layers.")) + 1
         vocab = shapes["lm_head"][1]
-        model_out = workdir / "model_nf4.onnx"
-        cli = [sys.executable, "-m", "onnx_nf4", "quantize", str(model_in), str(model_out), "-q"]
-        cli += ["--block-size", str(args.block_size)] + (["--double-quant"] if args.double_quant else [])
-        print("running:", " ".join(cli[1:]))
-        run = run_measured(cli)
-        print(run.stdout[-600:], run.stderr[-2000:], sep="\n")
-        in_files = files_of(model_in)
         result = Result(
-            command=" ".join(["python", *cli[1:]]).replace(str(workdir) + "/", ""),
             weights=len(shapes),
-            data_files_in=len(in_files) - 1,
+            data_files_in=len(files_of(model_in)) - 1,
             input_bytes=disk_bytes(model_in),
             largest_weight_bytes=max(4 * r * c for r, c in shapes.values()),
-            run=run,
-            output_bytes=disk_bytes(model_out) if run.returncode == 0 else 0,
-            data_files_out=len(files_of(model_out)) - 1 if run.returncode == 0 else 0,
         )
-        if run.returncode == 0:
+        options = ["-q", "--block-size", str(args.block_size)] + (["--double-quant"] if args.double_quant else [])
+        for label, extra in (("external data", ["--external-data"]), ("default (one file)", [])):
+            model_out = workdir / f"model_nf4_{len(result.variants)}.onnx"
+            cli = ["quantize", str(model_in), str(model_out), *options, *extra]
+            print("running: onnx-nf4", " ".join(cli))
+            run = run_cli_measured(cli)
+            print(run.stdout[-300:], run.stderr[-2000:], f"peak RSS {run.peak_rss_bytes / MB:.0f} MB", sep="\n")
+            command = " ".join(["onnx-nf4", *cli]).replace(str(workdir) + "/", "")
+            variant = Variant(label, command, run)
+            if run.returncode == 0:
+                variant.output_bytes, variant.output_files = disk_bytes(model_out), len(files_of(model_out))
+            result.variants.append(variant)
+        model_out = workdir / "model_nf4_0.onnx"
+        if result.variants[0].run.returncode == 0:
             src, out = ir.load(model_in), ir.load(model_out)
             mid = layers // 2
             for node_name, weight in [
