@@ -30,6 +30,26 @@ def block(seed: int = 0) -> torch.nn.Module:
     return Block().eval()
 
 
+def without_exporter_metadata(path) -> bytes:
+    """The model at ``path`` with every ``metadata_props`` removed, serialized.
+
+    The dynamo exporter records process-global symbol counters there (``range_constraints`` such as
+    ``{s52: VR[0, int_oo]}``), so two exports of one module in one process differ in those strings only.
+    """
+    model = onnx.load(str(path))
+
+    def strip(message) -> None:
+        for field, value in message.ListFields():
+            if field.name == "metadata_props":
+                message.ClearField("metadata_props")
+            elif field.type == field.TYPE_MESSAGE:
+                for item in value if field.is_repeated else [value]:
+                    strip(item)
+
+    strip(model)
+    return model.SerializeToString()
+
+
 def test_minilm_matches_the_cli_path(minilm, minilm_fp32_path, minilm_inputs, tmp_path):
     """Same export settings as ``tools/minilm.py``; ``export`` == ``torch.onnx.export`` + ``onnx-nf4 quantize``."""
     enc = minilm.encode(minilm.SENTENCES[:2])
@@ -62,7 +82,10 @@ def test_small_model_matches_quantize_model(tmp_path, dynamo, double_quant):
         torch.onnx.export(model, args, str(float_path), **options)
     quantize_model(float_path, expected, block_size=32, double_quant=double_quant)
     report = export(model, args, actual, block_size=32, double_quant=double_quant, **options)
-    assert actual.read_bytes() == expected.read_bytes()
+    if dynamo:  # everything but the exporter's symbol counters is identical
+        assert without_exporter_metadata(actual) == without_exporter_metadata(expected)
+    else:
+        assert actual.read_bytes() == expected.read_bytes()
     assert len(report.layers) == 2 and report.block_size == 32 and report.double_quant == double_quant
 
 
