@@ -21,7 +21,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from .codec import check_block_size, dequantize_blockwise
 from .double_quant import NestedAbsmax
 from .layout import QuantizedWeight, dequantize_weight
-from .model_io import ModelLike, load_model, save_model
+from .model_io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
 from .passes import DEFAULT_MIN_ELEMENTS, ProgressCallback, QuantizeNF4Pass, UniqueNames, remove_unused_initializers
 from .report import QuantizationReport
 from .schema import DOMAIN, MS_DOMAIN, OP_TYPE
@@ -72,7 +72,9 @@ def quantize_model(
         on_progress: ``on_progress(done, total, weight_name)``, called after each distinct weight.
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
         external_data: with ``output_path``: ``True`` writes the tensors to ``<output file name>.data``,
-            ``False`` keeps them in the protobuf, ``None`` (default) chooses external data above 2 GB.
+            ``False`` keeps them in the protobuf, ``None`` (default) chooses external data when the input's or the
+            output's tensors exceed 2 GB (writing a large input's NF4 output as one protobuf would need several
+            copies of it in memory).
 
     Returns:
         ``(model, report)``: the rewritten ``ModelProto`` (``None`` when ``output_path`` is given) and the
@@ -93,6 +95,8 @@ def quantize_model(
         prequantized=prequantized,
     )
     model = load_model(model_or_path)
+    if external_data is None and output_path is not None and tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
+        external_data = True
     quantize(model)
     assert quantize.report is not None
     return _finish(model, output_path, external_data), quantize.report

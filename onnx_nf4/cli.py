@@ -178,7 +178,8 @@ def _add_external_data_option(parser: argparse.ArgumentParser) -> None:
         "--external-data",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; default: only above 2 GB)",
+        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; "
+        "default: when the input or the output exceeds 2 GB)",
     )
 
 

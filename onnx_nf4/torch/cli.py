@@ -90,7 +90,8 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
         "--external-data",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; default: only above 2 GB)",
+        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; "
+        "default: when the input or the output exceeds 2 GB)",
     )
     parser.set_defaults(handler=_cmd_export_bnb)
 
