@@ -471,7 +471,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 self._nested_code(graph, q.nested.code),
                 self._initializer(graph, f"{name}_absmax_offset", np.array(q.nested.offset, dtype=np.float32)),
             ]
-        return _Quantized(q, q.block_size, inputs, q.nbytes, _nf4_rel_rms_error(w, q))
+        own_bytes = q.nbytes - (q.nested.code.nbytes if q.nested is not None else 0)  # the code table is shared
+        return _Quantized(q, q.block_size, inputs, own_bytes, _nf4_rel_rms_error(w, q))
 
     # ------------------------------------------------------------------------------------------------ rewrite
 
@@ -592,6 +593,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 )
             )
             seen.add(plan.key)
+        report.shared_bytes = sum(table.const_value.nbytes for table in self._code_tables.values())
         if plans:
             self._remove_unused(model, [plan.weight for plan in plans])
             model.opset_imports[DOMAIN if self.format == "onnx_nf4" else MS_DOMAIN] = OPSET_VERSION

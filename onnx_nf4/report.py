@@ -17,7 +17,9 @@ class LayerReport:
             with ``shared=True`` after the first).
         shape: ``(K, N)`` of the weight as used by the node.
         bytes_before: bytes of the float weight.
-        bytes_after: bytes of the NF4 tensors (codes + absmax + nested statistics).
+        bytes_after: bytes of this weight's NF4 tensors (codes, absmax, and with double quantization the nested
+            absmax and offset; the 256-entry nested code table, one per graph, is in
+            :attr:`QuantizationReport.shared_bytes`).
         rel_rms_error: ``rms(W - dequant(W)) / rms(W)`` (0 for an all-zero weight).
         op_type: the original op type (``MatMul`` or ``Gemm``).
         fused_bias: whether a following ``Add`` (or Gemm's C) was fused into the node.
@@ -53,6 +55,8 @@ class QuantizationReport:
     format: str
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
+    #: Bytes of tensors shared by every double-quantized layer of a graph (the nested code tables).
+    shared_bytes: int = 0
 
     @property
     def bytes_before(self) -> int:
@@ -61,8 +65,8 @@ class QuantizationReport:
 
     @property
     def bytes_after(self) -> int:
-        """NF4 bytes of the distinct quantized weights."""
-        return sum(layer.bytes_after for layer in self.layers if not layer.shared)
+        """NF4 bytes of the distinct quantized weights, shared tensors included once."""
+        return sum(layer.bytes_after for layer in self.layers if not layer.shared) + self.shared_bytes
 
     @property
     def size_ratio(self) -> float:
