@@ -100,22 +100,10 @@ __device__ __forceinline__ bf16 from_float<bf16>(float v) {
 // The two-term split of a float32 v into T (f16 or bf16): v ~= hi + lo with hi = rn(v), lo = rn(v - hi),
 // packed as hi | lo << 16.
 template <typename T>
-__device__ __forceinline__ u32 split_pair(float v);
-template <>
-__device__ __forceinline__ u32 split_pair<f16>(float v) {
-  const u16 hi = f32_to_f16_bits(v);
-  f16 h;
-  h.bits = hi;
-  const u16 lo = f32_to_f16_bits(__fsub_rn(v, to_float(h)));
-  return static_cast<u32>(hi) | (static_cast<u32>(lo) << 16);
-}
-template <>
-__device__ __forceinline__ u32 split_pair<bf16>(float v) {
-  const u16 hi = f32_to_bf16_bits(v);
-  bf16 h;
-  h.bits = hi;
-  const u16 lo = f32_to_bf16_bits(__fsub_rn(v, to_float(h)));
-  return static_cast<u32>(hi) | (static_cast<u32>(lo) << 16);
+__device__ __forceinline__ u32 split_pair(float v) {
+  const T hi = from_float<T>(v);
+  const T lo = from_float<T>(__fsub_rn(v, to_float(hi)));
+  return static_cast<u32>(hi.bits) | (static_cast<u32>(lo.bits) << 16);
 }
 
 // ---------------------------------------------------------------------------------------------------------
