@@ -31,12 +31,23 @@ from google.protobuf.message import DecodeError
 
 from . import __version__
 from .codec import check_block_size
+from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
 from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
 from .report import QuantizationReport
 from .table import format_bytes, render_table
 
-__all__ = ["SUBCOMMAND_PROVIDERS", "CLIError", "build_parser", "main"]
+__all__ = [
+    "SUBCOMMAND_PROVIDERS",
+    "CLIError",
+    "add_external_data_option",
+    "add_quantize_options",
+    "build_parser",
+    "check_output_path",
+    "main",
+    "print_written",
+    "quantize_kwargs",
+]
 
 PROG = "onnx-nf4"
 
@@ -113,16 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("input", metavar="IN", type=Path, help="float ONNX model")
     quantize.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
-    quantize.add_argument(
-        "--block-size",
-        metavar="N",
-        type=_block_size,
-        default=64,
-        help="weights per absmax block: a power of two in [16, 4096] (default 64)",
-    )
-    quantize.add_argument(
-        "--double-quant", action="store_true", help="quantize the absmax to 8 bits as well (onnx_nf4 format only)"
-    )
+    add_quantize_options(quantize)
     quantize.add_argument(
         "--format",
         choices=FORMATS,
@@ -131,20 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
     )
     quantize.add_argument(
-        "--exclude",
-        metavar="REGEX",
-        type=_regex,
-        action="append",
-        help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
-    )
-    quantize.add_argument(
         "--min-elements",
         metavar="N",
         type=_non_negative_int,
         default=DEFAULT_MIN_ELEMENTS,
         help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
     )
-    _add_external_data_option(quantize)
+    add_external_data_option(quantize)
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(handler=_cmd_quantize)
 
@@ -165,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dequantize.add_argument("input", metavar="IN", type=Path, help="NF4 ONNX model")
     dequantize.add_argument("output", metavar="OUT", type=Path, help="where to write the float model")
-    _add_external_data_option(dequantize)
+    add_external_data_option(dequantize)
     dequantize.set_defaults(handler=_cmd_dequantize)
 
     for provider in SUBCOMMAND_PROVIDERS:
@@ -173,7 +168,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_external_data_option(parser: argparse.ArgumentParser) -> None:
+# Options and steps shared with the subcommands of SUBCOMMAND_PROVIDERS.
+
+
+def add_quantize_options(parser: argparse.ArgumentParser, *, applies_to: str = "") -> None:
+    """Add ``--block-size N``, ``--double-quant`` and ``--exclude REGEX`` (read back by :func:`quantize_kwargs`).
+
+    ``applies_to`` names the option that the block size and double quantization qualify (``"--quantize-float"``),
+    or is empty when they apply to every quantized layer.
+    """
+    scope = f" for {applies_to}" if applies_to else ""
+    parser.add_argument(
+        "--block-size",
+        metavar="N",
+        type=_block_size,
+        default=64,
+        help=f"weights per absmax block{scope}: a power of two in [16, 4096] (default 64)",
+    )
+    parser.add_argument(
+        "--double-quant",
+        action="store_true",
+        help=f"quantize the absmax to 8 bits as well{scope} (onnx_nf4 format only)",
+    )
+    parser.add_argument(
+        "--exclude",
+        metavar="REGEX",
+        type=_regex,
+        action="append",
+        help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
+    )
+
+
+def quantize_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The keyword arguments ``block_size``, ``double_quant`` and ``exclude`` of :func:`add_quantize_options`."""
+    return {"block_size": args.block_size, "double_quant": args.double_quant, "exclude": tuple(args.exclude or ())}
+
+
+def add_external_data_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--external-data`` / ``--no-external-data`` (``args.external_data``: ``True``, ``False`` or ``None``)."""
     parser.add_argument(
         "--external-data",
         action=argparse.BooleanOptionalAction,
@@ -181,6 +213,20 @@ def _add_external_data_option(parser: argparse.ArgumentParser) -> None:
         help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; "
         "default: when the input or the output exceeds 2 GB)",
     )
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path.is_dir():
+        raise CLIError(f"{path}: is a directory (OUT must be a file path)")
+    if not path.absolute().parent.is_dir():
+        raise CLIError(f"{path}: directory {path.absolute().parent} does not exist")
+
+
+def print_written(output: Path, input_bytes: int | None = None) -> None:
+    """Print ``wrote OUT: SIZE`` (``INPUT -> SIZE`` when ``input_bytes`` is given), external data included."""
+    before = "" if input_bytes is None else f"{format_bytes(input_bytes)} -> "
+    print(f"wrote {output}: {before}{format_bytes(_file_bytes(output))}")
 
 
 def _register_provider(provider: str, subparsers: argparse._SubParsersAction) -> None:
@@ -211,22 +257,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.double_quant and args.format != "onnx_nf4":
         raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
-    _check_output_path(args.output)
+    check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         _, report = quantize_model(
             args.input,
             args.output,
-            block_size=args.block_size,
-            double_quant=args.double_quant,
+            **quantize_kwargs(args),
             format=args.format,
-            exclude=tuple(args.exclude or ()),
             min_elements=args.min_elements,
             on_progress=progress.update,
             external_data=args.external_data,
         )
     print(format_quantization_report(report))
-    print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
+    print_written(args.output, input_bytes)
     return 0
 
 
@@ -242,19 +286,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_dequantize(args: argparse.Namespace) -> int:
     from .api import dequantize_model
 
-    _check_output_path(args.output)
+    check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     dequantize_model(args.input, args.output, external_data=args.external_data)
-    print(f"wrote {args.output}: {format_bytes(input_bytes)} -> {format_bytes(_file_bytes(args.output))}")
+    print_written(args.output, input_bytes)
     return 0
-
-
-def _check_output_path(path: Path) -> None:
-    """Refuse an output path that cannot be written before any work is done."""
-    if path.is_dir():
-        raise CLIError(f"{path}: is a directory (OUT must be a file path)")
-    if not path.absolute().parent.is_dir():
-        raise CLIError(f"{path}: directory {path.absolute().parent} does not exist")
 
 
 #: A model file at least this large holds its tensors itself: its size is not worth parsing it for external data.
@@ -272,12 +308,7 @@ def _file_bytes(path: Path) -> int:
         if size >= _EMBEDDED_MODEL_BYTES:
             return size
         model = ir.load(path)
-        data_files = {
-            Path(value.const_value.path)
-            for graph in model.graphs()
-            for value in graph.initializers.values()
-            if isinstance(value.const_value, ir.ExternalTensor)
-        }
+        data_files = {Path(tensor.path) for tensor in external_tensors(model)}
         return size + sum(file.stat().st_size for file in data_files)
     except (OSError, ValueError, DecodeError):
         return 0

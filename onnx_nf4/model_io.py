@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -28,6 +29,7 @@ __all__ = [
     "PROTOBUF_LIMIT_BYTES",
     "ModelLike",
     "ModelLoadError",
+    "external_tensors",
     "load_model",
     "save_model",
     "tensor_bytes",
@@ -45,7 +47,8 @@ class ModelLoadError(ValueError):
     """A model file could not be read as an ONNX model (the message names the file and the cause)."""
 
 
-def _external_tensors(model: ir.Model):
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """The initializers of every graph of ``model`` whose data lies in an external file (not read)."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
@@ -54,7 +57,7 @@ def _external_tensors(model: ir.Model):
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
     directory = path.absolute().parent.resolve()
-    for tensor in _external_tensors(model):
+    for tensor in external_tensors(model):
         data_path = Path(tensor.path)
         if not data_path.resolve().is_relative_to(directory):
             raise ModelLoadError(

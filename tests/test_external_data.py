@@ -18,11 +18,12 @@ import pytest
 
 import onnx_nf4
 from onnx_nf4 import quantize_model
-from onnx_nf4.model_io import ModelLoadError
+from onnx_nf4.model_io import ModelLoadError, external_tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import make_large_model as generator  # noqa: E402
+from peak_rss import cli_command, split_peak  # noqa: E402
 
 #: The memory model: 10 layers of 768 x 2048 MLPs, vocabulary 8000: 285 MB of float32 in 52 weights, the
 #: largest 24.6 MB.
@@ -30,26 +31,12 @@ MEMORY_MODEL = {"layers": 10, "hidden": 768, "ffn": 2048, "vocab": 8000}
 SMALL_MODEL = {"layers": 2, "hidden": 128, "ffn": 256, "vocab": 512}
 
 
-#: Runs ``python -m onnx_nf4 ARGS`` and then writes the process's ``VmHWM`` (peak RSS of its own address space,
-#: mapped files included) to stderr. ``ru_maxrss`` of a child would also count the forking pytest process.
-PEAK_WRAPPER = """
-import runpy, sys
-sys.argv[0] = "onnx-nf4"
-try:
-    runpy.run_module("onnx_nf4", run_name="__main__")
-finally:
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    sys.stderr.write("\\nVmHWM_kB " + hwm.split()[1] + "\\n")
-"""
-
-
 def peak_rss(*args: str | Path) -> int:
     """Peak RSS in bytes of ``onnx-nf4 quantize ARGS -q`` (fails if the command fails)."""
-    cmd = [sys.executable, "-c", PEAK_WRAPPER, "quantize", *map(str, args), "-q"]
+    cmd = cli_command("quantize", *map(str, args), "-q")
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    *_, last = proc.stderr.strip().splitlines()
-    assert proc.returncode == 0 and last.startswith("VmHWM_kB "), proc.stderr[-3000:]
-    return int(last.split()[1]) * 1024
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return split_peak(proc.stderr)[1]
 
 
 def initializer_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -58,11 +45,7 @@ def initializer_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def external_locations(path: Path) -> set[str]:
-    return {
-        str(value.const_value.location)
-        for value in ir.load(path).graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
+    return {str(tensor.location) for tensor in external_tensors(ir.load(path))}
 
 
 @pytest.fixture(scope="module")

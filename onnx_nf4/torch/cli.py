@@ -7,31 +7,21 @@ for a ``.safetensors`` state dict (a ``torch.save`` file needs PyTorch).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import warnings
 from pathlib import Path
 
-from ..codec import check_block_size
+from ..cli import (
+    CLIError,
+    add_external_data_option,
+    add_quantize_options,
+    check_output_path,
+    format_quantization_report,
+    print_written,
+    quantize_kwargs,
+)
 
 __all__ = ["add_export_bnb_parser"]
-
-
-def _block_size(text: str) -> int:
-    try:
-        return check_block_size(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unsupported block size {text!r}: it must be a power of two between 16 and 4096"
-        ) from None
-
-
-def _regex(text: str) -> str:
-    try:
-        re.compile(text)
-    except re.error as err:
-        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from None
-    return text
 
 
 def _positive_float(text: str) -> float:
@@ -66,17 +56,7 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also quantize the other float MatMul/Gemm weights (with --block-size / --double-quant)",
     )
-    parser.add_argument(
-        "--block-size", type=_block_size, default=64, help="block size for --quantize-float (default 64)"
-    )
-    parser.add_argument("--double-quant", action="store_true", help="double quantization for --quantize-float")
-    parser.add_argument(
-        "--exclude",
-        metavar="REGEX",
-        type=_regex,
-        action="append",
-        help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
-    )
+    add_quantize_options(parser, applies_to="--quantize-float")
     parser.add_argument(
         "--max-rel-error",
         metavar="X",
@@ -86,25 +66,14 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
         "(default 0.5: catches a wrong mapping)",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the --max-rel-error check")
-    parser.add_argument(
-        "--external-data",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="write the tensors to OUT.data beside OUT (--no-external-data: inside OUT; "
-        "default: when the input or the output exceeds 2 GB)",
-    )
+    add_external_data_option(parser)
     parser.set_defaults(handler=_cmd_export_bnb)
 
 
 def _cmd_export_bnb(args: argparse.Namespace) -> int:
-    from ..cli import CLIError, format_quantization_report
-    from ..table import format_bytes
     from .state_dict import DEFAULT_MAX_REL_ERROR, export_bnb_state_dict
 
-    if args.output.is_dir():
-        raise CLIError(f"{args.output}: is a directory (OUT must be a file path)")
-    if not args.output.absolute().parent.is_dir():
-        raise CLIError(f"{args.output}: directory {args.output.absolute().parent} does not exist")
+    check_output_path(args.output)
     if args.no_check and args.max_rel_error is not None:
         raise CLIError("--no-check and --max-rel-error exclude each other")
     max_rel_error = None if args.no_check else (args.max_rel_error or DEFAULT_MAX_REL_ERROR)
@@ -115,16 +84,12 @@ def _cmd_export_bnb(args: argparse.Namespace) -> int:
             args.state_dict,
             args.output,
             quantize_float=args.quantize_float,
-            block_size=args.block_size,
-            double_quant=args.double_quant,
-            exclude=tuple(args.exclude or ()),
+            **quantize_kwargs(args),
             max_rel_error=max_rel_error,
             external_data=args.external_data,
         )
     for warning in caught:
         print(f"onnx-nf4: warning: {warning.message}", file=sys.stderr)
     print(format_quantization_report(report))
-    data = args.output.with_name(args.output.name + ".data")
-    size = args.output.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-    print(f"wrote {args.output}: {format_bytes(size)}")
+    print_written(args.output)
     return 0

@@ -50,12 +50,14 @@ import psutil
 from onnx import helper, numpy_helper
 
 import onnx_nf4
+from onnx_nf4.model_io import external_tensors
 from onnx_nf4.reference import matmul_nf4
 from onnx_nf4.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import make_large_model as generator  # noqa: E402
+from peak_rss import cli_command, split_peak  # noqa: E402
 
 MB = 1e6
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -73,21 +75,9 @@ class Measured:
     sampled_tree_peak_bytes: int  # the largest sampled RSS sum over the process and its children
 
 
-#: ``python -c PEAK_WRAPPER ARGS`` runs ``python -m onnx_nf4 ARGS``, then writes its ``VmHWM`` to stderr.
-PEAK_WRAPPER = """
-import runpy, sys
-sys.argv[0] = "onnx-nf4"
-try:
-    runpy.run_module("onnx_nf4", run_name="__main__")
-finally:
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    sys.stderr.write("\\nVmHWM_kB " + hwm.split()[1] + "\\n")
-"""
-
-
 def run_cli_measured(args: list[str], sample_s: float = 0.02) -> Measured:
     """Run ``onnx-nf4 ARGS``; return its output, wall time and peak memory (see the module docstring)."""
-    cmd = [sys.executable, "-c", PEAK_WRAPPER, *args]
+    cmd = cli_command(*args)
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -116,20 +106,13 @@ def run_cli_measured(args: list[str], sample_s: float = 0.02) -> Measured:
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        stderr = err.read().decode(errors="replace").rstrip()
-        stderr, _, hwm = stderr.rpartition("\nVmHWM_kB ")
-        return Measured(proc.returncode, out.read().decode(errors="replace"), stderr, wall, int(hwm) * 1024, sampled)
+        stderr, peak = split_peak(err.read().decode(errors="replace"))
+        return Measured(proc.returncode, out.read().decode(errors="replace"), stderr, wall, peak, sampled)
 
 
 def files_of(model_path: Path) -> list[Path]:
     """The model file and the external data files it references."""
-    model = ir.load(model_path)
-    locations = {
-        str(value.const_value.location)
-        for graph in model.graphs()
-        for value in graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
+    locations = {str(tensor.location) for tensor in external_tensors(ir.load(model_path))}
     return [model_path, *(model_path.parent / location for location in sorted(locations))]
 
 
