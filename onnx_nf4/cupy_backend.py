@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from onnx.reference.op_run import OpRun
 
-from .schema import DOMAIN
+from . import reference
 
 __all__ = [
     "KernelSourceNotFoundError",
@@ -533,15 +532,13 @@ def _launch_library(
         raise RuntimeError(f"MatMulNF4: {err.value.decode(errors='replace')}")
 
 
-class MatMulNF4(OpRun):
+class MatMulNF4(reference.MatMulNF4):
     """``onnx_nf4::MatMulNF4`` for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``, on the GPU.
 
     Inputs and outputs are numpy arrays (as everywhere in the reference evaluator; bfloat16 as ``ml_dtypes``). The
     weight inputs (all but ``A``) are copied to the device on first use and kept for later runs of the same node,
     keyed by the identity of the numpy array (initializers are constant).
     """
-
-    op_domain = DOMAIN
 
     def _device(self, cupy: Any, x: Any) -> Any:
         if x is None:
@@ -554,24 +551,21 @@ class MatMulNF4(OpRun):
         cache[id(x)] = (x, device)  # holding x keeps its id from being reused
         return device
 
-    def _run(
+    def _compute(
         self,
         A,
         B,
         absmax,
-        nested_absmax=None,
-        nested_code=None,
-        absmax_offset=None,
-        bias=None,
-        K=None,
-        N=None,
-        block_size=None,
-        nested_block_size=None,
-        accuracy_level=None,
-    ):
-        missing = [name for name, value in (("K", K), ("N", N), ("block_size", block_size)) if value is None]
-        if missing:
-            raise ValueError(f"MatMulNF4: required attribute(s) {', '.join(missing)} missing")
+        nested_absmax,
+        nested_code,
+        absmax_offset,
+        bias,
+        *,
+        K: int,
+        N: int,
+        block_size: int,
+        nested_block_size: int,
+    ) -> np.ndarray:
         A = np.asarray(A)
         dtype = _dtype_name(A.dtype)
         if bias is not None and np.asarray(bias).dtype != A.dtype:
@@ -581,8 +575,8 @@ class MatMulNF4(OpRun):
         cupy = _cupy()
         weights = [self._device(cupy, v) for v in (B, absmax, nested_absmax, nested_code, absmax_offset, bias)]
         y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *weights, K=K, N=N, block_size=block_size,
-                    nested_block_size=256 if nested_block_size is None else nested_block_size)  # fmt: skip
-        return (cupy.asnumpy(y).view(A.dtype),)
+                    nested_block_size=nested_block_size)  # fmt: skip
+        return cupy.asnumpy(y).view(A.dtype)
 
 
 def _storage(x: np.ndarray) -> np.ndarray:

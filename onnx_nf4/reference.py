@@ -169,7 +169,27 @@ class MatMulNF4(OpRun):
         missing = [name for name, value in (("K", K), ("N", N), ("block_size", block_size)) if value is None]
         if missing:
             raise ValueError(f"{_NAME}: required attribute(s) {', '.join(missing)} missing")
-        y = matmul_nf4(
+        nested_block_size = 256 if nested_block_size is None else nested_block_size
+        weights = (B, absmax, nested_absmax, nested_code, absmax_offset, bias)
+        return (self._compute(A, *weights, K=K, N=N, block_size=block_size, nested_block_size=nested_block_size),)
+
+    def _compute(
+        self,
+        A,
+        B,
+        absmax,
+        nested_absmax,
+        nested_code,
+        absmax_offset,
+        bias,
+        *,
+        K: int,
+        N: int,
+        block_size: int,
+        nested_block_size: int,
+    ) -> np.ndarray:
+        """The output ``Y``, with every attribute resolved; a backend's subclass overrides this."""
+        return matmul_nf4(
             A,
             B,
             absmax,
@@ -180,9 +200,8 @@ class MatMulNF4(OpRun):
             K=K,
             N=N,
             block_size=block_size,
-            nested_block_size=256 if nested_block_size is None else nested_block_size,
+            nested_block_size=nested_block_size,
         )
-        return (y,)
 
 
 class GatherElements(OpRun):
