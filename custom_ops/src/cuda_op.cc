@@ -10,32 +10,21 @@
 
 #include "matmul_nf4_args.h"
 #include "matmul_nf4_cuda.h"
+#include "matmul_nf4_op.h"
 
 namespace onnx_nf4 {
 namespace {
 
 template <gpu::DType kDType>
-class MatMulNF4CudaKernel {
+class MatMulNF4CudaKernel final : public MatMulNF4Kernel<MatMulNF4CudaKernel<kDType>> {
  public:
-  explicit MatMulNF4CudaKernel(const OrtKernelInfo* info) : attrs_(ReadMatMulNF4Attrs(Ort::ConstKernelInfo(info))) {}
+  using MatMulNF4Kernel<MatMulNF4CudaKernel<kDType>>::MatMulNF4Kernel;
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
-    try {
-      Compute(Ort::KernelContext(context));
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, ("MatMulNF4 node '" + attrs_.node_name + "': " + e.what()).c_str());
-    }
-  }
+  static constexpr const char* kExecutionProvider = "CUDAExecutionProvider";
 
- private:
-  void Compute(const Ort::KernelContext& ctx) const {
-    const MatMulNF4Shapes s = ValidateMatMulNF4Inputs(attrs_, ctx);
-    Ort::UnownedValue y = ctx.GetOutput(0, s.y_shape);
-    if (s.M == 0) return;
-
+  // One validated call with at least one row of A (MatMulNF4Kernel::ComputeV2); y is the allocated Y.
+  void Compute(const Ort::KernelContext& ctx, const MatMulNF4Shapes& s, Ort::UnownedValue& y) const {
+    const MatMulNF4Attrs& attrs = this->attrs_;
     gpu::Problem p;
     p.dtype = kDType;
     p.A = ctx.GetInput(kInputA).GetTensorRawData();
@@ -45,57 +34,28 @@ class MatMulNF4CudaKernel {
       p.nested_absmax = ctx.GetInput(kInputNestedAbsmax).GetTensorData<float>();
       p.nested_code = ctx.GetInput(kInputNestedCode).GetTensorData<float>();
       p.absmax_offset = ctx.GetInput(kInputAbsmaxOffset).GetTensorData<float>();
-      p.nested_block_size = attrs_.nested_block_size;
+      p.nested_block_size = attrs.nested_block_size;
     } else {
       p.absmax = ctx.GetInput(kInputAbsmax).GetTensorData<float>();
     }
     p.bias = s.has_bias ? ctx.GetInput(kInputBias).GetTensorRawData() : nullptr;
     p.Y = y.GetTensorMutableRawData();
     p.M = s.M;
-    p.K = attrs_.K;
-    p.N = attrs_.N;
-    p.block_size = attrs_.block_size;
+    p.K = attrs.K;
+    p.N = attrs.N;
+    p.block_size = attrs.block_size;
 
     const std::string error = gpu::LaunchMatMulNF4(p, gpu::Algo::kAuto, ctx.GetGPUComputeStream());
-    if (!error.empty()) ThrowMatMulNF4Error(attrs_.node_name, error, ORT_FAIL);
+    if (!error.empty()) ThrowMatMulNF4Error(attrs.node_name, error, ORT_FAIL);
   }
-
-  MatMulNF4Attrs attrs_;
-};
-
-template <gpu::DType kDType, ONNXTensorElementDataType kType>
-struct MatMulNF4CudaOp
-    : Ort::CustomOpBase<MatMulNF4CudaOp<kDType, kType>, MatMulNF4CudaKernel<kDType>, /*WithStatus=*/true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new MatMulNF4CudaKernel<kDType>(info);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("MatMulNF4: ") + e.what()).c_str());
-    }
-  }
-  const char* GetName() const { return "MatMulNF4"; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  // A and bias carry the op's type; the others are checked by ValidateMatMulNF4Inputs.
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kInputA || index == kInputBias ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index <= kInputAbsmax ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return kType; }
 };
 
 }  // namespace
 
 void RegisterCudaOps(Ort::CustomOpDomain& domain) {
-  static MatMulNF4CudaOp<gpu::DType::kFloat32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_f32;
-  static MatMulNF4CudaOp<gpu::DType::kFloat16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_f16;
-  static MatMulNF4CudaOp<gpu::DType::kBFloat16, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16> op_bf16;
+  static MatMulNF4Op<MatMulNF4CudaKernel<gpu::DType::kFloat32>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_f32;
+  static MatMulNF4Op<MatMulNF4CudaKernel<gpu::DType::kFloat16>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_f16;
+  static MatMulNF4Op<MatMulNF4CudaKernel<gpu::DType::kBFloat16>, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16> op_bf16;
   domain.Add(&op_f32);
   domain.Add(&op_f16);
   domain.Add(&op_bf16);

@@ -7,15 +7,14 @@
 #include "matmul_nf4_cpu_op.h"
 
 #include <cstdint>
-#include <exception>
 #include <memory>
-#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
 #include "matmul_nf4_args.h"
+#include "matmul_nf4_op.h"
 
 namespace onnx_nf4 {
 namespace {
@@ -66,45 +65,32 @@ std::vector<float> ToFloatVector(const T* src, size_t count) {
 }
 
 template <typename T>
-class MatMulNF4CpuKernel {
+class MatMulNF4CpuKernel final : public MatMulNF4Kernel<MatMulNF4CpuKernel<T>> {
  public:
-  explicit MatMulNF4CpuKernel(const OrtKernelInfo* info) : attrs_(ReadMatMulNF4Attrs(Ort::ConstKernelInfo(info))) {}
+  using MatMulNF4Kernel<MatMulNF4CpuKernel<T>>::MatMulNF4Kernel;
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
-    try {
-      Run(Ort::KernelContext(context));
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::bad_alloc&) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, ("MatMulNF4 node '" + attrs_.node_name + "': out of memory").c_str());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, ("MatMulNF4 node '" + attrs_.node_name + "': " + e.what()).c_str());
-    }
-  }
+  static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
 
- private:
-  void Run(const Ort::KernelContext& ctx) const {
-    const MatMulNF4Shapes s = ValidateMatMulNF4Inputs(attrs_, ctx);
-    Ort::UnownedValue y_value = ctx.GetOutput(0, s.y_shape);
-    if (s.M == 0) return;
-    const int64_t K = attrs_.K, N = attrs_.N;
+  // One validated call with at least one row of A (MatMulNF4Kernel::ComputeV2); y_value is the allocated Y.
+  void Compute(const Ort::KernelContext& ctx, const MatMulNF4Shapes& s, Ort::UnownedValue& y_value) const {
+    const MatMulNF4Attrs& attrs = this->attrs_;
+    const int64_t K = attrs.K, N = attrs.N;
 
     cpu::Problem p;
     p.M = s.M;
-    p.int8_activations = attrs_.accuracy_level == 4;
+    p.int8_activations = attrs.accuracy_level == 4;
     cpu::Nf4Weight& w = p.w;
     w.K = K;
     w.N = N;
-    w.block_size = attrs_.block_size;
-    w.k_blocks = attrs_.k_blocks;
+    w.block_size = attrs.block_size;
+    w.k_blocks = attrs.k_blocks;
     w.packed = ctx.GetInput(kInputB).GetTensorData<uint8_t>();
     if (s.double_quant) {
       w.absmax_codes = ctx.GetInput(kInputAbsmax).GetTensorData<uint8_t>();
       w.nested_absmax = ctx.GetInput(kInputNestedAbsmax).GetTensorData<float>();
       w.nested_code = ctx.GetInput(kInputNestedCode).GetTensorData<float>();
       w.absmax_offset = ctx.GetInput(kInputAbsmaxOffset).GetTensorData<float>()[0];
-      w.nested_block_size = attrs_.nested_block_size;
+      w.nested_block_size = attrs.nested_block_size;
     } else {
       w.absmax = ctx.GetInput(kInputAbsmax).GetTensorData<float>();
     }
@@ -139,43 +125,14 @@ class MatMulNF4CpuKernel {
       for (size_t i = 0; i < y_count; ++i) y[i] = T(y_f32[i]);
     }
   }
-
-  MatMulNF4Attrs attrs_;
-};
-
-template <typename T, ONNXTensorElementDataType kType>
-struct MatMulNF4CpuOp : Ort::CustomOpBase<MatMulNF4CpuOp<T, kType>, MatMulNF4CpuKernel<T>, /*WithStatus=*/true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new MatMulNF4CpuKernel<T>(info);
-      return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("MatMulNF4: ") + e.what()).c_str());
-    }
-  }
-  const char* GetName() const { return "MatMulNF4"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  // A and bias carry the op's type; the others are checked by ValidateMatMulNF4Inputs, whose messages are
-  // clearer than a failed kernel lookup.
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kInputA || index == kInputBias ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index <= kInputAbsmax ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return kType; }
 };
 
 }  // namespace
 
 void RegisterCpuOps(Ort::CustomOpDomain& domain) {
-  static MatMulNF4CpuOp<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_f32;
-  static MatMulNF4CpuOp<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_f16;
-  static MatMulNF4CpuOp<Ort::BFloat16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16> op_bf16;
+  static MatMulNF4Op<MatMulNF4CpuKernel<float>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_f32;
+  static MatMulNF4Op<MatMulNF4CpuKernel<Ort::Float16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_f16;
+  static MatMulNF4Op<MatMulNF4CpuKernel<Ort::BFloat16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16> op_bf16;
   domain.Add(&op_f32);
   domain.Add(&op_f16);
   domain.Add(&op_bf16);
