@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ORACLE_DIR = Path(os.environ.get("ONNX_NF4_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
+from oracle_vectors import ORACLE_FILE, REPO_ROOT
 
 
 @pytest.fixture(scope="session")
 def oracle() -> dict[str, np.ndarray]:
     """All arrays of ``shared/oracle/nf4_vectors.npz`` (see its README), loaded once."""
-    path = ORACLE_DIR / "nf4_vectors.npz"
-    if not path.exists():
-        pytest.fail(f"oracle vectors not found at {path} (set ONNX_NF4_ORACLE_DIR)")
-    with np.load(path) as z:
+    if not ORACLE_FILE.exists():
+        pytest.fail(f"oracle vectors not found at {ORACLE_FILE} (set ONNX_NF4_ORACLE_DIR)")
+    with np.load(ORACLE_FILE) as z:
         return {key: z[key] for key in z.files}
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from conftest import ORACLE_DIR
+from oracle_vectors import case_names, f32_bits, parametrize_cases
 
 from onnx_nf4.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
 from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise, unpack_nibbles
@@ -14,21 +12,7 @@ from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise, unpack_nibb
 BLOCK_SIZES = (64, 128)
 
 
-def _case_names() -> list[str]:
-    path = ORACLE_DIR / "nf4_vectors.npz"
-    if not path.exists():
-        return ["<oracle missing>"]  # the oracle fixture then fails with the path
-    with np.load(path) as z:
-        return json.loads(str(z["meta_json"]))["cases"]
-
-
-def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        metafunc.parametrize("case", _case_names())
-
-
-def _f32_bits(a) -> np.ndarray:
-    return np.asarray(a).astype(np.float32).reshape(-1).view(np.uint32)
+pytest_generate_tests = parametrize_cases
 
 
 def _codes(packed: np.ndarray, n: int) -> np.ndarray:
@@ -36,7 +20,7 @@ def _codes(packed: np.ndarray, n: int) -> np.ndarray:
 
 
 def test_every_case_is_collected(oracle_cases):
-    assert _case_names() == oracle_cases
+    assert case_names() == oracle_cases
 
 
 @pytest.mark.parametrize("bs", BLOCK_SIZES)
@@ -44,14 +28,14 @@ def test_default_rounding_matches_onnxruntime(oracle, case, bs):
     packed, absmax = quantize_blockwise(oracle[f"{case}__weight"], bs)
     assert packed.dtype == np.uint8 and absmax.dtype == np.float32
     assert np.array_equal(packed, oracle[f"{case}__ort{bs}__packed"])
-    assert np.array_equal(_f32_bits(absmax), _f32_bits(oracle[f"{case}__ort{bs}__absmax"]))
+    assert np.array_equal(f32_bits(absmax), f32_bits(oracle[f"{case}__ort{bs}__absmax"]))
 
 
 @pytest.mark.parametrize("bs", BLOCK_SIZES)
 def test_bitsandbytes_rounding_matches_bitsandbytes(oracle, case, bs):
     packed, absmax = quantize_blockwise(oracle[f"{case}__weight"], bs, rounding="bitsandbytes")
     assert np.array_equal(packed, oracle[f"{case}__bnb{bs}__packed"])
-    assert np.array_equal(_f32_bits(absmax), _f32_bits(oracle[f"{case}__bnb{bs}__absmax"]))
+    assert np.array_equal(f32_bits(absmax), f32_bits(oracle[f"{case}__bnb{bs}__absmax"]))
 
 
 @pytest.mark.parametrize("bs", BLOCK_SIZES)
@@ -72,16 +56,16 @@ def test_dequantize_roundtrip(oracle, case, bs, rounding):
     assert out.dtype == np.float32 and out.shape == w.shape
     scale = np.repeat(absmax, bs)[: w.size]
     expected = NF4_CODE[_codes(packed, w.size)] * scale
-    assert np.array_equal(_f32_bits(out), _f32_bits(expected))
+    assert np.array_equal(f32_bits(out), f32_bits(expected))
     normal = scale >= np.float32(1e-37)  # a float32-subnormal absmax has no usable reciprocal
     err = np.abs(out.reshape(-1) - w.reshape(-1).astype(np.float32))[normal]
     assert np.all(err <= np.float32(0.152) * scale[normal] * np.float32(1 + 1e-6))
 
 
 def test_oracle_tables_equal_codebook(oracle):
-    assert np.array_equal(_f32_bits(oracle["nf4_code"]), _f32_bits(NF4_CODE))
-    assert np.array_equal(_f32_bits(oracle["ort_thresholds_f32"]), _f32_bits(NF4_THRESHOLDS))
-    assert np.array_equal(_f32_bits(oracle["bnb_cpu_midpoints_f32"]), _f32_bits(NF4_MIDPOINTS_BNB))
+    assert np.array_equal(f32_bits(oracle["nf4_code"]), f32_bits(NF4_CODE))
+    assert np.array_equal(f32_bits(oracle["ort_thresholds_f32"]), f32_bits(NF4_THRESHOLDS))
+    assert np.array_equal(f32_bits(oracle["bnb_cpu_midpoints_f32"]), f32_bits(NF4_MIDPOINTS_BNB))
 
 
 # The four scaled values whose code depends on the rounding (shared/oracle/README.md):

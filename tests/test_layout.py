@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import ORACLE_DIR
+from oracle_vectors import f32_bits, parametrize_cases
 
 from onnx_nf4.codebook import NF4_CODE, NF4_THRESHOLDS
 from onnx_nf4.codec import unpack_nibbles
@@ -17,21 +16,7 @@ from onnx_nf4.layout import QuantizedWeight, dequantize_weight, quantize_weight
 BLOCK_SIZES = (64, 128)
 
 
-def _case_names() -> list[str]:
-    path = ORACLE_DIR / "nf4_vectors.npz"
-    if not path.exists():
-        return ["<oracle missing>"]  # the oracle fixture then fails with the path
-    with np.load(path) as z:
-        return json.loads(str(z["meta_json"]))["cases"]
-
-
-def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
-        metafunc.parametrize("case", _case_names())
-
-
-def _f32_bits(a) -> np.ndarray:
-    return np.asarray(a).astype(np.float32).reshape(-1).view(np.uint32)
+pytest_generate_tests = parametrize_cases
 
 
 def _codes(q: QuantizedWeight) -> np.ndarray:
@@ -61,16 +46,16 @@ def test_weight_layout_against_oracle(oracle, case, bs):
     assert q.nested is None
     if K % bs == 0:
         assert np.array_equal(q.packed.reshape(-1), oracle[f"{case}__ort{bs}__packed"])
-        assert np.array_equal(_f32_bits(q.absmax), _f32_bits(oracle[f"{case}__ort{bs}__absmax"]))
+        assert np.array_equal(f32_bits(q.absmax), f32_bits(oracle[f"{case}__ort{bs}__absmax"]))
         qb = quantize_weight(wt.T, bs, rounding="bitsandbytes")
         assert np.array_equal(qb.packed.reshape(-1), oracle[f"{case}__bnb{bs}__packed"])
-        assert np.array_equal(_f32_bits(qb.absmax), _f32_bits(oracle[f"{case}__bnb{bs}__absmax"]))
+        assert np.array_equal(f32_bits(qb.absmax), f32_bits(oracle[f"{case}__bnb{bs}__absmax"]))
         return
     padded = np.zeros((N, k_blocks * bs), np.float32)
     padded[:, :K] = wt
     blocks = padded.reshape(N, k_blocks, bs)
     expected_absmax = np.abs(blocks).max(axis=-1)  # the padding zeros never raise a maximum
-    assert np.array_equal(_f32_bits(q.absmax), _f32_bits(expected_absmax))
+    assert np.array_equal(f32_bits(q.absmax), f32_bits(expected_absmax))
     codes = _codes(q)
     assert np.all(codes[:, K:] == 7)
     expected = _ort_codes(blocks, expected_absmax).reshape(N, -1)
@@ -85,7 +70,7 @@ def test_dequantize_weight_roundtrip(oracle, case, bs):
     assert out.shape == wt.T.shape and out.dtype == np.float32
     scale = np.repeat(q.absmax, bs, axis=1)[:, : q.K]
     expected = NF4_CODE[_codes(q)[:, : q.K]] * scale
-    assert np.array_equal(_f32_bits(out), _f32_bits(expected.T))
+    assert np.array_equal(f32_bits(out), f32_bits(expected.T))
 
 
 @pytest.mark.parametrize(("K", "N"), [(1, 1), (63, 5), (64, 3), (65, 7), (130, 2), (200, 33), (1024, 17)])
@@ -125,11 +110,11 @@ def test_double_quant_path():
     assert np.array_equal(q.absmax.reshape(-1), codes)
     assert np.array_equal(q.nested.nested_absmax, nested.nested_absmax)
     assert np.float32(q.nested.offset) == np.float32(nested.offset)
-    assert np.array_equal(_f32_bits(q.float_absmax()), _f32_bits(dequantize_absmax(codes, nested)))
+    assert np.array_equal(f32_bits(q.float_absmax()), f32_bits(dequantize_absmax(codes, nested)))
     assert q.nbytes == plain.packed.nbytes + 300 * 16 + nested.nbytes
     out = dequantize_weight(q)
     scale = np.repeat(q.float_absmax(), 64, axis=1)[:, :1000]
-    assert np.array_equal(_f32_bits(out), _f32_bits((NF4_CODE[_codes(q)[:, :1000]] * scale).T))
+    assert np.array_equal(f32_bits(out), f32_bits((NF4_CODE[_codes(q)[:, :1000]] * scale).T))
     assert np.abs(out - w).max() <= 0.16 * plain.absmax.max()
 
 
@@ -142,10 +127,10 @@ def test_double_quant_matches_bitsandbytes():
     packed, state = bnb_f.quantize_4bit(wt, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert np.array_equal(q.packed.reshape(-1), packed.numpy().reshape(-1))
     assert np.array_equal(q.absmax.reshape(-1), state.absmax.numpy())
-    assert np.array_equal(_f32_bits(q.nested.nested_absmax), _f32_bits(state.state2.absmax.numpy()))
-    assert np.array_equal(_f32_bits(q.nested.offset), _f32_bits(state.offset.numpy()))
+    assert np.array_equal(f32_bits(q.nested.nested_absmax), f32_bits(state.state2.absmax.numpy()))
+    assert np.array_equal(f32_bits(q.nested.offset), f32_bits(state.offset.numpy()))
     expected = bnb_f.dequantize_4bit(packed, state).numpy()
-    assert np.array_equal(_f32_bits(dequantize_weight(q)), _f32_bits(expected.T))
+    assert np.array_equal(f32_bits(dequantize_weight(q)), f32_bits(expected.T))
 
 
 @pytest.mark.parametrize(
