@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from test_bnb_export import (  # noqa: E402
+from bnb_models import (  # noqa: E402
     REL_TOL,
     LastHiddenState,
     TwoLayers,

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from test_bnb_export import (  # noqa: E402
+from bnb_models import (  # noqa: E402
     REL_TOL,
     bnb_minilm,
     bnb_tensors,

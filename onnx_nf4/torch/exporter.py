@@ -283,6 +283,16 @@ def export(
             layer_keys.setdefault(key, name)
     lora_keys = {key for module in lora.values() for key in _torch_digests(module.weight)}
 
+    # For the float weights that are quantized (quantize_model's and quantize_with_prequantized's keywords).
+    settings: dict[str, Any] = {
+        "block_size": block_size,
+        "double_quant": double_quant,
+        "format": format,
+        "exclude": exclude,
+        "min_elements": min_elements,
+        "external_data": external_data,
+    }
+
     target = Path(path)
     if not target.absolute().parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: directory {target.absolute().parent} does not exist")
@@ -303,16 +313,7 @@ def export(
         if not bnb_layers and not lora:
             from ..api import quantize_model
 
-            _, report = quantize_model(
-                float_path,
-                target,
-                block_size=block_size,
-                double_quant=double_quant,
-                format=format,
-                exclude=exclude,
-                min_elements=min_elements,
-                external_data=external_data,
-            )
+            _, report = quantize_model(float_path, target, **settings)
             return report
         ir_model = load_model(float_path)
         prequantized = {}
@@ -349,10 +350,5 @@ def export(
             prequantized,
             keep_float=() if quantize_lora else lora_weights,
             quantize_float=quantize_float,
-            block_size=block_size,
-            double_quant=double_quant,
-            format=format,
-            exclude=exclude,
-            min_elements=min_elements,
-            external_data=external_data,
+            **settings,
         )
