@@ -2,7 +2,8 @@
 
 Each builder returns an ``onnx.ModelProto`` at opset 18 (IR 10) with a float activation input ``"A"`` of shape
 ``["M", K]`` (``["M", K]`` or a given shape), and names its weights and nodes so that tests can refer to them.
-:func:`run_reference` evaluates a model with ``onnx.reference`` and the ``MatMulNF4`` reference op.
+:func:`run_reference` evaluates a model with ``onnx.reference`` and the ``MatMulNF4`` reference op;
+:func:`reference_matmul` is the reference product with a :class:`~onnx_nf4.layout.QuantizedWeight`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from onnx_nf4.layout import QuantizedWeight
 
 OPSET = 18
 IR_VERSION = 10
@@ -270,3 +273,23 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[
     from onnx_nf4.reference import MatMulNF4
 
     return ReferenceEvaluator(model, new_ops=[MatMulNF4]).run(None, feeds)
+
+
+def reference_matmul(q: QuantizedWeight, a: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``onnx_nf4.reference.matmul_nf4`` of ``a`` with the NF4 weight ``q`` (``Y`` of ``a``'s dtype)."""
+    from onnx_nf4.reference import matmul_nf4
+
+    nested = q.nested
+    return matmul_nf4(
+        a,
+        q.packed,
+        q.absmax,
+        None if nested is None else nested.nested_absmax,
+        None if nested is None else nested.code,
+        None if nested is None else np.asarray(nested.offset, np.float32).reshape(1),
+        bias,
+        K=q.K,
+        N=q.N,
+        block_size=q.block_size,
+        nested_block_size=256 if nested is None else nested.block_size,
+    )

@@ -21,12 +21,12 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import reference_matmul
 from onnx import helper, numpy_helper
 
 import onnx_nf4
 from onnx_nf4.codebook import NF4_CODE, NF4_THRESHOLDS
 from onnx_nf4.double_quant import NestedAbsmax
-from onnx_nf4.reference import matmul_nf4
 from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library, session_options
 
 ort = pytest.importorskip("onnxruntime")
@@ -149,29 +149,12 @@ def run_op(q, a: np.ndarray, dtype: np.dtype, bias: np.ndarray | None, threads: 
     return sess.run(None, {"A": a})[0]
 
 
-def reference(q: onnx_nf4.QuantizedWeight, a: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    nested = q.nested
-    return matmul_nf4(
-        a,
-        q.packed,
-        q.absmax,
-        None if nested is None else nested.nested_absmax,
-        None if nested is None else nested.code,
-        None if nested is None else np.asarray(nested.offset, np.float32).reshape(1),
-        bias,
-        K=q.K,
-        N=q.N,
-        block_size=q.block_size,
-        nested_block_size=256 if nested is None else nested.block_size,
-    )
-
-
 def assert_matches_reference(q, a32: np.ndarray, dtype: np.dtype, bias: np.ndarray | None, threads: int) -> None:
     """Run the op on ``a32`` rounded to ``dtype``; compare with the reference within the module's tolerance."""
     a = a32.astype(dtype)
     b = None if bias is None else bias.astype(dtype)
     y = run_op(q, a.astype(np.float32), dtype, b, threads)
-    ref = reference(q, a, b).astype(np.float32)
+    ref = reference_matmul(q, a, b).astype(np.float32)
     assert y.shape == ref.shape == (*a.shape[:-1], q.N)
     w = onnx_nf4.dequantize_weight(q).astype(np.float64)
     rows = a.astype(np.float64).reshape(-1, q.K)
