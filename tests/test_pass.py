@@ -98,6 +98,15 @@ def assert_same_outputs(actual: list[np.ndarray], expected: list[np.ndarray], rt
         np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol)
 
 
+def assert_runs_like_nf4_weights(
+    q: onnx.ModelProto, model: onnx.ModelProto, feeds: dict[str, np.ndarray], names=("W",), **kwargs
+) -> None:
+    """``q`` gives the outputs of the float ``model`` whose weights ``names`` are replaced by their NF4 round trip
+    (``kwargs``: those of :func:`nf4_roundtrip`), both under the reference runtime."""
+    weights = {name: nf4_roundtrip(float_weight(model, name), **kwargs) for name in names}
+    assert_same_outputs(run_reference(q, feeds), run_reference(with_weights(model, weights), feeds))
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
@@ -135,9 +144,7 @@ def test_k_not_multiple_of_block_size():
     q, report = quantize(model, block_size=32)
     inits = initializers(q)
     assert inits["W_nf4"].shape == (72, 4, 16) and inits["W_absmax"].shape == (72, 4)
-    a = activations((2, 3, 100))
-    w = nf4_roundtrip(float_weight(model, "W"), block_size=32)
-    assert_same_outputs(run_reference(q, {"A": a}), run_reference(with_weights(model, {"W": w}), {"A": a}))
+    assert_runs_like_nf4_weights(q, model, {"A": activations((2, 3, 100))}, block_size=32)
     assert report.layers[0].shape == (100, 72)
 
 
@@ -150,9 +157,7 @@ def test_bias_add_is_fused(order):
     assert list(node.input) == ["A", "W_nf4", "W_absmax", "", "", "", "b"]
     assert list(node.output) == ["Y"]
     assert report.layers[0].fused_bias
-    a = activations((4, 128))
-    w = nf4_roundtrip(float_weight(model, "W"))
-    assert_same_outputs(run_reference(q, {"A": a}), run_reference(with_weights(model, {"W": w}), {"A": a}))
+    assert_runs_like_nf4_weights(q, model, {"A": activations((4, 128))})
 
 
 def test_matmul_output_with_another_consumer_is_not_fused():
@@ -160,9 +165,7 @@ def test_matmul_output_with_another_consumer_is_not_fused():
     q, report = quantize(model)
     assert op_types(q) == ["MatMulNF4", "Add", "Relu"]
     assert not report.layers[0].fused_bias
-    a = activations((3, 128))
-    w = nf4_roundtrip(float_weight(model, "W"))
-    assert_same_outputs(run_reference(q, {"A": a}), run_reference(with_weights(model, {"W": w}), {"A": a}))
+    assert_runs_like_nf4_weights(q, model, {"A": activations((3, 128))})
 
 
 def test_bias_add_of_a_graph_output_is_not_fused():
@@ -187,9 +190,7 @@ def test_shared_weight_is_quantized_once():
     assert [(layer.node, layer.shared) for layer in report.layers] == [("mm1", False), ("mm2", True)]
     assert report.bytes_before == 128 * 64 * 4
     assert calls == [(1, 1, "W")]
-    a = activations((2, 128))
-    w = nf4_roundtrip(float_weight(model, "W"))
-    assert_same_outputs(run_reference(q, {"A": a}), run_reference(with_weights(model, {"W": w}), {"A": a}))
+    assert_runs_like_nf4_weights(q, model, {"A": activations((2, 128))})
 
 
 def test_rewrites_that_feed_each_other():
@@ -199,9 +200,7 @@ def test_rewrites_that_feed_each_other():
     assert [(layer.node, layer.fused_bias) for layer in report.layers] == [
         ("mm1", True), ("mm2", False), ("gemm", False),
     ]  # fmt: skip
-    w = {name: nf4_roundtrip(float_weight(model, name)) for name in ("W1", "W2", "W3")}
-    feeds = {"A": activations((4, 128))}
-    assert_same_outputs(run_reference(q, feeds), run_reference(with_weights(model, w), feeds))
+    assert_runs_like_nf4_weights(q, model, {"A": activations((4, 128))}, names=("W1", "W2", "W3"))
     # In the IR, every input must be a live value: produced by a node of the graph, an input or an initializer.
     ir_model = ir.serde.deserialize_model(model)
     QuantizeNF4Pass()(ir_model)
@@ -393,9 +392,7 @@ def test_double_quant():
     assert inits["W_absmax"].dtype == np.uint8 and inits["W_absmax"].shape == (96, 32)
     assert inits["W_nested_absmax"].shape == (12,) and inits["nf4_nested_code"].shape == (256,)
     assert report.double_quant and report.layers[0].bytes_after < 96 * 1024 // 2 + 96 * 32 * 4
-    a = activations((2, 1024))
-    w = nf4_roundtrip(float_weight(model, "W"), block_size=32, double_quant=True)
-    assert_same_outputs(run_reference(q, {"A": a}), run_reference(with_weights(model, {"W": w}), {"A": a}))
+    assert_runs_like_nf4_weights(q, model, {"A": activations((2, 1024))}, block_size=32, double_quant=True)
 
 
 def test_double_quant_code_table_is_shared_per_graph():
