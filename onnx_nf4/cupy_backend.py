@@ -551,31 +551,17 @@ class MatMulNF4(reference.MatMulNF4):
         cache[id(x)] = (x, device)  # holding x keeps its id from being reused
         return device
 
-    def _compute(
-        self,
-        A,
-        B,
-        absmax,
-        nested_absmax,
-        nested_code,
-        absmax_offset,
-        bias,
-        *,
-        K: int,
-        N: int,
-        block_size: int,
-        nested_block_size: int,
-    ) -> np.ndarray:
+    def _compute(self, A, weights: tuple, **attributes: int) -> np.ndarray:
         A = np.asarray(A)
         dtype = _dtype_name(A.dtype)
+        bias = weights[-1]
         if bias is not None and np.asarray(bias).dtype != A.dtype:
             raise TypeError(
                 f"MatMulNF4: input 'bias' has dtype {np.asarray(bias).dtype}, expected {A.dtype} (A's dtype)"
             )
         cupy = _cupy()
-        weights = [self._device(cupy, v) for v in (B, absmax, nested_absmax, nested_code, absmax_offset, bias)]
-        y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *weights, K=K, N=N, block_size=block_size,
-                    nested_block_size=nested_block_size)  # fmt: skip
+        on_device = [self._device(cupy, v) for v in weights]
+        y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *on_device, **attributes)
         return cupy.asnumpy(y).view(A.dtype)
 
 

@@ -169,39 +169,14 @@ class MatMulNF4(OpRun):
         missing = [name for name, value in (("K", K), ("N", N), ("block_size", block_size)) if value is None]
         if missing:
             raise ValueError(f"{_NAME}: required attribute(s) {', '.join(missing)} missing")
-        nested_block_size = 256 if nested_block_size is None else nested_block_size
         weights = (B, absmax, nested_absmax, nested_code, absmax_offset, bias)
-        return (self._compute(A, *weights, K=K, N=N, block_size=block_size, nested_block_size=nested_block_size),)
+        nested_block_size = 256 if nested_block_size is None else nested_block_size
+        return (self._compute(A, weights, K=K, N=N, block_size=block_size, nested_block_size=nested_block_size),)
 
-    def _compute(
-        self,
-        A,
-        B,
-        absmax,
-        nested_absmax,
-        nested_code,
-        absmax_offset,
-        bias,
-        *,
-        K: int,
-        N: int,
-        block_size: int,
-        nested_block_size: int,
-    ) -> np.ndarray:
-        """The output ``Y``, with every attribute resolved; a backend's subclass overrides this."""
-        return matmul_nf4(
-            A,
-            B,
-            absmax,
-            nested_absmax,
-            nested_code,
-            absmax_offset,
-            bias,
-            K=K,
-            N=N,
-            block_size=block_size,
-            nested_block_size=nested_block_size,
-        )
+    def _compute(self, A, weights: tuple, **attributes: int) -> np.ndarray:
+        """The output ``Y`` for ``weights`` = inputs 1..6 (``None`` where omitted) and the attributes ``K``, ``N``,
+        ``block_size``, ``nested_block_size`` (all set); a backend's subclass overrides this."""
+        return matmul_nf4(A, *weights, **attributes)
 
 
 class GatherElements(OpRun):
