@@ -40,6 +40,20 @@ void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_bl
   }
 }
 
+Int8Activations QuantizeActivationsInt8(const Problem& p, int64_t group, bool sums, Scratch& scratch) {
+  const Nf4Weight& w = p.w;
+  const int64_t kb = w.k_blocks, kpad = kb * w.block_size;
+  auto* qa = static_cast<int8_t*>(scratch.Zeroed(static_cast<size_t>(p.M * kpad)));
+  auto* ascale = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kb)));
+  int32_t* qsum = nullptr;
+  if (sums) qsum = static_cast<int32_t*>(scratch.Zeroed(sizeof(int32_t) * static_cast<size_t>(p.M * kb)));
+  for (int64_t m = 0; m < p.M; ++m) {
+    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, group, qa + m * kpad, ascale + m * kb,
+                    qsum != nullptr ? qsum + m * kb : nullptr);
+  }
+  return {&p, qa, ascale, qsum, kpad};
+}
+
 namespace {
 
 const KernelSet& Best() {

@@ -99,6 +99,19 @@ inline constexpr int64_t CodeOrderPos(int64_t k, int64_t group) {
 void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_blocks, int64_t group, int8_t* q,
                      float* scale, int32_t* qsum);
 
+// The activations of one call quantized for accuracy_level 4 (QuantizeActivationsInt8), in scratch memory.
+struct Int8Activations {
+  const Problem* p = nullptr;
+  const int8_t* qa = nullptr;      // [M][K_pad] in code order of the kernel's group
+  const float* ascale = nullptr;   // [M][k_blocks]
+  const int32_t* qsum = nullptr;   // [M][k_blocks], or nullptr when not asked for
+  int64_t kpad = 0;                // K_pad = k_blocks * block_size
+};
+
+// Quantizes every row of p.A by QuantizeRowInt8 in code order of `group` into zeroed scratch buffers, with the
+// per-block sums when `sums`. Throws std::bad_alloc.
+Int8Activations QuantizeActivationsInt8(const Problem& p, int64_t group, bool sums, Scratch& scratch);
+
 // The int8 image of the NF4 table used by accuracy_level 4: kNF4I8[c] = round(NF4[c] * 127), so that
 // W ~= kNF4I8[c] * scale / 127.
 inline constexpr float kInt8Levels = 127.0f;

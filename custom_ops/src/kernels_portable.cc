@@ -50,17 +50,11 @@ void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& /*scratch*/
   par.For(static_cast<size_t>(CeilDiv(p.w.N, kColsPerTask)), F32Columns, const_cast<Problem*>(&p));
 }
 
-struct Int8Task {
-  const Problem* p;
-  const int8_t* qa;      // [M][K_pad]
-  const float* ascale;   // [M][k_blocks]
-};
-
 void Int8Columns(void* data, size_t task) {
-  const Int8Task& t = *static_cast<Int8Task*>(data);
+  const Int8Activations& t = *static_cast<const Int8Activations*>(data);
   const Problem& p = *t.p;
   const Nf4Weight& w = p.w;
-  const int64_t bs = w.block_size, kb = w.k_blocks, kpad = kb * bs;
+  const int64_t bs = w.block_size, kb = w.k_blocks, kpad = t.kpad;
   const int64_t n0 = static_cast<int64_t>(task) * kColsPerTask;
   const int64_t n1 = std::min(n0 + kColsPerTask, w.N);
   for (int64_t n = n0; n < n1; ++n) {
@@ -86,15 +80,9 @@ void Int8Columns(void* data, size_t task) {
 }
 
 void MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
-  const Nf4Weight& w = p.w;
-  const int64_t kb = w.k_blocks, kpad = kb * w.block_size;
-  auto* qa = static_cast<int8_t*>(scratch.Zeroed(static_cast<size_t>(p.M * kpad)));
-  auto* ascale = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kb)));
-  for (int64_t m = 0; m < p.M; ++m) {  // the signed table needs no per-block sums
-    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, 2, qa + m * kpad, ascale + m * kb, nullptr);
-  }
-  Int8Task t{&p, qa, ascale};
-  par.For(static_cast<size_t>(CeilDiv(w.N, kColsPerTask)), Int8Columns, &t);
+  // Natural order (group 2); the signed table needs no per-block sums.
+  Int8Activations t = QuantizeActivationsInt8(p, 2, false, scratch);
+  par.For(static_cast<size_t>(CeilDiv(p.w.N, kColsPerTask)), Int8Columns, &t);
 }
 
 }  // namespace

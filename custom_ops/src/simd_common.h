@@ -1,6 +1,6 @@
-// simd_common.h: activation packing shared by the SIMD modules. Internal linkage on purpose (each module is
-// built with its own instruction-set flags, so no out-of-line copy may be shared between them); no library
-// templates.
+// simd_common.h: scale access, activation packing and row grouping shared by the SIMD modules. Internal linkage
+// on purpose (each module is built with its own instruction-set flags, so no out-of-line copy may be shared
+// between them); no library templates.
 #ifndef ONNX_NF4_SIMD_COMMON_H_
 #define ONNX_NF4_SIMD_COMMON_H_
 
@@ -50,14 +50,25 @@ inline void PackTransposedCodeOrder(const float* A, int64_t M, int64_t K, int64_
   }
 }
 
-// Quantizes every row of p.A to int8 in code order of `group` (see QuantizeRowInt8; qsum may be nullptr).
-inline void QuantizeRowsInt8(const Problem& p, int64_t group, int8_t* qa, float* ascale, int32_t* qsum) {
-  const Nf4Weight& w = p.w;
-  const int64_t kb = w.k_blocks, kpad = kb * w.block_size;
-  for (int64_t m = 0; m < p.M; ++m) {
-    QuantizeRowInt8(p.A + m * w.K, w.K, w.block_size, kb, group, qa + m * kpad, ascale + m * kb,
-                    qsum != nullptr ? qsum + m * kb : nullptr);
+// A number of rows as a type, for kernels templated on their row count.
+template <int R>
+struct RowCount {
+  static constexpr int kValue = R;
+};
+
+// Calls f(RowCount<R>{}, m0) with R = min(rows, kMax) for rows in [1, kMax] (the largest R first).
+template <int kMax, typename F>
+inline void ForRowGroup(int64_t rows, int64_t m0, F& f) {
+  if constexpr (kMax > 1) {
+    if (rows < kMax) return ForRowGroup<kMax - 1>(rows, m0, f);
   }
+  f(RowCount<kMax>{}, m0);
+}
+
+// Walks the rows [0, M) in groups of kMax (the last group smaller): f(RowCount<R>{}, m0) for each.
+template <int kMax, typename F>
+inline void ForRowGroups(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMax) ForRowGroup<kMax>(MinI64(M - m0, kMax), m0, f);
 }
 
 }  // namespace
