@@ -39,6 +39,7 @@ struct Isa {
     __m256 lo, hi;
   };
   static Table LoadTable() { return {_mm256_loadu_ps(kNF4), _mm256_loadu_ps(kNF4 + 8)}; }
+  static Table ScaleTable(const Table& t, Vec s) { return {_mm256_mul_ps(t.lo, s), _mm256_mul_ps(t.hi, s)}; }
   static Vec Lookup(const Table& t, __m256i idx, __m256i select_in_sign) {
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx),
                             _mm256_castsi256_ps(select_in_sign));

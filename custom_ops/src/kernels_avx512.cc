@@ -35,6 +35,7 @@ struct Isa {
 
   using Table = __m512;
   static Table LoadTable() { return _mm512_loadu_ps(kNF4); }
+  static Table ScaleTable(Table t, Vec s) { return _mm512_mul_ps(t, s); }
   // Decodes 32 codes (16 bytes) into the NF4 values of the even k and the odd k of the group.
   static void Decode(const uint8_t* bytes, Table table, Vec* even, Vec* odd) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));

@@ -8,6 +8,7 @@
 //   kGroup = 2 * kLanes             codes decoded per step (kGroup / 2 bytes of B);
 //   Table, LoadTable(), Decode(bytes, table, &even, &odd)
 //                                   the NF4 values of the kLanes even k and the kLanes odd k of a group;
+//   ScaleTable(table, s)            the table times the vector s (a block's exact weights, for Decode);
 //   kMaxGemvRows                    rows of A per weight-streaming pass;
 //   kOutlinedPanel                  whether the GEMM tiles call the panel decode out of line.
 // docs/cpu_kernel.md explains the algorithms.
@@ -23,7 +24,7 @@ namespace onnx_nf4::cpu {
 namespace {  // NOLINT(build/namespaces): see above
 
 constexpr int64_t kGemvCols = 16;          // columns per weight-streaming task
-constexpr int64_t kGemmKc = 256;           // K per decoded panel (TN x 256 floats: L1)
+constexpr int64_t kGemmKc = 64;            // K per decoded panel (TN x 64 floats, + the 64 x M_tile of A^T: L1)
 constexpr int64_t kMinGemmRows = 16;       // float32: rows from which the tiles beat weight streaming
 constexpr int64_t kMinInt8GemmRows = 32;   // accuracy_level 4: rows from which the float32 tiles are faster
 
@@ -180,13 +181,14 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
     }
     for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
       const int64_t b = (k0 + j) >> bs_log2;
-      const Vec s = Isa::Set1(Scale(w, n0 + c, b));
+      // The block's 16 exact weights NF4[code] * scale, once: the lookup then yields them directly.
+      const typename Isa::Table scaled = Isa::ScaleTable(table, Isa::Set1(Scale(w, n0 + c, b)));
       const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
       for (; j < j_end; j += Isa::kGroup) {
         Vec we, wo;
-        Isa::Decode(codes + (k0 + j) / 2, table, &we, &wo);
-        Isa::Store(dst + j, Isa::Mul(we, s));
-        Isa::Store(dst + j + Isa::kLanes, Isa::Mul(wo, s));
+        Isa::Decode(codes + (k0 + j) / 2, scaled, &we, &wo);
+        Isa::Store(dst + j, we);
+        Isa::Store(dst + j + Isa::kLanes, wo);
       }
     }
   }
