@@ -158,8 +158,10 @@ struct GemmArgs {
   int64_t kpad, mpad;
 };
 
-// Decodes the exact weights W[k0 + j, n0 + c] (j < kc, c < TN; zero for c >= nc) into panel[c][j], in code
-// order.
+// Decodes the exact weights W[k0 + j, n0 + c] (j < kc, c < TN; zero for c >= nc) into
+// panel[c * kGemmKc + j], in code order. The column stride is the constant kGemmKc even for a shorter last
+// chunk: the tile loop then addresses the TN weights of a k as one pointer plus constant offsets (with the
+// stride kc, the TN offsets would need TN registers and spill).
 template <class Isa, int TN>
 __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0,
                                                        int64_t kc, int64_t kpad, float* panel) {
@@ -168,7 +170,7 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
   const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(bs));
   const typename Isa::Table table = Isa::LoadTable();
   for (int64_t c = 0; c < TN; ++c) {
-    float* dst = panel + c * kc;
+    float* dst = panel + c * kGemmKc;
     if (c >= nc) {
       std::memset(dst, 0, sizeof(float) * kc);
       continue;
@@ -237,7 +239,7 @@ void GemmTask(void* data, size_t task) {
         for (int v = 0; v < V; ++v) a[v] = Isa::Load(at + k * g.mpad + kL * v);
 #pragma GCC unroll 24
         for (int c = 0; c < TN; ++c) {
-          const Vec wv = Isa::Set1(panel[c * kc + k]);
+          const Vec wv = Isa::Set1(panel[c * kGemmKc + k]);
           for (int v = 0; v < V; ++v) acc[c][v] = Isa::Fmadd(a[v], wv, acc[c][v]);
         }
       }
