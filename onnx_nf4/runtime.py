@@ -6,13 +6,16 @@ It is looked up, in order:
 
 1. next to this module (installed by ``pip install .``);
 2. the path in the environment variable ``ONNX_NF4_LIBRARY``;
-3. the development build ``build/dev`` of a source checkout (``tools/build_dev.sh``).
+3. the development build ``build/dev`` of a source checkout (``tools/build_dev.sh``);
+4. the library installed with the ``onnx_nf4`` distribution, when this module is imported from a source checkout
+   that shadows the installed package (e.g. ``python -m pytest`` in the repository after ``pip install .``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,15 @@ def _library_file_name() -> str:
     return "libonnx_nf4_ops.so"
 
 
+def _distribution_library(name: str) -> Path:
+    """Where ``pip install`` put the library of the installed ``onnx_nf4`` distribution (it may not exist)."""
+    try:
+        distribution = metadata.distribution("onnx_nf4")
+    except metadata.PackageNotFoundError:
+        return _PACKAGE_DIR / name
+    return Path(str(distribution.locate_file(f"onnx_nf4/{name}"))).resolve()
+
+
 def custom_op_library() -> str:
     """The absolute path of the ``onnx_nf4`` custom-op library, for ``SessionOptions.register_custom_ops_library``.
 
@@ -59,6 +71,11 @@ def custom_op_library() -> str:
     if dev.is_file():
         return str(dev)
     searched.append(str(dev))
+    distributed = _distribution_library(name)
+    if distributed.is_file():
+        return str(distributed)
+    if str(distributed) not in searched:
+        searched.append(str(distributed))
     raise CustomOpLibraryNotFoundError(
         "the onnx_nf4 custom-op library is not built; searched: "
         + ", ".join(searched)
