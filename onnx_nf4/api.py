@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from .codec import check_block_size, dequantize_blockwise
+from .codec import check_block_size, dequantize_blockwise, is_valid_nested_block_size
 from .double_quant import NestedAbsmax
 from .layout import QuantizedWeight, dequantize_weight
 from .model_io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
@@ -144,7 +144,7 @@ def _nested(node: ir.Node, N: int, k_blocks: int, absmax: np.ndarray) -> NestedA
     if nested_absmax is None or code is None or offset is None:
         raise ValueError(f"{label}: uint8 absmax without the nested statistics")
     nbs = _attr(node, "nested_block_size", 256)
-    if nbs < 16 or nbs & (nbs - 1):
+    if not is_valid_nested_block_size(nbs):
         raise ValueError(f"{label}: nested_block_size must be a power of two >= 16, got {nbs}")
     _check_input(node, "nested_absmax", nested_absmax, (np.float32,), (-(-N * k_blocks // nbs),))
     _check_input(node, "nested_code", code, (np.float32,), (256,))

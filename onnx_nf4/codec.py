@@ -32,6 +32,8 @@ __all__ = [
     "check_block_size",
     "check_finite",
     "dequantize_blockwise",
+    "is_valid_block_size",
+    "is_valid_nested_block_size",
     "pack_nibbles",
     "quantize_blockwise",
     "unpack_nibbles",
@@ -44,10 +46,20 @@ _BNB_TINY = np.float32(1e-38)
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
 
+def is_valid_block_size(block_size: int) -> bool:
+    """Whether ``block_size`` is an NF4 block size: a power of two in [16, 4096]."""
+    return 16 <= block_size <= 4096 and block_size & (block_size - 1) == 0
+
+
+def is_valid_nested_block_size(block_size: int) -> bool:
+    """Whether ``block_size`` is a double-quantization block size: a power of two >= 16."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
 def check_block_size(block_size: int) -> int:
     """Return ``block_size`` if it is a power of two in [16, 4096], else raise ``ValueError``."""
     bs = int(block_size)
-    if bs != block_size or bs < 16 or bs > 4096 or bs & (bs - 1):
+    if bs != block_size or not is_valid_block_size(bs):
         raise ValueError(f"block_size must be a power of two between 16 and 4096, got {block_size!r}")
     return bs
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import reference
+from .codec import is_valid_block_size, is_valid_nested_block_size
 
 __all__ = [
     "KernelSourceNotFoundError",
@@ -180,7 +181,7 @@ def plan_launches(
         raise ValueError("MatMulNF4: the tensor-core kernel takes float16 or bfloat16 A only")
     if not (1 <= K < 2**31 and 1 <= N < 2**31) or M < 0:
         raise ValueError(f"MatMulNF4: sizes out of range (M={M}, K={K}, N={N})")
-    if block_size < 16 or block_size > 4096 or block_size & (block_size - 1):
+    if not is_valid_block_size(block_size):
         raise ValueError(f"MatMulNF4: block_size must be a power of two in [16, 4096], got {block_size}")
     mma = algo == "mma" or (algo == "auto" and dtype != "float32")
     row_bytes = _ceil_div(K, block_size) * block_size // 2
@@ -392,7 +393,7 @@ def _matmul(
     K, N, block_size = int(K), int(N), int(block_size)
     _check(K >= 1 and N >= 1, f"K and N must be >= 1, got K={K}, N={N}")
     _check(
-        16 <= block_size <= 4096 and block_size & (block_size - 1) == 0,
+        is_valid_block_size(block_size),
         f"block_size must be a power of two in [16, 4096], got {block_size}",
     )
     _check(algo in ("auto", "simt", "mma"), f"algo must be 'auto', 'simt' or 'mma', got {algo!r}")
@@ -411,7 +412,7 @@ def _matmul(
             "absmax is uint8 but nested_absmax, nested_code or absmax_offset is missing",
         )
         nbs = int(nested_block_size)
-        _check(nbs >= 16 and nbs & (nbs - 1) == 0, f"nested_block_size must be a power of two >= 16, got {nbs}")
+        _check(is_valid_nested_block_size(nbs), f"nested_block_size must be a power of two >= 16, got {nbs}")
         _check(
             all(v.dtype == np.float32 for v in nested), "nested_absmax, nested_code and absmax_offset must be float32"
         )

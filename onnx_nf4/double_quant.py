@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .codec import is_valid_nested_block_size
+
 __all__ = [
     "DYNAMIC_CODE",
     "NestedAbsmax",
@@ -200,7 +202,7 @@ class NestedAbsmax:
 
 def _check_nested_block_size(block_size: int) -> int:
     bs = int(block_size)
-    if bs != block_size or bs < 16 or bs & (bs - 1):
+    if bs != block_size or not is_valid_nested_block_size(bs):
         raise ValueError(f"nested block_size must be a power of two >= 16, got {block_size!r}")
     return bs
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from .codec import check_block_size
+from .codec import check_block_size, is_valid_nested_block_size
 from .double_quant import NestedAbsmax
 from .layout import QuantizedWeight, dequantize_weight
 from .schema import DOMAIN, OP_TYPE
@@ -65,7 +65,7 @@ def _nested_statistics(
         missing = [name for name, value in zip(names, nested, strict=True) if value is None]
         raise ValueError(f"{_NAME}: absmax is uint8 (double quantization) but {', '.join(missing)} missing")
     nbs = int(nested_block_size)
-    if nbs < 16 or nbs & (nbs - 1):
+    if not is_valid_nested_block_size(nbs):
         raise ValueError(f"{_NAME}: nested_block_size must be a power of two >= 16, got {nested_block_size}")
     nested_absmax, nested_code, offset = (np.asarray(v) for v in nested)
     for name, value in zip(names, (nested_absmax, nested_code, offset), strict=True):

@@ -14,6 +14,8 @@ import threading
 import onnx
 from onnx import defs
 
+from .codec import is_valid_block_size
+
 __all__ = ["DOMAIN", "MS_DOMAIN", "OPSET_VERSION", "OP_TYPE", "is_registered", "register"]
 
 DOMAIN = "onnx_nf4"
@@ -73,7 +75,7 @@ def _infer(ctx) -> None:
     K, N, block_size = (int(attrs[name].i) for name in ("K", "N", "block_size"))
     if K < 1 or N < 1:
         _fail(f"K and N must be >= 1, got K={K}, N={N}")
-    if block_size < 16 or block_size > 4096 or block_size & (block_size - 1):
+    if not is_valid_block_size(block_size):
         _fail(f"block_size must be a power of two in [16, 4096], got {block_size}")
     k_blocks = -(-K // block_size)
     _check_input_dims(ctx, 1, "B", [N, k_blocks, block_size // 2])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codebook import NF4_CODE
+from ..codec import is_valid_nested_block_size
 from ..double_quant import NestedAbsmax
 from ..layout import QuantizedWeight
 
@@ -105,7 +106,7 @@ def _validate(weight: BnbWeight) -> None:
     nested = weight.nested
     if nested is not None:
         nbs = int(nested.block_size)
-        if nbs < 16 or nbs & (nbs - 1):
+        if not is_valid_nested_block_size(nbs):
             raise _fail(weight, f"nested blocksize must be a power of two >= 16, got {nbs}")
         if nested.nested_absmax.dtype != np.float32 or nested.nested_absmax.size != -(-n_absmax // nbs):
             raise _fail(weight, f"nested_absmax must be float32 with {-(-n_absmax // nbs)} entries")
