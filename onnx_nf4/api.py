@@ -10,6 +10,7 @@ tensor itself, also those of an input with external data. The input is never mod
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 
@@ -18,9 +19,11 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from .calibration import CalibrationData
 from .codec import check_block_size, dequantize_blockwise, is_valid_nested_block_size
 from .double_quant import NestedAbsmax
 from .layout import QuantizedWeight, dequantize_weight
+from .methods import check_method
 from .model_io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
 from .passes import DEFAULT_MIN_ELEMENTS, ProgressCallback, QuantizeNF4Pass, UniqueNames, remove_unused_initializers
 from .report import QuantizationReport
@@ -56,6 +59,8 @@ def quantize_model(
     on_progress: ProgressCallback | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
     external_data: bool | None = None,
+    method: str = "rtn",
+    calibration: CalibrationData | None = None,
 ) -> tuple[onnx.ModelProto | None, QuantizationReport]:
     """Rewrite the float ``MatMul`` / ``Gemm`` weights of a model to NF4 (see :mod:`onnx_nf4.passes`).
 
@@ -75,6 +80,13 @@ def quantize_model(
             ``False`` keeps them in the protobuf, ``None`` (default) chooses external data when the input's or the
             output's tensors exceed 2 GB (writing a large input's NF4 output as one protobuf would need several
             copies of it in memory).
+        method: how codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same):
+            ``"rtn"`` (default: round to nearest at the absmax, byte for byte onnxruntime's quantizer),
+            ``"mse"`` (data-free: per block, the scale minimizing its squared error) or ``"gptq"`` (codes with
+            error feedback on the layers' input statistics; needs ``calibration``).
+        calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
+            the graph inputs), a sequence of feed dicts, or a callable returning an iterable of feed dicts
+            (:mod:`onnx_nf4.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
 
     Returns:
         ``(model, report)``: the rewritten ``ModelProto`` (``None`` when ``output_path`` is given) and the
@@ -82,9 +94,15 @@ def quantize_model(
 
     Raises:
         onnx_nf4.model_io.ModelLoadError: the input file cannot be read as an ONNX model.
-        ValueError: invalid settings, or a ``prequantized`` weight that does not fit its node.
+        ValueError: invalid settings, or a ``prequantized`` weight that does not fit its node, or calibration
+            data that does not fit the model.
     """
     _check_output(output_path, external_data)
+    check_method(method)
+    if method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs calibration data (calibration=...)")
+    if method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {method!r}")
     quantize = QuantizeNF4Pass(
         block_size=block_size,
         double_quant=double_quant,
@@ -93,13 +111,67 @@ def quantize_model(
         min_elements=min_elements,
         on_progress=on_progress,
         prequantized=prequantized,
+        method=method,
     )
     model = load_model(model_or_path)
     if external_data is None and output_path is not None and tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
         external_data = True
+    output_errors: dict[str, float] = {}
+    if method == "gptq":
+        assert calibration is not None
+        calibrated, output_errors = _gptq_weights(model, quantize, calibration, on_progress)
+        quantize.prequantized = {**calibrated, **quantize.prequantized}
     quantize(model)
-    assert quantize.report is not None
-    return _finish(model, output_path, external_data), quantize.report
+    report = quantize.report
+    assert report is not None
+    if output_errors:
+        report.layers = [
+            dataclasses.replace(layer, output_error=output_errors.get(layer.weight)) for layer in report.layers
+        ]
+    return _finish(model, output_path, external_data), report
+
+
+def _gptq_weights(
+    model: ir.Model,
+    quantize: QuantizeNF4Pass,
+    calibration: CalibrationData,
+    on_progress: ProgressCallback | None,
+) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """GPTQ weights for ``quantize.prequantized``, and their output errors, keyed by weight name.
+
+    Only weights of the main graph that the pass will rewrite, used in one orientation, that the caller did not
+    prequantize, and (``com.microsoft``) whose K is a multiple of the block size; the pass quantizes any other
+    weight with ``mse``.
+    """
+    from .methods.calibrated import find_layers, quantize_with_calibration
+
+    planned = quantize.planned_weights(model)
+    orientations: dict[str, int] = {}
+    for name, *_ in planned:
+        orientations[name] = orientations.get(name, 0) + 1
+    keys = [
+        (name, transpose)
+        for name, transpose, K, _ in planned
+        if orientations[name] == 1
+        and name not in quantize.prequantized
+        and (quantize.format == "onnx_nf4" or K % quantize.block_size == 0)
+    ]
+    layers = find_layers(model, keys)
+    if not layers:
+        return {}, {}
+    results = quantize_with_calibration(
+        model,
+        layers,
+        calibration,
+        block_size=quantize.block_size,
+        double_quant=quantize.double_quant,
+        scales_in_weight_dtype=quantize.format == "com.microsoft",  # MatMulBnb4 stores the absmax in T
+        on_progress=on_progress,
+    )
+    return (
+        {name: result.q for (name, _), result in results.items()},
+        {name: result.output_error for (name, _), result in results.items()},
+    )
 
 
 def _const(node: ir.Node, index: int) -> np.ndarray | None:

@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 
 from . import __version__
 from .codec import check_block_size
+from .methods import METHODS
 from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
 from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
@@ -131,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnx_nf4",
         help="onnx_nf4: onnx_nf4::MatMulNF4 (needs this package's runtime); "
         "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
+    )
+    quantize.add_argument(
+        "--method",
+        choices=METHODS,
+        default="rtn",
+        help="how codes and block scales are chosen (same format): rtn = round to nearest at the absmax, "
+        "byte for byte onnxruntime's quantizer (default); mse = per block, the scale minimizing its squared "
+        "error (data-free); gptq = codes with error feedback on calibration data (needs --calibration)",
+    )
+    quantize.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        type=Path,
+        help="--method gptq: one batch of the model's inputs, arrays named after the graph inputs "
+        "(rows where an attention_mask input is 0 are left out)",
     )
     quantize.add_argument(
         "--min-elements",
@@ -257,6 +273,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.double_quant and args.format != "onnx_nf4":
         raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
+    if args.method == "gptq" and args.calibration is None:
+        raise CLIError("--method gptq needs --calibration FILE.npz (the model's inputs)")
+    if args.method != "gptq" and args.calibration is not None:
+        raise CLIError(f"--calibration is used by --method gptq only, not by --method {args.method}")
+    if args.calibration is not None and not args.calibration.is_file():
+        raise CLIError(f"{args.calibration}: calibration file not found")
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
@@ -268,6 +290,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             min_elements=args.min_elements,
             on_progress=progress.update,
             external_data=args.external_data,
+            method=args.method,
+            calibration=args.calibration,
         )
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
@@ -332,7 +356,14 @@ def format_quantization_report(report: QuantizationReport) -> str:
             )
             for layer in report.layers
         ]
-        lines.append(render_table(("layer", "K x N", "before", "after", "rel. RMS error"), rows))
+        header: tuple[str, ...] = ("layer", "K x N", "before", "after", "rel. RMS error")
+        if any(layer.output_error is not None for layer in report.layers):
+            header += ("output error",)
+            rows = [
+                (*row, "-" if layer.output_error is None else f"{layer.output_error:.4f}")
+                for row, layer in zip(rows, report.layers, strict=True)
+            ]
+        lines.append(render_table(header, rows))
     if report.skipped:
         if lines:
             lines.append("")
@@ -345,9 +376,10 @@ def format_quantization_report(report: QuantizationReport) -> str:
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)
         shared = f" ({distinct} distinct weights)" if distinct != len(report.layers) else ""
+        method = "" if report.method == "rtn" else f", method {report.method}"
         lines.append(
             f"quantized {len(report.layers)} layer(s){shared} to NF4, format {report.format}, "
-            f"block size {report.block_size}{double}"
+            f"block size {report.block_size}{double}{method}"
         )
         lines.append(
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
@@ -429,6 +461,9 @@ class _Progress:
     def update(self, done: int, total: int, name: str) -> None:
         if not self._enabled:
             return
+        if self._bar is not None and (total != self._bar.total or done < self._bar.n):  # a new phase
+            self._bar.close()
+            self._bar = None
         if self._bar is None:
             from tqdm import tqdm
 

@@ -44,7 +44,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .codec import check_block_size, check_finite, dequantize_blockwise, quantize_blockwise
-from .layout import QuantizedWeight, dequantize_weight, quantize_weight
+from .layout import QuantizedWeight, dequantize_weight
+from .methods import check_method, encode_flat_mse, encode_weight
 from .report import LayerReport, QuantizationReport, SkippedLayer
 from .schema import DOMAIN, MS_DOMAIN, OP_TYPE, OPSET_VERSION
 
@@ -270,6 +271,10 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         exclude: regular expressions; a node whose name or weight name matches one (``re.search``) is skipped.
         min_elements: weights with fewer elements stay float.
         on_progress: ``on_progress(done, total, weight_name)`` after each distinct weight.
+        method: how codes and scales are chosen (:mod:`onnx_nf4.methods`): ``"rtn"`` (round to nearest, bit-exact
+            with onnxruntime's quantizer) or ``"mse"`` (per-block scale search). ``"gptq"`` needs calibration
+            data: :func:`onnx_nf4.quantize_model` computes those weights and passes them as ``prequantized``;
+            any other weight is quantized as ``"mse"``.
         prequantized: weights to use as given instead of quantizing, keyed by weight initializer name (their
             ``K`` and ``N`` must match the node; for ``com.microsoft`` they need ``K % block_size == 0``, no
             double quantization, and an absmax exactly representable in the weight's dtype).
@@ -291,6 +296,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         min_elements: int = DEFAULT_MIN_ELEMENTS,
         on_progress: ProgressCallback | None = None,
         prequantized: Mapping[str, QuantizedWeight] | None = None,
+        method: str = "rtn",
     ):
         super().__init__()
         if format not in FORMATS:
@@ -308,6 +314,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         if int(min_elements) < 0:
             raise ValueError(f"min_elements must be >= 0, got {min_elements}")
         self.block_size = check_block_size(block_size)
+        self.method = check_method(method)
         self.double_quant = bool(double_quant)
         self.format = format
         self.exclude: list[re.Pattern[str]] = patterns
@@ -449,8 +456,10 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         if self.format == "com.microsoft":
             if q is not None:
                 packed, absmax = q.packed.reshape(-1), q.absmax.reshape(-1)
-            else:
+            elif self.method == "rtn":
                 packed, absmax = quantize_blockwise(w.T, self.block_size, name=name)
+            else:
+                packed, absmax = encode_flat_mse(w.T, self.block_size, scale_dtype=w.dtype.type)
             bs = q.block_size if q is not None else self.block_size
             absmax_t = absmax.astype(w.dtype)
             wq = dequantize_blockwise(packed, absmax_t.astype(np.float32), (plan.N, plan.K), bs).T
@@ -460,7 +469,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             ]
             return _Quantized(None, bs, inputs, packed.nbytes + absmax_t.nbytes, _rel_rms_error(w, wq))
         if q is None:
-            q = quantize_weight(w, self.block_size, double_quant=self.double_quant, name=name)
+            method = "mse" if self.method == "gptq" else self.method
+            q = encode_weight(w, self.block_size, method=method, double_quant=self.double_quant, name=name)
         inputs = [
             self._initializer(graph, f"{name}_nf4", q.packed),
             self._initializer(graph, f"{name}_absmax", q.absmax),
@@ -550,8 +560,21 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------------------------------------- driver
 
+    def planned_weights(self, model: ir.Model) -> list[tuple[str, bool, int, int]]:
+        """``(weight name, transposed, K, N)`` of each weight a call would quantize (the model is only read)."""
+        keys: dict[tuple[str, bool], tuple[str, bool, int, int]] = {}
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in _ONNX_DOMAINS:
+                continue
+            try:
+                plan = self._plan(node)
+            except _Skip:
+                continue
+            keys[plan.key] = (plan.weight.name or "", plan.transpose, plan.K, plan.N)
+        return list(keys.values())
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        report = QuantizationReport(self.block_size, self.double_quant, self.format)
+        report = QuantizationReport(self.block_size, self.double_quant, self.format, method=self.method)
         self.report = report
         self._names = UniqueNames(model)
         self._code_tables = {}

@@ -22,14 +22,23 @@ from typing import Literal
 import numpy as np
 
 from ..codebook import NF4_ZERO_CODE
-from ..codec import as_float_array, check_block_size, check_finite
+from ..codec import as_float_array, check_block_size, check_finite, pack_nibbles
 from ..layout import QuantizedWeight, quantize_weight
 from .gptq import DEFAULT_DAMP, PreparedHessian, gptq_codes
 from .grid import reciprocal, scaled_codes
 from .mse import block_errors, search_scales
 from .storage import store_scales
 
-__all__ = ["DEFAULT_DAMP", "METHODS", "Method", "PreparedHessian", "check_method", "encode_weight", "weight_blocks"]
+__all__ = [
+    "DEFAULT_DAMP",
+    "METHODS",
+    "Method",
+    "PreparedHessian",
+    "check_method",
+    "encode_flat_mse",
+    "encode_weight",
+    "weight_blocks",
+]
 
 Method = Literal["rtn", "mse", "gptq"]
 METHODS: tuple[str, ...] = ("rtn", "mse", "gptq")
@@ -124,3 +133,24 @@ def encode_weight(
         assert isinstance(hessian, PreparedHessian)
         codes = gptq_codes(w, hessian, stored.decoded, bs)
     return QuantizedWeight(K, N, bs, _pack(codes, K, bs), stored.absmax, stored.nested)
+
+
+def encode_flat_mse(
+    w: np.ndarray, block_size: int = 64, *, scale_dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """``method="mse"`` in the flat layout of :func:`onnx_nf4.codec.quantize_blockwise` (``com.microsoft``).
+
+    Blocks are ``block_size`` consecutive elements of ``w.reshape(-1)`` (the last one may be partial; it is
+    searched as if zero-padded), so they may run across rows. Returns ``(packed uint8 [(n + 1) // 2],
+    absmax [ceil(n / block_size)] of scale_dtype)``; codes are chosen for the scale rounded to ``scale_dtype``.
+    """
+    bs = check_block_size(block_size)
+    w = as_float_array(w)
+    check_finite(w)
+    flat = w.reshape(-1).astype(np.float32)
+    n = flat.size
+    blocks = np.zeros((-(-n // bs), bs), dtype=np.float32)
+    blocks.reshape(-1)[:n] = flat
+    stored = store_scales(search_scales(blocks)[None, :], dtype=scale_dtype)
+    codes, _ = scaled_codes(blocks, reciprocal(stored.decoded.reshape(-1))[:, None])
+    return pack_nibbles(codes.reshape(-1)[:n]), stored.absmax.reshape(-1)

@@ -170,7 +170,7 @@ def quantize_with_calibration(
     *,
     block_size: int = 64,
     double_quant: bool = False,
-    scale_dtype: type = np.float32,
+    scales_in_weight_dtype: bool = False,
     damp: float = DEFAULT_DAMP,
     act_order: bool = True,
     sequential: bool = True,
@@ -179,8 +179,9 @@ def quantize_with_calibration(
 ) -> dict[tuple[str, bool], CalibratedWeight]:
     """GPTQ-quantize ``layers`` of ``model`` on calibration ``data`` (see the module docstring).
 
-    ``model`` is not modified. The arguments after ``data`` are those of :func:`onnx_nf4.methods.encode_weight`,
-    plus ``sequential`` (layer by layer, or all statistics from the float model), ``exclude_padding`` (drop rows
+    ``model`` is not modified. The arguments after ``data`` are those of :func:`onnx_nf4.methods.encode_weight`
+    (``scales_in_weight_dtype``: store each weight's scales in its own dtype, as ``MatMulBnb4`` does), plus
+    ``sequential`` (layer by layer, or all statistics from the float model), ``exclude_padding`` (drop rows
     where ``attention_mask`` is 0) and ``on_progress(done, total, weight_name)`` after each weight.
 
     Returns:
@@ -201,7 +202,8 @@ def quantize_with_calibration(
             w, dtype = _weight(model, layer)
             h = prepared[layer.activations]
             q = encode_weight(w, block_size, method="gptq", double_quant=double_quant, hessian=h,
-                              scale_dtype=scale_dtype, name=layer.weight)  # fmt: skip
+                              scale_dtype=w.dtype.type if scales_in_weight_dtype else np.float32,
+                              name=layer.weight)  # fmt: skip
             wq = dequantize_weight(q)
             rows = sum(hessians[pair].rows for pair in layer.activations)
             results[layer.key] = CalibratedWeight(q, relative_output_error(w, wq, h.matrix), rows)
