@@ -39,8 +39,11 @@ __all__ = [
     "relative_output_error",
 ]
 
-#: Damping added to the diagonal of H, as a fraction of its mean diagonal.
-DEFAULT_DAMP = 0.01
+#: Damping added to the diagonal of H, as a fraction of its mean diagonal. Larger than GPTQ's usual 0.01: with
+#: a few thousand calibration rows, the H of a wide layer (K = 1536 and more) is far from full rank, and the
+#: stronger pull towards nearest rounding generalizes better to other inputs (all-MiniLM-L6-v2, 72 calibration
+#: sentences: mean cosine 0.9901 with 0.1 against 0.9878 with 0.01 on 24 other sentences).
+DEFAULT_DAMP = 0.1
 #: Rows quantized between two matrix-product updates of the remaining rows.
 LAZY_ROWS = 128
 
