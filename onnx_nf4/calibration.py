@@ -205,7 +205,8 @@ class ActivationCollector:
             feed = _check_batch(batch, self.input_names, count - 1)
             mask = feed.get(ATTENTION_MASK) if exclude_padding else None
             mask = mask if mask is not None and mask.ndim == 2 else None
-            results = dict(zip(fetch, self._session.run(fetch, {**feed, **(weights or {})}), strict=True))
+            outputs = self._session.run(fetch, {**feed, **(weights or {})}) if fetch else []  # [] fetches all
+            results = dict(zip(fetch, outputs, strict=True))
             for name, transposed in wanted:
                 x = _rows(results[name] if name in results else feed[name], transposed, mask)
                 h = hessians.setdefault((name, transposed), Hessian(np.zeros((x.shape[1],) * 2)))

@@ -157,10 +157,10 @@ def test_gptq_lowers_the_output_error() -> None:
         errors[label] = relative_output_error(w, wq, h)
         direct = np.linalg.norm(x.astype(np.float64) @ (w - wq)) / np.linalg.norm(x.astype(np.float64) @ w)
         assert errors[label] == pytest.approx(direct, rel=1e-6)
-    # Measured: rtn 0.1034, mse 0.0993, gptq 0.0822, gptq act-order 0.0603.
+    # Measured (damping 0.1): rtn 0.1034, mse 0.0993, gptq 0.0860, gptq act-order 0.0732.
     assert errors["mse"] < 0.97 * errors["rtn"]
-    assert errors["gptq"] < 0.85 * errors["mse"]
-    assert errors["gptq act-order"] < 0.63 * errors["mse"]
+    assert errors["gptq"] < 0.89 * errors["mse"]
+    assert errors["gptq act-order"] < 0.76 * errors["mse"]
 
 
 def test_gptq_codes_validate_shapes() -> None:
