@@ -77,7 +77,7 @@ def test_calibration_sources(tmp_path, rng) -> None:
     with pytest.raises(TypeError, match="calibration data must be"):
         calibration_batches(42)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match=r"not a readable \.npz"):
         load_calibration_file(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError):
         load_calibration_file(tmp_path / "missing.npz")
@@ -187,3 +187,25 @@ def test_quantize_model_method_arguments(rng) -> None:
         onnx_nf4.quantize_model(model, method="mse", calibration=[_batch(rng, 1, 2)])
     with pytest.raises(ValueError, match="method must be one of"):
         onnx_nf4.quantize_model(model, method="awq")
+
+
+def test_command_line_method_options(tmp_path, rng, capsys) -> None:
+    from onnx_nf4 import cli
+
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_model(rng), source)
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, **_batch(rng, 8, 32))
+    for args, message in [
+        (["--method", "gptq"], "--method gptq needs --calibration FILE.npz"),
+        (["--method", "mse", "--calibration", str(calibration)], "used by --method gptq only"),
+        (["--method", "gptq", "--calibration", str(tmp_path / "none.npz")], "calibration file not found"),
+    ]:
+        assert cli.main(["quantize", str(source), str(target), "-q", "--min-elements", "0", *args]) == 1
+        assert message in capsys.readouterr().err
+        assert not target.exists()
+    args = ["--method", "gptq", "--calibration", str(calibration), "--block-size", "32"]
+    assert cli.main(["quantize", str(source), str(target), "-q", "--min-elements", "0", *args]) == 0
+    out = capsys.readouterr().out
+    assert "output error" in out and "method gptq" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("fc")] == ["fc1", "fc2"]
