@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 cos = minilm.cosine(embed(out, custom=True), reference)
-                microsoft = "-"
+                microsoft = "- | -"
                 if not double_quant:
                     out_ms = work / f"{method}_ms.onnx"
                     onnx_nf4.quantize_model(fp32, out_ms, block_size=BLOCK_SIZE, format="com.microsoft",
