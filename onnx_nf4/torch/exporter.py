@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from ..codec import check_block_size
 from ..layout import dequantize_weight
 from ..model_io import load_model
-from ..passes import DEFAULT_MIN_ELEMENTS, FORMATS
+from ..options import QuantizeOptions
 from ..report import QuantizationReport
 from .bnb_layout import to_quantized_weight
 from .bnb_modules import bnb_weight, find_linear4bit
@@ -205,9 +204,10 @@ def export(
     args: Any,
     path: str | os.PathLike[str],
     *,
-    block_size: int = 64,
-    double_quant: bool = False,
-    format: str = "onnx_nf4",
+    options: QuantizeOptions | None = None,
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    format: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     dynamo: bool = True,
     opset_version: int | None = None,
@@ -216,8 +216,8 @@ def export(
     dynamic_axes: Mapping[str, Any] | bool = True,
     quantize_float: bool | None = None,
     quantize_lora: bool = False,
-    exclude: Iterable[str] = (),
-    min_elements: int = DEFAULT_MIN_ELEMENTS,
+    exclude: Iterable[str] | None = None,
+    min_elements: int | None = None,
     external_data: bool | None = None,
 ) -> QuantizationReport:
     """Export ``model`` with ``torch.onnx.export`` and write it to ``path`` with NF4 weights.
@@ -232,7 +232,7 @@ def export(
         model: the module to export (put it in ``eval()`` mode first); it is left as it was.
         args: the example positional inputs (a tensor or a tuple), as for ``torch.onnx.export``.
         path: the ``.onnx`` file to write.
-        block_size, double_quant, format, exclude, min_elements, external_data: as for
+        options, block_size, double_quant, format, exclude, min_elements, external_data: as for
             :func:`onnx_nf4.quantize_model`, for the float weights that are quantized (``external_data=None``
             writes ``<file name>.data`` only above 2 GB). ``exclude`` also applies to ``Linear4bit`` layers (an
             excluded one stays a float ``MatMul`` holding its decoded weight).
@@ -262,9 +262,8 @@ def export(
     """
     import torch
 
-    check_block_size(block_size)
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    settings = {"block_size": block_size, "double_quant": double_quant, "format": format, "exclude": exclude}
+    options = QuantizeOptions.build(options, **settings, min_elements=min_elements, external_data=external_data)
     args = args if isinstance(args, tuple) else (args,)
     bnb_layers = find_linear4bit(model)
     quantized = {name: to_quantized_weight(bnb_weight(name, module)) for name, module in bnb_layers.items()}
@@ -282,16 +281,6 @@ def export(
         for key in _torch_digests(decoded):
             layer_keys.setdefault(key, name)
     lora_keys = {key for module in lora.values() for key in _torch_digests(module.weight)}
-
-    # For the float weights that are quantized (quantize_model's and quantize_with_prequantized's keywords).
-    settings: dict[str, Any] = {
-        "block_size": block_size,
-        "double_quant": double_quant,
-        "format": format,
-        "exclude": exclude,
-        "min_elements": min_elements,
-        "external_data": external_data,
-    }
 
     target = Path(path)
     if not target.absolute().parent.is_dir():
@@ -313,7 +302,7 @@ def export(
         if not bnb_layers and not lora:
             from ..api import quantize_model
 
-            _, report = quantize_model(float_path, target, **settings)
+            _, report = quantize_model(float_path, target, options)
             return report
         ir_model = load_model(float_path)
         prequantized = {}
@@ -350,5 +339,5 @@ def export(
             prequantized,
             keep_float=() if quantize_lora else lora_weights,
             quantize_float=quantize_float,
-            **settings,
+            options=options,
         )
