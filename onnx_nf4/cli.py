@@ -31,10 +31,9 @@ from google.protobuf.message import DecodeError
 
 from . import __version__
 from .codec import check_block_size
-from .methods import METHODS
 from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
-from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
+from .options import DEFAULT_MIN_ELEMENTS, FORMATS, METHODS, QuantizeOptions
 from .report import QuantizationReport
 from .table import format_bytes, render_table
 
@@ -281,17 +280,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.calibration}: calibration file not found")
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
+    options = QuantizeOptions(
+        **quantize_kwargs(args),
+        format=args.format,
+        min_elements=args.min_elements,
+        external_data=args.external_data,
+        method=args.method,
+    )
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         _, report = quantize_model(
-            args.input,
-            args.output,
-            **quantize_kwargs(args),
-            format=args.format,
-            min_elements=args.min_elements,
-            on_progress=progress.update,
-            external_data=args.external_data,
-            method=args.method,
-            calibration=args.calibration,
+            args.input, args.output, options, calibration=args.calibration, on_progress=progress.update
         )
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
@@ -376,10 +374,9 @@ def format_quantization_report(report: QuantizationReport) -> str:
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)
         shared = f" ({distinct} distinct weights)" if distinct != len(report.layers) else ""
-        method = "" if report.method == "rtn" else f", method {report.method}"
         lines.append(
             f"quantized {len(report.layers)} layer(s){shared} to NF4, format {report.format}, "
-            f"block size {report.block_size}{double}{method}"
+            f"block size {report.block_size}{double}{'' if report.method == 'rtn' else f', method {report.method}'}"
         )
         lines.append(
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "

@@ -20,13 +20,13 @@ class LayerReport:
         bytes_after: bytes of this weight's NF4 tensors (codes, absmax, and with double quantization the nested
             absmax and offset; the 256-entry nested code table, one per graph, is in
             :attr:`QuantizationReport.shared_bytes`).
-        rel_rms_error: ``rms(W - dequant(W)) / rms(W)`` (0 for an all-zero weight), for the method used.
+        rel_rms_error: ``rms(W - dequant(W)) / rms(W)`` (0 for an all-zero weight).
         op_type: the original op type (``MatMul`` or ``Gemm``).
         fused_bias: whether a following ``Add`` (or Gemm's C) was fused into the node.
         shared: whether the weight was already quantized for an earlier node.
         output_error: ``method="gptq"``: ``||X (W - dequant(W))|| / ||X W||`` over the calibration rows ``X``
             that reached this layer (the float layer's output, bias left out, is the reference); ``None`` for the
-            other methods and for weights quantized without calibration.
+            other methods and for weights quantized without calibration statistics.
     """
 
     node: str
@@ -61,6 +61,8 @@ class QuantizationReport:
     skipped: list[SkippedLayer] = field(default_factory=list)
     #: Bytes of tensors shared by every double-quantized layer of a graph (the nested code tables).
     shared_bytes: int = 0
+    #: The ``accuracy_level`` attribute written on every ``MatMulNF4`` node (0: float32 compute).
+    accuracy_level: int = 0
     #: How codes and scales were chosen: ``"rtn"``, ``"mse"`` or ``"gptq"`` (:mod:`onnx_nf4.methods`).
     method: str = "rtn"
 

@@ -24,6 +24,7 @@ import numpy as np
 from ..codebook import NF4_ZERO_CODE
 from ..codec import as_float_array, check_block_size, check_finite, pack_nibbles
 from ..layout import QuantizedWeight, quantize_weight
+from ..options import METHODS
 from .gptq import DEFAULT_DAMP, PreparedHessian, gptq_codes
 from .grid import reciprocal, scaled_codes
 from .mse import block_errors, search_scales
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 Method = Literal["rtn", "mse", "gptq"]
-METHODS: tuple[str, ...] = ("rtn", "mse", "gptq")
 
 
 def check_method(method: str) -> str:
