@@ -156,7 +156,7 @@ def test_gptq_lowers_the_output_error() -> None:
         wq = dequantize_weight(q)
         errors[label] = relative_output_error(w, wq, h)
         direct = np.linalg.norm(x.astype(np.float64) @ (w - wq)) / np.linalg.norm(x.astype(np.float64) @ w)
-        assert errors[label] == pytest.approx(direct, rel=1e-6)
+        assert errors[label] == pytest.approx(direct, rel=1e-4)
     # Measured (damping 0.1): rtn 0.1034, mse 0.0993, gptq 0.0860, gptq act-order 0.0732.
     assert errors["mse"] < 0.97 * errors["rtn"]
     assert errors["gptq"] < 0.89 * errors["mse"]

@@ -187,11 +187,12 @@ def gptq_codes(w: np.ndarray, hessian: PreparedHessian, scales: np.ndarray, bloc
 def relative_output_error(w: np.ndarray, wq: np.ndarray, hessian: np.ndarray) -> float:
     """``||X (W - Wq)|| / ||X W||`` (Frobenius) over the calibration rows summarized by ``H = X^T X``.
 
-    0 when ``X W`` is 0. ``w`` and ``wq`` are ``[K, N]``; the bias, unchanged by quantization, is left out.
+    0 when ``X W`` is 0. ``w`` and ``wq`` are ``[K, N]``; the bias, unchanged by quantization, is left out. Two
+    float32 products ``H @ dW`` and ``H @ W`` (as much work as GPTQ's own updates), sums in float64.
     """
-    h = np.asarray(hessian, dtype=np.float64)
-    diff = np.asarray(w, dtype=np.float64) - np.asarray(wq, dtype=np.float64)
-    ref = np.asarray(w, dtype=np.float64)
-    num = float(np.einsum("kn,kn->", diff, h @ diff))
-    den = float(np.einsum("kn,kn->", ref, h @ ref))
+    h = np.asarray(hessian, dtype=np.float32)
+    ref = np.asarray(w, dtype=np.float32)
+    diff = ref - np.asarray(wq, dtype=np.float32)
+    num = float(np.einsum("kn,kn->", diff, h @ diff, dtype=np.float64))
+    den = float(np.einsum("kn,kn->", ref, h @ ref, dtype=np.float64))
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
