@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from .model_io import PROTOBUF_LIMIT_BYTES, tensor_bytes
+
 __all__ = [
     "ATTENTION_MASK",
     "ActivationCollector",
@@ -43,9 +45,6 @@ CalibrationData = (
 
 #: The input whose zeros mark padding rows.
 ATTENTION_MASK = "attention_mask"
-
-#: Above this many bytes of tensors, the model is handed to onnxruntime as a file with external data.
-_INLINE_MODEL_BYTES = 1 << 30
 
 
 @dataclass
@@ -161,7 +160,7 @@ class ActivationCollector:
         options.log_severity_level = 3
         try:
             with tempfile.TemporaryDirectory(prefix="onnx_nf4_calibration_") as folder:
-                if _tensor_bytes(model) > _INLINE_MODEL_BYTES:
+                if tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:  # too large for one protobuf
                     path = Path(folder) / "model.onnx"
                     ir.save(model, path, external_data="model.onnx.data")
                     source: str | bytes = str(path)
@@ -220,15 +219,6 @@ class ActivationCollector:
         if count == 0:
             raise ValueError("the calibration data holds no batch")
         return hessians
-
-
-def _tensor_bytes(model: ir.Model) -> int:
-    return sum(
-        value.const_value.nbytes
-        for graph in model.graphs()
-        for value in graph.initializers.values()
-        if value.const_value is not None
-    )
 
 
 def _rows(activation: np.ndarray, transposed: bool, mask: np.ndarray | None) -> np.ndarray:

@@ -12,7 +12,9 @@ Two ways of collecting the statistics ``H = X^T X`` of each layer's input ``X``:
   as overridable initializers). On all-MiniLM-L6-v2 it gives the better embeddings (``tools/bench/
   RESULTS_methods.md``).
 
-Either way only one batch of activations and one ``[K, K]`` float64 sum per requested activation are held.
+Either way only one batch of activations and one ``[K, K]`` float64 sum per requested activation are held;
+layer by layer also keeps the dequantized float copy of every weight already quantized (fed to the later runs),
+as much memory as those float weights.
 """
 
 from __future__ import annotations
