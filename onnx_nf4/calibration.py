@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .model_io import PROTOBUF_LIMIT_BYTES, tensor_bytes
+from .model_io import PROTOBUF_LIMIT_BYTES, external_tensors, tensor_bytes
 
 __all__ = [
     "ATTENTION_MASK",
@@ -160,7 +160,8 @@ class ActivationCollector:
         options.log_severity_level = 3
         try:
             with tempfile.TemporaryDirectory(prefix="onnx_nf4_calibration_") as folder:
-                if tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:  # too large for one protobuf
+                # A model from bytes cannot reach external data files; one over 2 GB cannot be one protobuf.
+                if tensor_bytes(model) > PROTOBUF_LIMIT_BYTES or any(True for _ in external_tensors(model)):
                     path = Path(folder) / "model.onnx"
                     ir.save(model, path, external_data="model.onnx.data")
                     source: str | bytes = str(path)
