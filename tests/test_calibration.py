@@ -209,3 +209,12 @@ def test_command_line_method_options(tmp_path, rng, capsys) -> None:
     out = capsys.readouterr().out
     assert "output error" in out and "method gptq" in out
     assert [line.split()[0] for line in out.splitlines() if line.startswith("fc")] == ["fc1", "fc2"]
+
+
+def test_gptq_on_a_model_with_external_data(tmp_path, rng) -> None:
+    source = tmp_path / "external.onnx"
+    onnx.save(_model(rng), source, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="external.onnx.data", size_threshold=0)  # fmt: skip
+    calibration = [_batch(rng, 8, 32)]
+    _, report = onnx_nf4.quantize_model(source, block_size=32, method="gptq", calibration=calibration, min_elements=0)
+    assert [layer.output_error is not None for layer in report.layers] == [True, True]
