@@ -53,6 +53,8 @@ class QuantizedLayer:
         double_quant: whether the absmax is itself 8-bit quantized (``uint8`` absmax).
         tensors: names of the constant tensors storing the weight (codes, absmax, nested statistics).
         has_bias: whether the node adds a bias.
+        accuracy_level: the ``accuracy_level`` attribute of a ``MatMulNF4`` (0 when absent); ``None`` for
+            ``MatMulBnb4``, which has no such attribute.
     """
 
     node: str
@@ -64,6 +66,7 @@ class QuantizedLayer:
     double_quant: bool
     tensors: tuple[str, ...]
     has_bias: bool
+    accuracy_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,12 @@ class ModelSummary:
             for fmt, op in ((DOMAIN, f"{DOMAIN}::{OP_TYPE}"), (MS_DOMAIN, f"{MS_DOMAIN}::{BNB4_OP_TYPE}"))
             if op in ops
         ]
+
+    @property
+    def accuracy_levels(self) -> dict[int, int]:
+        """How many ``MatMulNF4`` layers have each ``accuracy_level``, by level (ascending)."""
+        levels = [layer.accuracy_level for layer in self.quantized if layer.accuracy_level is not None]
+        return {level: levels.count(level) for level in sorted(set(levels))}
 
     @property
     def block_sizes(self) -> list[int]:
@@ -219,4 +228,5 @@ def _quantized_layer(summary: ModelSummary, node: ir.Node, name: str, weight_inp
         double_quant=is_nf4 and absmax is not None and absmax.dtype == ir.DataType.UINT8,
         tensors=tuple(tensors),
         has_bias=is_nf4 and _input(node, Input.BIAS) is not None,
+        accuracy_level=_int_attr(node, "accuracy_level") if is_nf4 else None,
     )
