@@ -36,7 +36,7 @@ from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
 from .options import ACCURACY_LEVELS, DEFAULT_MIN_ELEMENTS, FORMATS, QuantizeOptions
 from .report import QuantizationReport
-from .table import format_bytes, render_table
+from .text_table import format_bytes, render_table
 
 __all__ = [
     "SUBCOMMAND_PROVIDERS",
