@@ -332,11 +332,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_dequantize(args: argparse.Namespace) -> int:
-    from .api import dequantize_model
+    from .api import dequantize
 
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
-    dequantize_model(args.input, args.output, external_data=args.external_data)
+    _, result = dequantize(args.input, args.output, external_data=args.external_data)
+    if result.layers:
+        print(f"dequantized {len(result.layers)} layer(s) to float MatMul")
+    else:
+        print(f"nothing to dequantize: {args.input} has no MatMulNF4 or MatMulBnb4 node (wrote it unchanged)")
     print_written(args.output, input_bytes)
     return 0
 
@@ -402,9 +406,20 @@ def format_quantization_report(report: QuantizationReport) -> str:
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
             f"(size ratio {report.size_ratio:.4f}, {report.bits_per_weight:.3f} bits per weight)"
         )
-    else:
+    already = report.already_quantized
+    if already:
+        shown = ", ".join(already[:_NAMES_SHOWN]) + (
+            f", ... ({len(already) - _NAMES_SHOWN} more)" if len(already) > _NAMES_SHOWN else ""
+        )
+        what = f"{len(already)} layer(s) already NF4, left as they are: {shown}"
+        lines.append(what if report.layers else f"no layer was quantized: {what}")
+    elif not report.layers:
         lines.append("no layer was quantized")
     return "\n".join(lines)
+
+
+#: How many layer names a summary line lists before "... (N more)".
+_NAMES_SHOWN = 8
 
 
 def format_model_summary(summary: ModelSummary) -> str:

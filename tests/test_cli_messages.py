@@ -1,0 +1,52 @@
+"""What the CLI says: layers already NF4, nothing to dequantize, the progress bar, inspect's bytes (in-process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_cli import make_float_model
+
+from onnx_nf4 import cli
+
+
+@pytest.fixture
+def float_model(tmp_path: Path) -> Path:
+    return make_float_model(tmp_path / "float.onnx")
+
+
+def _main(capsys, *args: object) -> tuple[int, str, str]:
+    status = cli.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_quantizing_an_nf4_model_names_the_layers_that_already_are(float_model: Path, tmp_path: Path, capsys):
+    nf4, again = tmp_path / "nf4.onnx", tmp_path / "again.onnx"
+    assert _main(capsys, "quantize", float_model, nf4)[0] == 0
+    status, out, _ = _main(capsys, "quantize", nf4, again)
+    assert status == 0
+    assert "no layer was quantized: 2 layer(s) already NF4, left as they are: mm, gemm" in out.splitlines()
+
+
+def test_partly_quantized_model_reports_both(float_model: Path, tmp_path: Path, capsys):
+    part, rest = tmp_path / "part.onnx", tmp_path / "rest.onnx"
+    assert _main(capsys, "quantize", float_model, part, "--exclude", "^gemm$")[0] == 0
+    status, out, _ = _main(capsys, "quantize", part, rest)
+    assert status == 0
+    assert "1 layer(s) already NF4, left as they are: mm" in out.splitlines()
+    assert any(line.startswith("quantized 1 layer(s) to NF4") for line in out.splitlines())
+
+
+def test_dequantizing_a_float_model_says_there_was_nothing_to_do(float_model: Path, tmp_path: Path, capsys):
+    status, out, _ = _main(capsys, "dequantize", float_model, tmp_path / "back.onnx")
+    assert status == 0
+    assert f"nothing to dequantize: {float_model} has no MatMulNF4 or MatMulBnb4 node" in out
+    assert (tmp_path / "back.onnx").exists()
+
+
+def test_dequantize_says_how_many_layers(float_model: Path, tmp_path: Path, capsys):
+    nf4 = tmp_path / "nf4.onnx"
+    assert _main(capsys, "quantize", float_model, nf4)[0] == 0
+    status, out, _ = _main(capsys, "dequantize", nf4, tmp_path / "back.onnx")
+    assert status == 0 and "dequantized 2 layer(s) to float MatMul" in out
