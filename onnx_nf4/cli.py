@@ -485,31 +485,37 @@ def format_model_summary(summary: ModelSummary) -> str:
 
 
 class _Progress:
-    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, name)``; inert when disabled."""
+    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, layer)``; inert when disabled.
+
+    The bar starts when the ``with`` block does (its total is set by the first update), so its first rate covers
+    the work done until then rather than the instant between the bar's creation and its first update.
+    """
 
     def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
         self._enabled = enabled
         self._stream = stream
-        self._bar = None
+        self._bar: Any = None
 
-    def update(self, done: int, total: int, name: str) -> None:
-        if not self._enabled:
-            return
+    def update(self, done: int, total: int, layer: str) -> None:
         if self._bar is None:
+            return
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.set_postfix_str(layer[-40:], refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total,
-                unit="weight",
+                total=None,
+                unit="layer",
                 file=self._stream or sys.stderr,
                 leave=False,
                 mininterval=0,
                 dynamic_ncols=True,
             )
-        self._bar.set_postfix_str(name[-40:], refresh=False)
-        self._bar.update(done - self._bar.n)
-
-    def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

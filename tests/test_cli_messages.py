@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,15 @@ def test_dequantize_says_how_many_layers(float_model: Path, tmp_path: Path, caps
     assert _main(capsys, "quantize", float_model, nf4)[0] == 0
     status, out, _ = _main(capsys, "dequantize", nf4, tmp_path / "back.onnx")
     assert status == 0 and "dequantized 2 layer(s) to float MatMul" in out
+
+
+def test_progress_bar_names_layers_and_starts_its_clock_with_the_run():
+    stream = io.StringIO()
+    with cli._Progress(enabled=True, stream=stream) as progress:
+        time.sleep(0.2)  # loading and planning, before the first weight is done
+        progress.update(1, 2, "encoder.layer.0.attention.self.query")
+        progress.update(2, 2, "encoder.layer.0.attention.self.key")
+    text = stream.getvalue()
+    assert "1/2" in text and "2/2" in text and "encoder.layer.0.attention.self.query" in text
+    first_rate = float(re.search(r"1/2 \[[^\]]*?([\d.]+)layer/s", text).group(1))
+    assert first_rate < 10  # one layer in >= 0.2 s, not the instant after the bar was made

@@ -53,7 +53,8 @@ __all__ = ["ProgressCallback", "QuantizeNF4Pass", "QuantizeResult"]
 
 logger = logging.getLogger(__name__)
 
-#: ``on_progress(done, total, weight_name)``, called after each distinct weight is quantized.
+#: ``on_progress(done, total, layer)``, called after each distinct weight is quantized; ``layer`` is the first node
+#: that uses it, named as in the report.
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -70,7 +71,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
     Args:
         options: the :class:`~onnx_nf4.options.QuantizeOptions`; or give its fields as keyword arguments
             (``block_size=128, double_quant=True``, ...), not both.
-        on_progress: ``on_progress(done, total, weight_name)`` after each distinct weight.
+        on_progress: ``on_progress(done, total, layer)`` after each distinct weight (``layer``: the first node
+            that uses it).
         prequantized: weights to use as given instead of quantizing, keyed by weight initializer name (their
             ``K`` and ``N`` must match the node; for ``com.microsoft`` they need ``K % block_size == 0``, no
             double quantization, and an absmax exactly representable in the weight's dtype).
@@ -106,12 +108,14 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         writer = writer_for(options, initializers)
         plans = self._plans(model, Planner(options, writer), report)
 
-        distinct = list({plan.key: plan for plan in plans}.values())
+        distinct: dict[tuple[int, bool], Plan] = {}  # the first node of each distinct weight
+        for plan in plans:
+            distinct.setdefault(plan.key, plan)
         encoded: dict[tuple[int, bool], Encoded] = {}
-        for done, plan in enumerate(distinct, 1):
+        for done, plan in enumerate(distinct.values(), 1):
             encoded[plan.key] = self._encode(plan, writer)
             if self.on_progress is not None:
-                self.on_progress(done, len(distinct), plan.weight.name or "")
+                self.on_progress(done, len(distinct), node_label(plan.node))
 
         rewriter = Rewriter(writer, initializers)
         seen: set[tuple[int, bool]] = set()
