@@ -428,20 +428,25 @@ def format_model_summary(summary: ModelSummary) -> str:
     opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(summary.opsets.items()))
     lines.append(f"opsets: {opsets}")
     if summary.quantized:
-        rows = [
-            (
-                layer.node,
-                layer.op,
-                f"{layer.K}x{layer.N}",
-                layer.quant_type,
-                layer.block_size,
-                "yes" if layer.double_quant else "no",
-                "-" if layer.accuracy_level is None else layer.accuracy_level,
-                format_bytes(summary.layer_bytes(layer)),
-                f"{8 * summary.layer_bytes(layer) / (layer.K * layer.N):.3f}" if layer.K * layer.N else "-",
+        rows = []
+        seen: set[tuple[str, ...]] = set()
+        for layer in summary.quantized:
+            nbytes = summary.layer_bytes(layer)
+            shared = layer.tensors in seen  # the weight of an earlier layer: its bytes are counted there
+            seen.add(layer.tensors)
+            rows.append(
+                (
+                    layer.node,
+                    layer.op,
+                    f"{layer.K}x{layer.N}",
+                    layer.quant_type,
+                    layer.block_size,
+                    "yes" if layer.double_quant else "no",
+                    "-" if layer.accuracy_level is None else layer.accuracy_level,
+                    "shared" if shared else format_bytes(nbytes),
+                    "-" if shared or not layer.K * layer.N else f"{8 * nbytes / (layer.K * layer.N):.3f}",
+                )
             )
-            for layer in summary.quantized
-        ]
         headers = ("layer", "op", "K x N", "type", "block", "double quant", "accuracy level", "bytes", "bits/weight")
         lines += ["", render_table(headers, rows, align="<<>>>>>>>")]
     if summary.float_layers:
@@ -465,9 +470,10 @@ def format_model_summary(summary: ModelSummary) -> str:
             f"quantized: {len(summary.quantized)} layer(s), format {' + '.join(summary.formats)}, "
             f"block size {sizes}, double quantization on {double}" + (f", accuracy level {levels}" if levels else "")
         )
+        shared = f", {format_bytes(summary.shared_bytes)} of it shared by several" if summary.shared_bytes else ""
         lines.append(
             f"quantized weights: {summary.quantized_elements} elements in {format_bytes(summary.quantized_bytes)} "
-            f"({summary.bits_per_weight:.3f} bits per weight)"
+            f"({summary.bits_per_weight:.3f} bits per weight{shared})"
         )
     else:
         lines.append("quantized: none (a float model)")

@@ -2,7 +2,8 @@
 
 :func:`summarize_model` reads only the graph structure and the tensors' shapes and types, never their data, so it is
 cheap on large models and works on a model loaded without its external data. Bytes are computed from shapes
-(``prod(dims) * itemsize``), a tensor used by several nodes is counted once.
+(``prod(dims) * itemsize``), a tensor used by several nodes is counted once: per layer, a tensor shared by several
+weights (the nested code table) is left out and counted in the totals only, as ``quantize`` reports it.
 
 Recognized nodes (in the main graph and in control-flow subgraphs):
 
@@ -159,9 +160,25 @@ class ModelSummary:
         """Bytes of all constant tensors of the model."""
         return sum(self.tensor_bytes.values())
 
+    @property
+    def shared_tensors(self) -> set[str]:
+        """Tensors that store parts of several distinct weights (the nested code table of double quantization)."""
+        users: dict[str, set[tuple[str, ...]]] = {}
+        for layer in self.quantized:
+            for name in layer.tensors:
+                users.setdefault(name, set()).add(layer.tensors)
+        return {name for name, weights in users.items() if len(weights) > 1}
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of :attr:`shared_tensors`, each counted once (part of :attr:`quantized_bytes`)."""
+        return sum(self.tensor_bytes.get(name, 0) for name in self.shared_tensors)
+
     def layer_bytes(self, layer: QuantizedLayer) -> int:
-        """Bytes of the tensors storing ``layer``'s weight (shared tensors included in full)."""
-        return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors)
+        """Bytes of the tensors of ``layer``'s weight alone: :attr:`shared_tensors` are counted in the totals only
+        (as :attr:`onnx_nf4.report.LayerReport.bytes_after` does)."""
+        shared = self.shared_tensors
+        return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors if name not in shared)
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:

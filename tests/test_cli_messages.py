@@ -65,3 +65,43 @@ def test_progress_bar_names_layers_and_starts_its_clock_with_the_run():
     assert "1/2" in text and "2/2" in text and "encoder.layer.0.attention.self.query" in text
     first_rate = float(re.search(r"1/2 \[[^\]]*?([\d.]+)layer/s", text).group(1))
     assert first_rate < 10  # one layer in >= 0.2 s, not the instant after the bar was made
+
+
+def _column(stdout: str, header: str, layers: tuple[str, ...]) -> dict[str, str]:
+    """The right-aligned ``header`` column of the table in ``stdout``, by layer (first column)."""
+    lines = stdout.splitlines()
+    head = next(line for line in lines if line.startswith("layer ") and header in line)
+    end = head.index(header) + len(header)
+    cells = {}
+    for line in lines:
+        name = line.split(" ")[0]
+        if name in layers and name not in cells:
+            cells[name] = line[:end].rsplit("  ", 1)[-1].strip()
+    return cells
+
+
+@pytest.mark.parametrize("args", [(), ("--double-quant",), ("--format", "com.microsoft"), ("--block-size", "32")])
+def test_inspect_per_layer_bytes_agree_with_quantize(float_model: Path, tmp_path: Path, capsys, args: tuple):
+    out = tmp_path / "nf4.onnx"
+    status, quantized, _ = _main(capsys, "quantize", float_model, out, *args)
+    assert status == 0
+    status, inspected, _ = _main(capsys, "inspect", out)
+    assert status == 0
+    after = _column(quantized, "after", ("mm", "gemm"))
+    stored = _column(inspected, "bytes", ("mm", "gemm"))
+    assert after == stored and len(after) == 2
+    if "--double-quant" in args:  # the 256-entry float32 code table: in the totals only, once
+        assert "1.0 KiB of it shared by several" in inspected
+
+
+def test_inspect_marks_a_weight_used_by_several_layers_as_shared(tmp_path: Path, capsys):
+    import onnx
+    from models import shared_weight_model
+
+    path, out = tmp_path / "shared.onnx", tmp_path / "nf4.onnx"
+    onnx.save(shared_weight_model(), path)
+    assert _main(capsys, "quantize", path, out, "--double-quant")[0] == 0
+    status, inspected, _ = _main(capsys, "inspect", out)
+    assert status == 0
+    bytes_ = _column(inspected, "bytes", ("mm1", "mm2"))
+    assert bytes_["mm2"] == "shared" and bytes_["mm1"] != "shared"
