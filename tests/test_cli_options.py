@@ -143,3 +143,9 @@ def test_unknown_option_before_the_arguments_points_to_the_commands_help(capsys)
 
 def test_missing_argument_points_to_the_commands_help(capsys) -> None:
     _usage_error(capsys, ("quantize", "in.onnx"), "OUT", command="quantize")
+
+
+def test_export_bnb_exclusive_options_are_a_usage_error(tmp_path: Path, capsys) -> None:
+    args = ("export-bnb", tmp_path / "m.onnx", tmp_path / "sd.safetensors", tmp_path / "o.onnx")
+    _usage_error(capsys, (*args, "--no-check", "--max-rel-error", "0.2"), "exclude each other", command="export-bnb")
+    _usage_error(capsys, (*args, "--frobnicate"), "unrecognized arguments: --frobnicate", command="export-bnb")
