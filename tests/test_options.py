@@ -35,22 +35,18 @@ def test_frozen_and_normalized():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [
-        ({"block_size": 48}, "block_size must be a power of two"),
-        ({"format": "gguf"}, "format must be one of"),
-        ({"format": "com.microsoft", "double_quant": True}, "double_quant is not supported"),
-        ({"exclude": ["("]}, "invalid exclude pattern"),
-        ({"min_elements": -1}, "min_elements must be >= 0"),
+    [  # block_size, format, double_quant, exclude and min_elements: tests/test_pass.py::test_invalid_settings
         ({"accuracy_level": 2}, r"accuracy_level must be one of \(0, 4\)"),
         ({"format": "com.microsoft", "accuracy_level": 4}, "accuracy_level is not supported by com.microsoft"),
         ({"method": "gptq"}, "method must be one of"),
+        ({"block_size": 48}, "block_size must be a power of two"),
     ],
 )
 def test_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizeOptions(**kwargs)
     with pytest.raises(ValueError, match=message):
-        QuantizeOptions().replace(**kwargs)
+        QuantizeOptions().replace(**kwargs)  # a copy is validated again
 
 
 def test_build_applies_only_given_settings():
