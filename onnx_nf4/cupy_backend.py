@@ -534,11 +534,9 @@ class MatMulNF4(reference.MatMulNF4):
     def _compute(self, A, weights: tuple, **attributes: int) -> np.ndarray:
         A = np.asarray(A)
         dtype = _dtype_name(A.dtype)
-        bias = weights[-1]
-        if bias is not None and np.asarray(bias).dtype != A.dtype:
-            raise TypeError(
-                f"MatMulNF4: input 'bias' has dtype {np.asarray(bias).dtype}, expected {A.dtype} (A's dtype)"
-            )
+        # Checked on the numpy dtypes: on the device bfloat16 is held as uint16, which a uint16 bias would pass.
+        arrays = [A, *(None if v is None else np.asarray(v) for v in weights)]
+        check_inputs(Attributes.create(**attributes), [reference.tensor_info(x) for x in arrays])
         cupy = _cupy()
         on_device = [self._device(cupy, v) for v in weights]
         y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *on_device, **attributes)
