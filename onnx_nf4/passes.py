@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .codec import check_block_size, check_finite, dequantize_blockwise, quantize_blockwise
-from .layout import QuantizedWeight, dequantize_weight, quantize_weight
+from .layout import QuantizedWeight, error_sums, quantize_weight_and_error
 from .report import LayerReport, QuantizationReport, SkippedLayer
 from .schema import DOMAIN, MS_DOMAIN, OP_TYPE, OPSET_VERSION
 
@@ -177,9 +177,8 @@ def _int_attr(node: ir.Node, name: str, default: int) -> int:
 
 
 def _as_numpy_float(tensor: ir.TensorProtocol) -> np.ndarray:
-    """The weight as a numpy array that the codec accepts: float32/float16 kept, bfloat16 widened exactly."""
-    array = tensor.numpy()
-    return array.astype(np.float32) if tensor.dtype == ir.DataType.BFLOAT16 else array
+    """The weight as a numpy array that the codec accepts (float32, float16 or ``ml_dtypes.bfloat16``)."""
+    return tensor.numpy()
 
 
 def _rel_rms_error(w: np.ndarray, wq: np.ndarray) -> float:
@@ -193,24 +192,6 @@ def _rel_rms_error(w: np.ndarray, wq: np.ndarray) -> float:
     for start in range(0, w.shape[0], rows):
         ref = w[start : start + rows].astype(np.float32).ravel()
         diff = ref - wq[start : start + rows].astype(np.float32).ravel()
-        num += float(np.dot(diff, diff))
-        den += float(np.dot(ref, ref))
-    return math.sqrt(num / den) if den else 0.0
-
-
-def _nf4_rel_rms_error(w: np.ndarray, q: QuantizedWeight) -> float:
-    """:func:`_rel_rms_error` of ``w[K, N]`` and the weight ``q`` stands for, decoding ``q`` a few columns at a time.
-
-    Never holds a decoded copy of the whole weight: the extra memory stays a few MB whatever its size.
-    """
-    absmax = q.float_absmax()
-    cols = max(1, _ERROR_CHUNK_ELEMENTS // max(1, q.K))
-    num = den = 0.0
-    for n0 in range(0, q.N, cols):
-        n1 = min(n0 + cols, q.N)
-        part = QuantizedWeight(q.K, n1 - n0, q.block_size, q.packed[n0:n1], absmax[n0:n1])
-        ref = w[:, n0:n1].astype(np.float32).ravel()
-        diff = ref - dequantize_weight(part).ravel()
         num += float(np.dot(diff, diff))
         den += float(np.dot(ref, ref))
     return math.sqrt(num / den) if den else 0.0
@@ -460,7 +441,10 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             ]
             return _Quantized(None, bs, inputs, packed.nbytes + absmax_t.nbytes, _rel_rms_error(w, wq))
         if q is None:
-            q = quantize_weight(w, self.block_size, double_quant=self.double_quant, name=name)
+            # The error sums come from the same pass over the weight (no dequantized copy).
+            q, sums = quantize_weight_and_error(w, self.block_size, double_quant=self.double_quant, name=name)
+        else:
+            sums = error_sums(w, q)
         inputs = [
             self._initializer(graph, f"{name}_nf4", q.packed),
             self._initializer(graph, f"{name}_absmax", q.absmax),
@@ -472,7 +456,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 self._initializer(graph, f"{name}_absmax_offset", np.array(q.nested.offset, dtype=np.float32)),
             ]
         own_bytes = q.nbytes - (q.nested.code.nbytes if q.nested is not None else 0)  # the code table is shared
-        return _Quantized(q, q.block_size, inputs, own_bytes, _nf4_rel_rms_error(w, q))
+        return _Quantized(q, q.block_size, inputs, own_bytes, sums.rel_rms_error)
 
     # ------------------------------------------------------------------------------------------------ rewrite
 
