@@ -25,6 +25,8 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError, Message
 
+from .proto_writer import write_model
+
 __all__ = [
     "PROTOBUF_LIMIT_BYTES",
     "ModelLike",
@@ -206,7 +208,7 @@ def save_model(
             ir.save(ir_model, tmp_model, external_data=data_name)
         else:
             ir.external_data.load_to_model(ir_model)
-            ir.save(ir_model, tmp_model)
+            write_model(ir_model, tmp_model)  # as ir.save, without a serialized copy of the whole model
         written = [file for file in [tmp_dir / data_name] if external_data and file.exists()]
         for file in [*written, tmp_model]:
             _fsync(file)
