@@ -172,7 +172,8 @@ def encode_flat(
     """The flat layout of ``w.reshape(-1)``, as :func:`onnx_nf4.codec.quantize_blockwise` (arguments checked there).
 
     Args:
-        w: float32, float16, bfloat16 or float64 array of any shape (a non-contiguous one is copied once).
+        w: float32, float16, bfloat16 or float64 array of any shape. A non-contiguous one is copied once, unless
+            it is 2-D with rows of whole blocks (e.g. the transpose of a row-major ``[K, N]`` weight).
         block_size: a power of two in [16, 4096].
         rounding: ``"onnxruntime"`` or ``"bitsandbytes"``.
         threads: worker threads; 0 uses every hardware thread.
@@ -186,7 +187,12 @@ def encode_flat(
         ValueError: ``w`` holds NaN/Inf (the codec's message), or an argument is invalid.
     """
     lib = _require()
-    flat = np.ascontiguousarray(_native_byte_order(np.asarray(w))).reshape(-1)
+    w = _native_byte_order(np.asarray(w))
+    if w.ndim == 2 and not w.flags.c_contiguous and w.shape[1] % block_size == 0 and w.size:
+        # Rows of whole blocks: the flat layout of w is the MatMulNF4 layout of w.T, which is read in place.
+        packed, absmax, error = encode_weight(w.T, block_size, rounding, threads=threads, sums=sums, name=name)
+        return packed.reshape(-1), absmax.reshape(-1), error
+    flat = np.ascontiguousarray(w).reshape(-1)
     n = flat.size
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(-(-n // block_size), np.float32)

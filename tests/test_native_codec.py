@@ -124,6 +124,20 @@ def test_strided_views(rounding):
         assert_flat_equal(view, 64, rounding)
 
 
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_flat_of_a_transposed_weight_is_read_in_place(rounding):
+    """The flat layout of ``W.T`` (rows of whole blocks) comes from the MatMulNF4 path without a copy."""
+    w = np.random.default_rng(8).standard_normal((192, 100)).astype(np.float32)
+    w[:, 5] = 0
+    for bs in (16, 64):
+        assert_flat_equal(w.T, bs, rounding)
+        assert_flat_equal(w[::-1].T, bs, rounding)
+    packed, absmax, sums = native_codec.encode_flat(w.T, 64, rounding, sums=True)
+    ref_packed, ref_absmax, ref_sums = native_codec.encode_flat(np.ascontiguousarray(w.T), 64, rounding, sums=True)
+    assert np.array_equal(packed, ref_packed) and np.array_equal(absmax, ref_absmax)
+    assert sums.squared_error == pytest.approx(ref_sums.squared_error, rel=1e-12)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 8, 0])
 def test_thread_counts_give_the_same_bytes_and_sums(threads):
     w = np.random.default_rng(11).standard_normal((1500, 700)).astype(np.float32)
