@@ -31,7 +31,6 @@ __all__ = [
     "ErrorSums",
     "QuantizedWeight",
     "dequantize_weight",
-    "error_sums",
     "quantize_weight",
     "quantize_weight_and_error",
 ]
@@ -130,8 +129,9 @@ def quantize_weight_and_error(
     """:func:`quantize_weight`, plus the :class:`ErrorSums` of ``w`` and the weight the result stands for.
 
     The compiled encoder sums the squares in the same pass over ``w`` (no dequantized copy); with double
-    quantization, or with the numpy backend, :func:`error_sums` decodes a few columns at a time instead. The
-    sums are ``None`` when ``error`` is false.
+    quantization (whose decoded scales differ from the encoder's), or with the numpy backend,
+    :func:`onnx_nf4.metrics.nf4_error_sums` decodes a few columns at a time instead. The sums are ``None`` when
+    ``error`` is false.
     """
     bs = check_block_size(block_size)
     check_rounding(rounding)
@@ -152,7 +152,9 @@ def quantize_weight_and_error(
     else:
         q = QuantizedWeight(K, N, bs, packed, absmax)
     if error and sums is None:
-        sums = error_sums(w, q)
+        from .metrics import nf4_error_sums  # metrics imports this module
+
+        sums = nf4_error_sums(w, q)
     return q, sums
 
 
@@ -175,26 +177,6 @@ def _quantize_numpy(w: np.ndarray, bs: int, rounding: Rounding, name: str) -> tu
     if K % bs:
         _pad_codes_to_zero(packed, K)
     return packed.reshape(N, k_blocks, bs // 2), absmax
-
-
-def error_sums(w: np.ndarray, q: QuantizedWeight) -> ErrorSums:
-    """The :class:`ErrorSums` of ``w[K, N]`` and ``dequantize_weight(q)``, in numpy.
-
-    Decodes a few columns at a time (a few MB of extra memory whatever the weight's size); the differences are
-    float32, their squares are summed in float64.
-    """
-    absmax = q.float_absmax()
-    cols = max(1, _CHUNK_ELEMENTS // max(1, q.K))
-    err = ref = 0.0
-    for n0 in range(0, q.N, cols):
-        n1 = min(n0 + cols, q.N)
-        part = QuantizedWeight(q.K, n1 - n0, q.block_size, q.packed[n0:n1], absmax[n0:n1])
-        x = np.asarray(w[:, n0:n1]).astype(np.float32)
-        diff = (x - dequantize_weight(part)).astype(np.float64)
-        err += float(np.dot(diff.ravel(), diff.ravel()))
-        x64 = x.astype(np.float64).ravel()
-        ref += float(np.dot(x64, x64))
-    return ErrorSums(err, ref)
 
 
 def dequantize_weight(q: QuantizedWeight) -> np.ndarray:

@@ -51,7 +51,7 @@ class ErrorSums:
     """Sums over a weight's elements ``x`` (as float32) with their decoded values ``d = fl32(NF4[code] * absmax)``.
 
     Attributes:
-        squared_error: ``sum((x - d)**2)``, each difference rounded to float32, accumulated in float64.
+        squared_error: ``sum((x - d)**2)`` in float64 (the metric of :mod:`onnx_nf4.metrics`).
         squared_weight: ``sum(x**2)`` in float64.
     """
 

@@ -24,7 +24,8 @@ from oracle_vectors import f32_bits, parametrize_cases
 from onnx_nf4 import native_codec
 from onnx_nf4.codebook import NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
 from onnx_nf4.codec import quantize_blockwise
-from onnx_nf4.layout import error_sums, quantize_weight, quantize_weight_and_error
+from onnx_nf4.layout import quantize_weight, quantize_weight_and_error
+from onnx_nf4.metrics import nf4_error_sums
 
 pytestmark = pytest.mark.skipif(not native_codec.available(), reason="the custom-op library is not built")
 pytest_generate_tests = parametrize_cases
@@ -136,6 +137,7 @@ def test_flat_of_a_transposed_weight_is_read_in_place(rounding):
     ref_packed, ref_absmax, ref_sums = native_codec.encode_flat(np.ascontiguousarray(w.T), 64, rounding, sums=True)
     assert np.array_equal(packed, ref_packed) and np.array_equal(absmax, ref_absmax)
     assert sums.squared_error == pytest.approx(ref_sums.squared_error, rel=1e-12)
+    assert sums.squared_weight == pytest.approx(ref_sums.squared_weight, rel=1e-12)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8, 0])
@@ -353,17 +355,17 @@ def test_c_entry_points_reject_bad_arguments():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
 def test_error_sums_match_the_decoded_weight(dtype):
-    """The sums of the single pass equal those computed from the dequantized weight (float64, any order)."""
+    """The sums of the single pass equal the package's metric on the dequantized weight (float64, any order)."""
     w = np.random.default_rng(2).standard_normal((333, 129)).astype(dtype)
     w[:, 7] = 0
     for bs in (16, 64, 128):
         q, sums = quantize_weight_and_error(w, bs, backend="native")
-        ref = error_sums(w, q)
+        ref = nf4_error_sums(w, q)
         assert sums.squared_error == pytest.approx(ref.squared_error, rel=1e-12)
         assert sums.squared_weight == pytest.approx(ref.squared_weight, rel=1e-12)
         assert 0.05 < sums.rel_rms_error < 0.15
     q, sums = quantize_weight_and_error(w, 64, backend="native", double_quant=True)
-    assert sums == error_sums(w, q)  # decoded with the double-quantized scales
+    assert sums == nf4_error_sums(w, q)  # decoded with the double-quantized scales
 
 
 def test_error_sums_of_a_zero_weight():

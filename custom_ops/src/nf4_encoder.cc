@@ -11,6 +11,8 @@
 // * "tiles": anything else (a row-major W, stride_n == 1, is the usual case): tiles of kTileColumns columns by
 //   one block of rows are transposed into a panel ([column][block_size]) and encoded there.
 // The last block of a column is zero-padded in the panel; its padding codes are forced to 7.
+#include "nf4_encoder.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -22,7 +24,6 @@
 #include <thread>
 #include <vector>
 
-#include "nf4_encoder.h"
 #include "onnx_nf4/nf4_encoder_api.h"
 
 #if defined(_WIN32)
@@ -34,7 +35,7 @@
 namespace onnx_nf4::encoder {
 namespace {
 
-constexpr int64_t kUnitElements = int64_t{1} << 18;  // elements per work unit
+constexpr int64_t kUnitElements = int64_t{1} << 18;   // elements per work unit
 constexpr int64_t kPanelElements = int64_t{1} << 14;  // float32 panel of one worker (grown to 8 blocks if needed)
 constexpr int64_t kMaxTileColumns = 64;
 constexpr int64_t kOutputLine = 64;  // bytes
@@ -42,8 +43,8 @@ constexpr int32_t kMaxThreads = 1024;
 
 const EncoderKernels& Best() {
 #if defined(ONNX_NF4_HAVE_AVX512)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c")) {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c")) {
     return Avx512Encoder();
   }
 #endif
@@ -74,15 +75,11 @@ const EncoderKernels& Kernels() {
 
 int64_t ItemSize(int32_t dtype) {
   switch (dtype) {
-    case kFloat32:
-      return 4;
+    case kFloat32: return 4;
     case kFloat16:
-    case kBFloat16:
-      return 2;
-    case kFloat64:
-      return 8;
-    default:
-      return 0;
+    case kBFloat16: return 2;
+    case kFloat64: return 8;
+    default: return 0;
   }
 }
 
@@ -306,7 +303,8 @@ bool FlatTail(const Job& job, float* panel, ErrorLanes* lanes) {
       out[j / 2] = static_cast<uint8_t>((out[j / 2] & 0xF0) | code);
     }
     if (lanes != nullptr) {
-      const double diff = x - kCodebook[code] * absmax;
+      const float decoded = kCodebook[code] * absmax;
+      const double diff = static_cast<double>(x) - static_cast<double>(decoded);
       lanes->err[j % kErrorLanes] += diff * diff;
       lanes->ref[j % kErrorLanes] += static_cast<double>(x) * x;
     }
@@ -367,8 +365,8 @@ int Run(Job& job, int32_t threads, double* sums) {
 }
 
 bool CommonArgsValid(int32_t dtype, int64_t block_size, int32_t rounding, int32_t threads) {
-  return ItemSize(dtype) != 0 && ValidBlockSize(block_size) && (rounding == kOnnxruntime || rounding == kBitsandbytes) &&
-         threads >= 0 && threads <= kMaxThreads;
+  return ItemSize(dtype) != 0 && ValidBlockSize(block_size) &&
+         (rounding == kOnnxruntime || rounding == kBitsandbytes) && threads >= 0 && threads <= kMaxThreads;
 }
 
 template <typename F>
@@ -479,18 +477,12 @@ extern "C" ONNX_NF4_ENCODER_EXPORT int onnx_nf4_encode_weight(const void* src, i
 
 extern "C" ONNX_NF4_ENCODER_EXPORT const char* onnx_nf4_encoder_status_string(int status) {
   switch (status) {
-    case ONNX_NF4_ENCODER_OK:
-      return "ok";
-    case ONNX_NF4_ENCODER_INVALID_ARGUMENT:
-      return "invalid argument";
-    case ONNX_NF4_ENCODER_NOT_FINITE:
-      return "the input holds NaN or Inf (or a float64 value beyond float32)";
-    case ONNX_NF4_ENCODER_OUT_OF_MEMORY:
-      return "out of memory";
-    case ONNX_NF4_ENCODER_INTERNAL_ERROR:
-      return "internal error";
-    default:
-      return "unknown status";
+    case ONNX_NF4_ENCODER_OK: return "ok";
+    case ONNX_NF4_ENCODER_INVALID_ARGUMENT: return "invalid argument";
+    case ONNX_NF4_ENCODER_NOT_FINITE: return "the input holds NaN or Inf (or a float64 value beyond float32)";
+    case ONNX_NF4_ENCODER_OUT_OF_MEMORY: return "out of memory";
+    case ONNX_NF4_ENCODER_INTERNAL_ERROR: return "internal error";
+    default: return "unknown status";
   }
 }
 

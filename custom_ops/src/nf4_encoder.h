@@ -71,8 +71,9 @@ inline constexpr uint32_t kNotFiniteBits = 0x7f800000u;
 
 // Sums of squares in 16 float64 lanes: lane j adds the elements j, j + 16, j + 32, ... of each block, in block
 // order; every ISA keeps this order, so the sums do not depend on the instruction set.
+// Each square is a float64 multiply then a float64 add (no fused multiply-add), in every module.
 struct ErrorLanes {
-  double err[kErrorLanes];  // (x - fl32(NF4[code] * absmax))^2, the difference rounded to float32
+  double err[kErrorLanes];  // (x - fl32(NF4[code] * absmax))^2, the difference taken in float64
   double ref[kErrorLanes];  // x^2
 };
 

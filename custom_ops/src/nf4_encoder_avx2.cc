@@ -43,8 +43,8 @@ inline uint64_t Pack16(__m256i c0, __m256i c1) {
 
 // Lanes at positions >= valid (counted from `first`) get code 7.
 inline __m256i PadCodes(__m256i c, int64_t first, int64_t valid) {
-  const __m256i position = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                            _mm256_set1_epi32(static_cast<int32_t>(first)));
+  const __m256i position =
+      _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int32_t>(first)));
   const __m256i pad = _mm256_cmpgt_epi32(position, _mm256_set1_epi32(static_cast<int32_t>(valid - 1)));
   return _mm256_blendv_epi8(c, _mm256_set1_epi32(ONNX_NF4_ZERO_CODE), pad);
 }
@@ -55,12 +55,14 @@ inline __m256 Decode8(__m256i c, __m256 lo, __m256 hi, __m256 absmax) {
   return _mm256_mul_ps(value, absmax);
 }
 
-// acc[0], acc[1] += the squares of the 8 values of v (float64, lanes 0-3 and 4-7).
-inline void AddSquares(__m256 v, __m256d* acc) {
-  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-  acc[0] = _mm256_fmadd_pd(lo, lo, acc[0]);  // exact square: the same as a rounded add of the product
-  acc[1] = _mm256_fmadd_pd(hi, hi, acc[1]);
+// acc[0], acc[1] += (x - y)^2 over the 8 lanes, in float64 (lanes 0-3 and 4-7); y == 0 gives x^2.
+inline void AddSquaredDifferences(__m256 x, __m256 y, __m256d* acc) {
+  const __m256d lo =
+      _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
+  const __m256d hi =
+      _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)));
+  acc[0] = _mm256_add_pd(acc[0], _mm256_mul_pd(lo, lo));
+  acc[1] = _mm256_add_pd(acc[1], _mm256_mul_pd(hi, hi));
 }
 
 inline uint32_t MaxAbsBits(const float* x, int64_t n) {
@@ -68,8 +70,7 @@ inline uint32_t MaxAbsBits(const float* x, int64_t n) {
   __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
   for (int64_t j = 0; j < n; j += 16) {
     m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), mask));
-    m1 = _mm256_max_epu32(m1,
-                          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8)), mask));
+    m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8)), mask));
   }
   __m128i m = _mm_max_epu32(_mm256_castsi256_si128(m0), _mm256_extracti128_si256(m0, 1));
   m = _mm_max_epu32(m, _mm_max_epu32(_mm256_castsi256_si128(m1), _mm256_extracti128_si256(m1, 1)));
@@ -109,10 +110,11 @@ bool EncodeTyped(const BlockRun& run) {
       const uint64_t bytes = Pack16(c0, c1);
       std::memcpy(out + j / 2, &bytes, sizeof bytes);
       if constexpr (kSums) {
-        AddSquares(_mm256_sub_ps(v0, Decode8(c0, nf4_lo, nf4_hi, scale)), err);
-        AddSquares(_mm256_sub_ps(v1, Decode8(c1, nf4_lo, nf4_hi, scale)), err + 2);
-        AddSquares(v0, ref);
-        AddSquares(v1, ref + 2);
+        const __m256 zero = _mm256_setzero_ps();
+        AddSquaredDifferences(v0, Decode8(c0, nf4_lo, nf4_hi, scale), err);
+        AddSquaredDifferences(v1, Decode8(c1, nf4_lo, nf4_hi, scale), err + 2);
+        AddSquaredDifferences(v0, zero, ref);
+        AddSquaredDifferences(v1, zero, ref + 2);
       }
     }
     run.absmax[i * run.absmax_stride] = absmax;

@@ -34,12 +34,14 @@ inline __m128i Pack16(__m512i c) {
   return _mm512_cvtepi64_epi8(_mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32)));
 }
 
-// acc[0], acc[1] += the squares of the 16 values of v (float64, lanes 0-7 and 8-15).
-inline void AddSquares(__m512 v, __m512d* acc) {
-  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-  const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
-  acc[0] = _mm512_fmadd_pd(lo, lo, acc[0]);  // exact square: the same as a rounded add of the product
-  acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
+// acc[0], acc[1] += (x - y)^2 over the 16 lanes, in float64 (lanes 0-7 and 8-15); y == 0 gives x^2.
+inline void AddSquaredDifferences(__m512 x, __m512 y, __m512d* acc) {
+  const __m512d lo =
+      _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(_mm512_castps512_ps256(y)));
+  const __m512d hi =
+      _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(y, 1)));
+  acc[0] = _mm512_add_pd(acc[0], _mm512_mul_pd(lo, lo));
+  acc[1] = _mm512_add_pd(acc[1], _mm512_mul_pd(hi, hi));
 }
 
 template <bool kSums>
@@ -82,8 +84,8 @@ bool EncodeTyped(const BlockRun& run) {
       }
       _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j / 2), Pack16(c));
       if constexpr (kSums) {
-        AddSquares(_mm512_sub_ps(v, _mm512_mul_ps(_mm512_permutexvar_ps(c, nf4), scale)), err);
-        AddSquares(v, ref);
+        AddSquaredDifferences(v, _mm512_mul_ps(_mm512_permutexvar_ps(c, nf4), scale), err);
+        AddSquaredDifferences(v, _mm512_setzero_ps(), ref);
       }
     }
     run.absmax[i * run.absmax_stride] = absmax;

@@ -91,14 +91,10 @@ void GatherTyped(const GatherArgs& g) {
 
 void GatherAvx2(const GatherArgs& g) {
   switch (g.dtype) {
-    case kFloat16:
-      return GatherTyped<kFloat16>(g);
-    case kBFloat16:
-      return GatherTyped<kBFloat16>(g);
-    case kFloat64:
-      return GatherTyped<kFloat64>(g);
-    default:
-      return GatherTyped<kFloat32>(g);
+    case kFloat16: return GatherTyped<kFloat16>(g);
+    case kBFloat16: return GatherTyped<kBFloat16>(g);
+    case kFloat64: return GatherTyped<kFloat64>(g);
+    default: return GatherTyped<kFloat32>(g);
   }
 }
 

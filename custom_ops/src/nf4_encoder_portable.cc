@@ -37,10 +37,8 @@ float LoadAsFloat(const void* src, int32_t dtype, int64_t index) {
       std::memcpy(&h, static_cast<const uint16_t*>(src) + index, sizeof h);
       return FloatFromBits(static_cast<uint32_t>(h) << 16);
     }
-    case kFloat64:
-      return static_cast<float>(static_cast<const double*>(src)[index]);
-    default:
-      return static_cast<const float*>(src)[index];
+    case kFloat64: return static_cast<float>(static_cast<const double*>(src)[index]);
+    default: return static_cast<const float*>(src)[index];
   }
 }
 
@@ -72,7 +70,8 @@ bool Encode(const BlockRun& run) {
         const int codes[2] = {hi, lo};
         for (int e = 0; e < 2; ++e) {
           const float value = x[j + e];
-          const double diff = value - kCodebook[codes[e]] * absmax;  // float32 product and difference
+          const float decoded = kCodebook[codes[e]] * absmax;  // float32 product
+          const double diff = static_cast<double>(value) - static_cast<double>(decoded);
           const int lane = static_cast<int>((j + e) % kErrorLanes);
           run.sums->err[lane] += diff * diff;
           run.sums->ref[lane] += static_cast<double>(value) * value;

@@ -12,8 +12,8 @@
  * as numpy's astype does), 16 bfloat16. rounding: 0 onnxruntime (default of onnx_nf4), 1 bitsandbytes.
  * threads: worker threads, 0 for the hardware's thread count. sums: NULL, or double[2] that receives the sum
  * over all encoded elements of (x - decoded)^2 and of x^2 (x the float32 input value, decoded =
- * fl32(NF4[code] * absmax), each difference rounded to float32 and squared exactly in float64, accumulated in
- * float64 in an order that depends neither on the thread count nor on the instruction set).
+ * fl32(NF4[code] * absmax), difference, square and sum in float64, in an order that depends neither on the
+ * thread count nor on the instruction set).
  */
 #ifndef ONNX_NF4_NF4_ENCODER_API_H_
 #define ONNX_NF4_NF4_ENCODER_API_H_
