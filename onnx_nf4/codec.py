@@ -34,6 +34,7 @@ from .native_codec import Backend
 
 __all__ = [
     "Backend",
+    "NonFiniteWeightError",
     "Rounding",
     "as_float_array",
     "check_block_size",
@@ -51,6 +52,10 @@ Rounding = Literal["onnxruntime", "bitsandbytes"]
 _CHUNK_ELEMENTS = 1 << 20  # elements per work chunk (a multiple of every valid block size)
 _BNB_TINY = np.float32(1e-38)
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or +-Inf (or, in float64, a magnitude beyond float32), which NF4 cannot represent."""
 
 
 def is_valid_block_size(block_size: int) -> bool:
@@ -72,7 +77,8 @@ def check_block_size(block_size: int) -> int:
 
 
 def check_finite(w: np.ndarray, name: str = "weight") -> None:
-    """Raise ``ValueError`` naming ``name`` if ``w`` holds NaN or +-Inf, or (float64) a value beyond float32.
+    """Raise :class:`NonFiniteWeightError` (a ``ValueError``) naming ``name`` if ``w`` holds NaN or +-Inf, or
+    (float64) a value beyond float32.
 
     Checked in chunks along the first axis, so no copy of ``w`` is made even when it is not contiguous.
     """
@@ -90,7 +96,7 @@ def check_finite(w: np.ndarray, name: str = "weight") -> None:
             index = np.argwhere(~ok)[0]
             index[0] += start
             bad = int(np.ravel_multi_index(tuple(index), w.shape))
-            raise ValueError(
+            raise NonFiniteWeightError(
                 f"tensor {name!r} holds a value that is not finite in float32 ({w[tuple(index)]!r} at flat "
                 f"index {bad}); NF4 cannot represent NaN, Inf or magnitudes beyond float32"
             )

@@ -143,10 +143,10 @@ def _check(status: int, w: np.ndarray, name: str) -> None:
     if status == _OK:
         return
     if status == _NOT_FINITE:
-        from .codec import check_finite
+        from .codec import NonFiniteWeightError, check_finite
 
         check_finite(w, name)  # raises the codec's message, naming the tensor and the index
-        raise ValueError(f"tensor {name!r} holds a value that is not finite in float32")
+        raise NonFiniteWeightError(f"tensor {name!r} holds a value that is not finite in float32")
     if status == _OUT_OF_MEMORY:
         raise MemoryError(f"the NF4 encoder ran out of memory on tensor {name!r}")
     message = _require().onnx_nf4_encoder_status_string(status).decode()

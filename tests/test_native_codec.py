@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import onnx_ir as ir
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -434,3 +435,41 @@ def test_every_instruction_set_gives_the_same_bytes_and_sums():
 
 def test_isa_name():
     assert native_codec.isa() in ("avx512", "avx2", "portable")
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+
+
+@pytest.mark.parametrize("fmt", ["onnx_nf4", "com.microsoft"])
+def test_pass_skips_weights_the_encoder_finds_not_finite(fmt):
+    """No separate finiteness pass: the encoder's finding skips every node of the weight, with the codec's reason."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_nf4.passes import QuantizeNF4Pass
+
+    rng = np.random.default_rng(0)
+    bad = rng.standard_normal((128, 64)).astype(np.float32)
+    bad[7, 9] = np.inf
+    good = rng.standard_normal((64, 64)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W_bad"], ["h"], name="first"),
+        helper.make_node("MatMul", ["x", "W_bad"], ["h2"], name="second"),
+        helper.make_node("MatMul", ["h", "W_good"], ["y"], name="third"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64]),
+         helper.make_tensor_value_info("h2", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(bad, "W_bad"), numpy_helper.from_array(good, "W_good")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result = QuantizeNF4Pass(format=fmt)(model)
+    report = result.report
+    assert [layer.node for layer in report.layers] == ["third"]
+    assert sorted(s.node for s in report.skipped) == ["first", "second"]
+    assert all("'W_bad'" in s.reason and "not finite" in s.reason for s in report.skipped)
+    proto = ir.serde.serialize_model(result.model)
+    assert [n.op_type for n in proto.graph.node][:2] == ["MatMul", "MatMul"]
+    assert "W_bad" in {t.name for t in proto.graph.initializer}
+    onnx.checker.check_model(proto)
