@@ -14,6 +14,7 @@ serialize_model`` of the model, up to the order of ``graph.initializer``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -52,25 +53,45 @@ def _field_size(field: int, length: int) -> int:
 
 
 def _raw_bytes(tensor: ir.TensorProtocol) -> memoryview | bytes:
-    """The tensor's ``raw_data`` bytes (little-endian), without a copy when its numpy array allows it."""
-    if isinstance(tensor, ir.Tensor) and tensor.dtype.bitwidth >= 8 and tensor.dtype != ir.DataType.STRING:
+    """The tensor's ``raw_data`` bytes (little-endian), without a copy when its numpy array allows it (an external
+    tensor's array maps its file)."""
+    if isinstance(tensor, (ir.Tensor, ir.ExternalTensor)) and _streamable_dtype(tensor):
         array = tensor.numpy()
         if array.dtype.byteorder != ">" and array.flags.c_contiguous:
             return memoryview(array.reshape(-1).view(np.uint8))
     return tensor.tobytes()
 
 
-def _streamed(graph: ir.Graph) -> list[ir.Value]:
-    """The main graph's initializers held in memory and large enough to be worth streaming."""
-    return [
+def _streamable_dtype(tensor: ir.TensorProtocol) -> bool:
+    return tensor.dtype.bitwidth >= 8 and tensor.dtype != ir.DataType.STRING
+
+
+def _streamed(graph: ir.Graph, inline_external: bool) -> list[ir.Value]:
+    """The main graph's initializers to stream: the large ones held in memory, and the external ones when their
+    data is to be written into the file."""
+    values = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not _streamable_dtype(tensor):
+            continue
+        external = isinstance(tensor, ir.ExternalTensor)
+        if (external and inline_external) or (not external and tensor.nbytes >= STREAM_MIN_BYTES):
+            values.append(value)
+    return values
+
+
+def _load_subgraph_externals(model: ir.Model) -> None:
+    """Read the external initializers of subgraphs into memory (those of the main graph are streamed)."""
+    values = [
         value
+        for graph in model.graphs()
+        if graph is not model.graph
         for value in graph.initializers.values()
-        if value.const_value is not None
-        and not isinstance(value.const_value, ir.ExternalTensor)
-        and value.const_value.nbytes >= STREAM_MIN_BYTES
-        and value.const_value.dtype.bitwidth >= 8
-        and value.const_value.dtype != ir.DataType.STRING
+        if isinstance(value.const_value, ir.ExternalTensor)
     ]
+    loaded = ir.external_data.convert_tensors_from_external([value.const_value for value in values])
+    for value, tensor in zip(values, loaded, strict=True):
+        value.const_value = tensor
 
 
 def _headers(model: ir.Model, values: list[ir.Value]) -> tuple[onnx.ModelProto, list[bytes]]:
@@ -98,28 +119,44 @@ def _headers(model: ir.Model, values: list[ir.Value]) -> tuple[onnx.ModelProto, 
     return proto, headers
 
 
-def _chunks(model: ir.Model) -> Iterator[bytes | memoryview]:
-    values = _streamed(model.graph)
+def _chunks(model: ir.Model, inline_external: bool = False) -> Iterator[bytes | memoryview]:
+    values = _streamed(model.graph, inline_external)
     proto, headers = _headers(model, values)
     graph = proto.graph.SerializeToString()
     proto.ClearField("graph")
-    datas = [_raw_bytes(value.const_value) for value in values]  # type: ignore[arg-type]
-    tensor_sizes = [len(h) + _field_size(_TENSOR_RAW_DATA_FIELD, len(d)) for h, d in zip(headers, datas, strict=True)]
+    sizes = [value.const_value.nbytes for value in values]  # type: ignore[union-attr]
+    tensor_sizes = [len(h) + _field_size(_TENSOR_RAW_DATA_FIELD, n) for h, n in zip(headers, sizes, strict=True)]
     graph_size = len(graph) + sum(_field_size(_GRAPH_INITIALIZER_FIELD, size) for size in tensor_sizes)
     yield proto.SerializeToString()
     yield _key(_MODEL_GRAPH_FIELD) + _varint(graph_size)
     yield graph
-    for header, data, size in zip(headers, datas, tensor_sizes, strict=True):
+    for value, header, nbytes, size in zip(values, headers, sizes, tensor_sizes, strict=True):
         yield _key(_GRAPH_INITIALIZER_FIELD) + _varint(size) + header
-        yield _key(_TENSOR_RAW_DATA_FIELD) + _varint(len(data))
+        yield _key(_TENSOR_RAW_DATA_FIELD) + _varint(nbytes)
+        tensor = value.const_value
+        data = _raw_bytes(tensor)  # type: ignore[arg-type]
+        if len(data) != nbytes:  # memoryview / bytes length in bytes
+            raise AssertionError(f"tensor {value.name!r}: {len(data)} data bytes, {nbytes} expected")
         yield data
+        del data
+        if isinstance(tensor, ir.ExternalTensor):  # unmap it: its pages would stay resident otherwise
+            with contextlib.suppress(BufferError):
+                tensor.release()
 
 
-def write_model(model: ir.Model, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` (its tensors in memory or external) to ``path`` as one protobuf, streaming large tensors.
+def write_model(model: ir.Model, path: str | os.PathLike[str], *, inline_external: bool = False) -> None:
+    """Write ``model`` to ``path`` as one protobuf, streaming large tensors from their buffers.
 
-    External tensors keep their external data references, as with ``onnx_ir.save``. The model is left as it was.
+    Args:
+        model: the model; it is left as it was, except that with ``inline_external`` the external initializers of
+            subgraphs are read into memory.
+        path: the file to write.
+        inline_external: write the data of external initializers into the file (as ``onnx_ir.external_data.
+            load_to_model`` then ``onnx_ir.save`` would), streamed from their memory-mapped files, each unmapped
+            once written; otherwise they keep their references to external data, as with ``onnx_ir.save``.
     """
+    if inline_external:
+        _load_subgraph_externals(model)
     with open(path, "wb") as f:
-        for chunk in _chunks(model):
+        for chunk in _chunks(model, inline_external):
             f.write(chunk)

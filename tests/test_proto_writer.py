@@ -99,3 +99,18 @@ def test_external_tensors_keep_their_references(tmp_path):
     assert any(t.data_location == TensorProto.EXTERNAL for t in out.graph.initializer)
     ref = ir.serde.serialize_model(model)
     assert _canonical(out) == _canonical(ref)
+
+
+def test_inline_external_writes_the_data_and_keeps_the_model(tmp_path):
+    """``inline_external``: the file holds the data of every external initializer, as load_to_model + ir.save,
+    while the model keeps its external tensors (unmapped after writing)."""
+    proto = _model()
+    onnx.save(proto, tmp_path / "src.onnx", save_as_external_data=True, location="src.data", size_threshold=1024)
+    model = ir.load(tmp_path / "src.onnx")
+    write_model(model, tmp_path / "inline.onnx", inline_external=True)
+    assert isinstance(model.graph.initializers["w_big"].const_value, ir.ExternalTensor)
+    ours = onnx.load(tmp_path / "inline.onnx", load_external_data=False)
+    assert all(t.data_location != TensorProto.EXTERNAL for t in ours.graph.initializer)
+    reference = ir.load(tmp_path / "src.onnx")
+    ir.external_data.load_to_model(reference)
+    assert _canonical(ours) == _canonical(ir.serde.serialize_model(reference))
