@@ -37,6 +37,7 @@ Backend = Literal["auto", "native", "numpy"]
 BACKENDS: tuple[str, ...] = ("auto", "native", "numpy")
 
 _OK, _NOT_FINITE, _OUT_OF_MEMORY = 0, 2, 3
+_MAX_THREADS = 1024  # kMaxThreads of the C API
 _ROUNDING_CODES = {"onnxruntime": 0, "bitsandbytes": 1}
 # ONNX TensorProto element types, the dtype codes of the C API.
 _DTYPE_CODES = {"float32": 1, "float16": 10, "float64": 11, "bfloat16": 16}
@@ -153,6 +154,12 @@ def _check(status: int, w: np.ndarray, name: str) -> None:
     raise RuntimeError(f"the NF4 encoder failed on tensor {name!r}: {message} (status {status})")
 
 
+def _check_threads(threads: int) -> int:
+    if int(threads) != threads or not 0 <= threads <= _MAX_THREADS:
+        raise ValueError(f"threads must be an integer in [0, {_MAX_THREADS}] (0: all hardware threads): {threads!r}")
+    return int(threads)
+
+
 def _sums_out(sums: bool) -> tuple[np.ndarray | None, int | None]:
     if not sums:
         return None, None
@@ -187,6 +194,7 @@ def encode_flat(
         ValueError: ``w`` holds NaN/Inf (the codec's message), or an argument is invalid.
     """
     lib = _require()
+    threads = _check_threads(threads)
     w = _native_byte_order(np.asarray(w))
     if w.ndim == 2 and not w.flags.c_contiguous and w.shape[1] % block_size == 0 and w.size:
         # Rows of whole blocks: the flat layout of w is the MatMulNF4 layout of w.T, which is read in place.
@@ -226,6 +234,7 @@ def encode_weight(
         ValueError: ``w`` holds NaN/Inf (the codec's message), or an argument is invalid.
     """
     lib = _require()
+    threads = _check_threads(threads)
     w = _native_byte_order(np.asarray(w))
     if w.ndim != 2:
         raise ValueError(f"tensor {name!r}: a MatMul weight must be 2-D, got shape {w.shape}")

@@ -297,6 +297,14 @@ def test_backend_argument():
         quantize_weight(w.reshape(8, 8), 16, backend="fast")
 
 
+@pytest.mark.parametrize("threads", [-1, 1025, 1.5])
+def test_bad_thread_count(threads):
+    with pytest.raises(ValueError, match="threads"):
+        quantize_blockwise(np.ones(64, np.float32), 64, backend="native", threads=threads)
+    with pytest.raises(ValueError, match="threads"):
+        quantize_weight(np.ones((64, 2), np.float32), 64, backend="native", threads=threads)
+
+
 def test_native_backend_without_library(monkeypatch):
     monkeypatch.setattr(native_codec, "_library", lambda: None)
     assert not native_codec.available()
