@@ -235,6 +235,29 @@ def _machine() -> str:
     )
 
 
+def _targets(rows: list[dict], clis: list[dict]) -> str:
+    """The measured figures against the targets of the encoder's design (met / missed)."""
+    lines = []
+    ort_rate = next((r["weights_per_s"] for r in rows if r["method"].startswith("onnxruntime quantize")), None)
+    for prefix in ("quantize_blockwise(W), native, 2", "quantize_weight(W), native, 2"):
+        row = next((r for r in rows if r["method"].startswith(prefix)), None)
+        if row is not None and ort_rate:
+            rate = row["weights_per_s"]
+            ok = rate >= 500e6 and rate >= 5 * ort_rate
+            lines.append(f"- {row['method']}: {rate / 1e6:.0f}M weights/s, {rate / ort_rate:.1f}x onnxruntime "
+                         f"(target >= 500M and >= 5x): {'met' if ok else 'missed'}")  # fmt: skip
+    limits = {"chain.onnx": (12.0, 1e9), "model.onnx": (6.0, None)}
+    for c in clis:
+        wall_limit, rss_limit = limits.get(c["model"], (None, None))
+        if wall_limit is None:
+            continue
+        ok = c["wall_s"] <= wall_limit and (rss_limit is None or c["peak_rss"] <= rss_limit)
+        rss = f", peak RSS {c['peak_rss'] / 1e6:.0f} MB (target <= 1 GB)" if rss_limit else ""
+        lines.append(f"- CLI {c['model']} ({c['input_bytes'] / 1e9:.2f} GB): {c['wall_s']:.2f} s (target <= "
+                     f"{wall_limit:.0f} s){rss}: {'met' if ok else 'missed'}")  # fmt: skip
+    return "## Targets\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def markdown(rows: list[dict], clis: list[dict]) -> str:
     text = "# NF4 quantization speed\n\nProduced by `tools/bench/bench_quantize.py` (see its docstring).\n\n"
     text += _machine() + "\n"
@@ -243,15 +266,18 @@ def markdown(rows: list[dict], clis: list[dict]) -> str:
         text += (
             f"## In process: W[{K}, {N}] float32, block size {BLOCK}\n\nMedians of interleaved repetitions. "
             "CPU/wall is the process CPU time over the wall time (the cores a method kept busy; below the thread "
-            "count when the machine is busy).\n\n| method | wall | CPU/wall | weights/s | vs onnxruntime |\n"
-            "|---|---|---|---|---|\n"
+            "count when the machine is busy); weights per CPU second is what one core does when it runs the "
+            "method.\n\n| method | wall | CPU/wall | weights/s | weights per CPU second | vs onnxruntime |\n"
+            "|---|---|---|---|---|---|\n"
         )
         for r in rows:
             text += (
                 f"| {r['method']} | {r['wall_s'] * 1e3:.1f} ms | {r['cpu_s'] / r['wall_s']:.2f} | "
-                f"{r['weights_per_s'] / 1e6:.0f}M | {r['weights_per_s'] / ort_row['weights_per_s']:.2f}x |\n"
+                f"{r['weights_per_s'] / 1e6:.0f}M | {K * N / max(r['cpu_s'], 1e-9) / 1e6:.0f}M | "
+                f"{r['weights_per_s'] / ort_row['weights_per_s']:.2f}x |\n"
             )
         text += "\n"
+    text += _targets(rows, clis)
     for c in clis:
         p = c["phases"]
         total = p["load_s"] + p["quantize_s"] + p["save_s"]
