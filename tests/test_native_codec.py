@@ -481,3 +481,28 @@ def test_pass_skips_weights_the_encoder_finds_not_finite(fmt):
     assert [n.op_type for n in proto.graph.node][:2] == ["MatMul", "MatMul"]
     assert "W_bad" in {t.name for t in proto.graph.initializer}
     onnx.checker.check_model(proto)
+
+
+@pytest.mark.parametrize("K", [128, 100])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_pass_error_of_the_bnb4_format(K, dtype):
+    """com.microsoft::MatMulBnb4: the error from the encoder's sums (float32) or from the decoded weight with the
+    absmax as stored (float16) is the metric of the weight the model holds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_nf4.codec import dequantize_blockwise
+    from onnx_nf4.metrics import rel_rms_error
+    from onnx_nf4.passes import QuantizeNF4Pass
+
+    w = np.random.default_rng(K).standard_normal((K, 96)).astype(dtype)
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", elem, [2, K])], [helper.make_tensor_value_info("y", elem, [2, 96])],
+        [numpy_helper.from_array(w, "W")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    report = QuantizeNF4Pass(format="com.microsoft", min_elements=0)(model).report
+    packed, absmax = quantize_blockwise(w.T, 64, backend="numpy")
+    decoded = dequantize_blockwise(packed, absmax.astype(dtype).astype(np.float32), (96, K), 64).T
+    assert report.layers[0].rel_rms_error == pytest.approx(rel_rms_error(w, decoded), rel=1e-9)

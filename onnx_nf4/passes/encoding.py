@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .. import native_codec
 from ..codec import quantize_blockwise
 from ..layout import QuantizedWeight, quantize_weight, quantize_weight_and_error
 from ..metrics import nf4_rel_rms_error
 from ..options import QuantizeOptions
 
-__all__ = ["as_numpy_float", "encode_flat", "encode_weight", "encode_weight_and_error"]
+__all__ = ["as_numpy_float", "encode_flat", "encode_flat_and_error", "encode_weight", "encode_weight_and_error"]
 
 
 def as_numpy_float(tensor: ir.TensorProtocol) -> np.ndarray:
@@ -71,3 +72,16 @@ def encode_flat(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[
             f"(K={K}, block_size={bs})"
         )
     return quantize_blockwise(w.T, bs, name=name)
+
+
+def encode_flat_and_error(
+    w: np.ndarray, options: QuantizeOptions, *, name: str
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """:func:`encode_flat`, and the relative RMS error when it comes from the same pass over ``w``: ``"rtn"`` with
+    the compiled encoder on a float32 weight (whose absmax ``MatMulBnb4`` stores unrounded); ``None`` otherwise."""
+    if options.method == "rtn" and w.dtype == np.float32 and native_codec.use_native("auto"):
+        packed, absmax, sums = native_codec.encode_flat(w.T, options.block_size, sums=True, name=name)
+        assert sums is not None
+        return packed, absmax, sums.rel_rms_error
+    packed, absmax = encode_flat(w, options, name=name)
+    return packed, absmax, None

@@ -23,7 +23,7 @@ from ..contract import BNB4_OP_TYPE, DOMAIN, MS_DOMAIN, OP_TYPE, Input
 from ..layout import QuantizedWeight
 from ..metrics import nf4_rel_rms_error, rel_rms_error
 from ..options import QuantizeOptions
-from .encoding import encode_flat, encode_weight_and_error
+from .encoding import encode_flat_and_error, encode_weight_and_error
 from .graph import Initializers
 
 __all__ = ["Bnb4Writer", "Encoded", "NF4Writer", "Writer", "writer_for"]
@@ -132,16 +132,20 @@ class Bnb4Writer(Writer):
             )
 
     def encode(self, w: np.ndarray, graph: ir.Graph, name: str, given: QuantizedWeight | None) -> Encoded:
+        error: float | None = None
         if given is not None:
             packed, absmax, bs = given.packed.reshape(-1), given.absmax.reshape(-1), given.block_size
         else:
-            (packed, absmax), bs = encode_flat(w, self.options, name=name), self.options.block_size
+            packed, absmax, error = encode_flat_and_error(w, self.options, name=name)
+            bs = self.options.block_size
         K, N = w.shape
         absmax_t = absmax.astype(w.dtype)  # MatMulBnb4 stores the absmax in T
-        decoded = dequantize_blockwise(packed, absmax_t.astype(np.float32), (N, K), bs).T
+        if error is None:  # decoded with the stored (possibly rounded) absmax
+            decoded = dequantize_blockwise(packed, absmax_t.astype(np.float32), (N, K), bs).T
+            error = rel_rms_error(w, decoded)
         add = self.initializers.add
         inputs: list[ir.Value | None] = [add(graph, f"{name}_Bnb4", packed), add(graph, f"{name}_absmax", absmax_t)]
-        return Encoded(inputs, {"block_size": bs}, packed.nbytes + absmax_t.nbytes, rel_rms_error(w, decoded))
+        return Encoded(inputs, {"block_size": bs}, packed.nbytes + absmax_t.nbytes, error)
 
     def node(self, a: ir.Value, encoded: Encoded, K: int, N: int, bias: ir.Value | None, y: ir.Value,
              name: str | None) -> ir.Node:  # fmt: skip
