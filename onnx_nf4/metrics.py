@@ -32,12 +32,14 @@ def _sums(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> ErrorSums:
 
 
 def _ratio(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    """``sqrt(sum((ref - approx)^2) / sum(ref^2))`` over the chunk pairs (0 when ``ref`` is all zero)."""
+    """``sqrt(sum((ref - approx)^2) / sum(ref^2))`` over the chunk pairs (0 when both are all zero, inf when only
+    ``ref`` is)."""
     return _sums(pairs).rel_rms_error
 
 
 def rel_rms_error(w: np.ndarray, wq: np.ndarray) -> float:
-    """``rms(w - wq) / rms(w)`` for two arrays of the same shape (0 for an all-zero ``w``)."""
+    """``rms(w - wq) / rms(w)`` for two arrays of the same shape (0 when both are all zero, inf when only ``w``
+    is)."""
     if w.shape != wq.shape:
         raise ValueError(f"shapes differ: {list(w.shape)} and {list(wq.shape)}")
     w2 = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)

@@ -61,8 +61,10 @@ class ErrorSums:
 
     @property
     def rel_rms_error(self) -> float:
-        """``rms(x - d) / rms(x)``; 0 for an all-zero weight."""
-        return math.sqrt(self.squared_error / self.squared_weight) if self.squared_weight else 0.0
+        """``rms(x - d) / rms(x)``; 0 when both sums are 0, inf when only the weight's is."""
+        if not self.squared_weight:
+            return math.inf if self.squared_error else 0.0
+        return math.sqrt(self.squared_error / self.squared_weight)
 
 
 @functools.lru_cache(maxsize=1)
