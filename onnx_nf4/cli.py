@@ -57,7 +57,10 @@ PROG = "onnx-nf4"
 #: (``None`` means 0) and reports an expected failure by raising :class:`CLIError`, ``OSError`` or ``ValueError``.
 #: The module is imported only when the parser is built, and skipped when it is absent, so it must import without
 #: its optional dependencies (import them inside the handler).
-SUBCOMMAND_PROVIDERS: list[str] = ["onnx_nf4.torch.cli:add_export_bnb_parser"]
+SUBCOMMAND_PROVIDERS: list[str] = [
+    "onnx_nf4.torch.cli:add_export_bnb_parser",
+    "onnx_nf4.genai_cli:add_export_genai_parser",
+]
 
 # What a command may raise for a failure the user can fix; anything else is a bug and keeps its traceback.
 _EXPECTED_ERRORS = (OSError, ValueError, DecodeError)
