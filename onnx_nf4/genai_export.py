@@ -39,10 +39,13 @@ from .layout import QuantizedWeight, dequantize_weight
 from .model_io import load_model
 from .report import QuantizationReport
 
-__all__ = ["EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
+__all__ = ["BUILD_PRECISION", "EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
 
-#: The execution providers ``export_genai`` builds for (the builder's ``-e``).
-EXECUTION_PROVIDERS = ("cpu", "cuda")
+#: The execution providers ``export_genai`` builds for (the builder's ``-e``), and the builder precision of each:
+#: float32 on the CPU; float16 on CUDA, where the builder's GroupQueryAttention needs float16 or bfloat16.
+BUILD_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+EXECUTION_PROVIDERS = tuple(BUILD_PRECISION)
+_GRAPH_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 class BuilderError(RuntimeError):
@@ -120,7 +123,8 @@ def map_fused_weights(
     """Match float ``MatMul`` weights to the NF4 layers whose decoded columns they are made of.
 
     Args:
-        graph_weights: float ``W[K, N]`` by initializer name.
+        graph_weights: float ``W[K, N]`` by initializer name (float32, or float16 compared with the decoded
+            float32 weights rounded to float16).
         layers: NF4 weights by layer name; layer ``L`` decodes to ``Wt_L[N_L, K]`` (``dequantize_weight(q).T``).
 
     Returns:
@@ -132,32 +136,37 @@ def map_fused_weights(
         ValueError: a graph weight that starts like a layer but is not a concatenation of whole layers, or a
             layer used by no graph weight.
     """
-    decoded = {name: np.ascontiguousarray(dequantize_weight(q).T) for name, q in layers.items()}
-    by_first_row: dict[bytes, list[str]] = {}
-    for name, wt in decoded.items():
-        by_first_row.setdefault(wt[0].tobytes(), []).append(name)
+    decoded32 = {name: np.ascontiguousarray(dequantize_weight(q).T) for name, q in layers.items()}
+    decoded: dict[np.dtype, dict[str, np.ndarray]] = {}  # the decoded weights rounded to each graph dtype
+    by_first_row: dict[np.dtype, dict[bytes, list[str]]] = {}
+    for w in graph_weights.values():
+        if w.dtype in _GRAPH_DTYPES and w.dtype not in decoded:
+            decoded[w.dtype] = {name: wt.astype(w.dtype) for name, wt in decoded32.items()}
+            by_first_row[w.dtype] = {}
+            for name, wt in decoded[w.dtype].items():
+                by_first_row[w.dtype].setdefault(wt[0].tobytes(), []).append(name)
     prequantized: dict[str, QuantizedWeight] = {}
     sources: dict[str, list[str]] = {}
     for weight_name, w in graph_weights.items():
-        if w.dtype != np.float32 or w.ndim != 2:
+        if w.dtype not in _GRAPH_DTYPES or w.ndim != 2:
             continue
         wt = np.ascontiguousarray(w.T)
+        candidates, first_rows = decoded[w.dtype], by_first_row[w.dtype]
         found: list[str] = []
         column = 0
         while column < wt.shape[0]:
             match = next(
                 (
                     name
-                    for name in by_first_row.get(wt[column].tobytes(), [])
-                    if np.array_equal(wt[column : column + decoded[name].shape[0]], decoded[name])
-                    and decoded[name].shape[1] == wt.shape[1]
+                    for name in first_rows.get(wt[column].tobytes(), [])
+                    if np.array_equal(wt[column : column + candidates[name].shape[0]], candidates[name])
                 ),
                 None,
             )
             if match is None:
                 break
             found.append(match)
-            column += decoded[match].shape[0]
+            column += candidates[match].shape[0]
         if not found:
             continue
         if column != wt.shape[0]:
@@ -204,7 +213,8 @@ def export_genai(
     Args:
         hf_dir: a transformers checkpoint folder (``save_pretrained``), float or bitsandbytes NF4.
         out_dir: the genai folder to create (must not exist, or be empty).
-        execution_provider: ``"cpu"`` or ``"cuda"`` (the builder's ``-e``; the graph is built in float32).
+        execution_provider: ``"cpu"`` or ``"cuda"`` (the builder's ``-e``; the graph is built in float32 for the
+            CPU and in float16 for CUDA, see :data:`BUILD_PRECISION`).
         quantize_float: for a bitsandbytes checkpoint, also quantize the layers it left float (``lm_head``) with
             ``block_size`` / ``double_quant``; a float checkpoint is always quantized.
         builder_options: extra options for the model builder (its ``--extra_options``, e.g.
@@ -224,6 +234,7 @@ def export_genai(
     """
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
+    precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
@@ -233,7 +244,9 @@ def export_genai(
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent) as work:
         built = Path(work) / "genai_fp32"
         if not kind.bnb_nf4:
-            run_builder(hf_dir, built, execution_provider=execution_provider, extra_options=options)
+            run_builder(
+                hf_dir, built, precision=precision, execution_provider=execution_provider, extra_options=options
+            )
             return quantize_genai_folder(
                 built,
                 out_dir,
@@ -244,7 +257,13 @@ def export_genai(
                 **quantize_options,
             )
         layers = write_float_checkpoint(hf_dir, Path(work) / "hf_float")
-        run_builder(Path(work) / "hf_float", built, execution_provider=execution_provider, extra_options=options)
+        run_builder(
+            Path(work) / "hf_float",
+            built,
+            precision=precision,
+            execution_provider=execution_provider,
+            extra_options=options,
+        )
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
             from .torch.graph_weights import quantize_with_prequantized
