@@ -33,7 +33,7 @@ from . import __version__
 from .codec import check_block_size
 from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
-from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
+from .options import DEFAULT_MIN_ELEMENTS, FORMATS, QuantizeOptions
 from .report import QuantizationReport
 from .table import format_bytes, render_table
 
@@ -268,16 +268,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return _cmd_quantize_folder(args)
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
+    options = QuantizeOptions(
+        **quantize_kwargs(args),
+        format=args.format,
+        min_elements=args.min_elements,
+        external_data=args.external_data,
+    )
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        _, report = quantize_model(
-            args.input,
-            args.output,
-            **quantize_kwargs(args),
-            format=args.format,
-            min_elements=args.min_elements,
-            on_progress=progress.update,
-            external_data=args.external_data,
-        )
+        _, report = quantize_model(args.input, args.output, options, on_progress=progress.update)
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
     return 0
