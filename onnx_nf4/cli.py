@@ -22,7 +22,7 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
@@ -45,6 +45,7 @@ __all__ = [
     "build_parser",
     "check_output_path",
     "main",
+    "print_folder_reports",
     "print_written",
     "quantize_kwargs",
 ]
@@ -264,16 +265,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.double_quant and args.format != "onnx_nf4":
         raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
-    if args.input.is_dir():
-        return _cmd_quantize_folder(args)
-    check_output_path(args.output)
-    input_bytes = _file_bytes(args.input)
     options = QuantizeOptions(
         **quantize_kwargs(args),
         format=args.format,
         min_elements=args.min_elements,
         external_data=args.external_data,
     )
+    if args.input.is_dir():
+        return _quantize_folder(args, options)
+    check_output_path(args.output)
+    input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         _, report = quantize_model(args.input, args.output, options, on_progress=progress.update)
     print(format_quantization_report(report))
@@ -281,28 +282,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_quantize_folder(args: argparse.Namespace) -> int:
+def _quantize_folder(args: argparse.Namespace, options: QuantizeOptions) -> int:
     """``quantize IN_DIR OUT_DIR`` for an onnxruntime-genai model folder (:mod:`onnx_nf4.genai`)."""
     from .genai import quantize_genai_folder
 
-    if args.external_data is not None:
-        raise CLIError("--external-data applies to a model file; a genai folder keeps its models' external data")
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        reports = quantize_genai_folder(
-            args.input,
-            args.output,
-            **quantize_kwargs(args),
-            format=args.format,
-            min_elements=args.min_elements,
-            on_progress=progress.update,
-        )
+        reports = quantize_genai_folder(args.input, args.output, options, on_progress=progress.update)
+    print_folder_reports(reports, args.input, args.output)
+    return 0
+
+
+def print_folder_reports(reports: Mapping[str, QuantizationReport], source: Path | None, output: Path) -> None:
+    """Each model file's report, then ``wrote OUT_DIR: SIZE`` (``SOURCE -> SIZE`` with a source folder)."""
     for name, report in reports.items():
         print(f"{name}:")
         print(format_quantization_report(report))
         print()
-    before, after = _folder_bytes(args.input), _folder_bytes(args.output)
-    print(f"wrote {args.output}: {format_bytes(before)} -> {format_bytes(after)}")
-    return 0
+    before = "" if source is None else f"{format_bytes(_folder_bytes(source))} -> "
+    print(f"wrote {output}: {before}{format_bytes(_folder_bytes(output))}")
 
 
 def _folder_bytes(folder: Path) -> int:

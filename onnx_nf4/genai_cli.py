@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import CLIError, add_quantize_options, format_quantization_report, quantize_kwargs
+from .cli import CLIError, add_quantize_options, print_folder_reports, quantize_kwargs
+from .options import ACCURACY_LEVELS, FORMATS, QuantizeOptions
 
 __all__ = ["add_export_genai_parser"]
 
@@ -49,8 +50,16 @@ def add_export_genai_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_quantize_options(parser)
     parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=ACCURACY_LEVELS,
+        default=0,
+        help="the MatMulNF4 accuracy_level: 0 (default) computes in float32; 4 lets the CPU kernels quantize the "
+        "activations to int8 (faster, slightly less accurate)",
+    )
+    parser.add_argument(
         "--format",
-        choices=("onnx_nf4", "com.microsoft"),
+        choices=FORMATS,
         default="onnx_nf4",
         help="onnx_nf4: onnx_nf4::MatMulNF4 (the op library is copied into OUT_DIR); "
         "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
@@ -70,21 +79,19 @@ def _cmd_export_genai(args: argparse.Namespace) -> int:
 
     if args.double_quant and args.format != "onnx_nf4":
         raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
+    if args.accuracy_level and args.format != "onnx_nf4":
+        raise CLIError("--accuracy-level 4 needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no accuracy level)")
+    options = QuantizeOptions(**quantize_kwargs(args), format=args.format, accuracy_level=args.accuracy_level)
     try:
         reports = export_genai(
             args.hf_dir,
             args.output,
+            options,
             execution_provider=args.execution_provider,
             quantize_float=args.quantize_float,
             builder_options=dict(args.builder_option or ()),
-            format=args.format,
-            **quantize_kwargs(args),
         )
     except BuilderError as err:
         raise CLIError(str(err)) from None
-    for name, report in reports.items():
-        print(f"{name}:")
-        print(format_quantization_report(report))
-        print()
-    print(f"wrote {args.output}")
+    print_folder_reports(reports, None, args.output)
     return 0

@@ -29,7 +29,6 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -37,6 +36,7 @@ from .genai import check_output_folder, quantize_genai_folder, write_genai_folde
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 from .layout import QuantizedWeight, dequantize_weight
 from .model_io import load_model
+from .options import QuantizeOptions
 from .report import QuantizationReport
 
 __all__ = ["BUILD_PRECISION", "EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
@@ -198,30 +198,33 @@ def _float_matmul_weights(model) -> dict[str, np.ndarray]:
 def export_genai(
     hf_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    options: QuantizeOptions | None = None,
     *,
     execution_provider: str = "cpu",
     quantize_float: bool = False,
     builder_options: Mapping[str, object] | None = None,
-    block_size: int = 64,
-    double_quant: bool = False,
-    format: str = "onnx_nf4",
-    exclude: Iterable[str] = (),
-    **quantize_options: Any,
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    format: str | None = None,
+    exclude: Iterable[str] | None = None,
+    min_elements: int | None = None,
+    accuracy_level: int | None = None,
 ) -> dict[str, QuantizationReport]:
     """Export a transformers checkpoint folder to an onnxruntime-genai folder with NF4 weights.
 
     Args:
         hf_dir: a transformers checkpoint folder (``save_pretrained``), float or bitsandbytes NF4.
         out_dir: the genai folder to create (must not exist, or be empty).
+        options: the :class:`~onnx_nf4.options.QuantizeOptions`; the keyword arguments ``block_size`` ...
+            ``accuracy_level`` override its fields as in :func:`onnx_nf4.quantize_model`. With a bitsandbytes
+            checkpoint, ``block_size``, ``double_quant`` and ``min_elements`` apply to the ``quantize_float`` layers
+            only (bitsandbytes' layers keep their own); ``format``, ``exclude`` and ``accuracy_level`` apply to all.
         execution_provider: ``"cpu"`` or ``"cuda"`` (the builder's ``-e``; the graph is built in float32 for the
             CPU and in float16 for CUDA, see :data:`BUILD_PRECISION`).
-        quantize_float: for a bitsandbytes checkpoint, also quantize the layers it left float (``lm_head``) with
-            ``block_size`` / ``double_quant``; a float checkpoint is always quantized.
+        quantize_float: for a bitsandbytes checkpoint, also quantize the layers it left float (``lm_head``); a
+            float checkpoint is always quantized.
         builder_options: extra options for the model builder (its ``--extra_options``, e.g.
             ``{"fuse_mlp_gate_up": True}``).
-        block_size, double_quant, format, exclude, **quantize_options: as for :func:`onnx_nf4.quantize_model`
-            (``accuracy_level``, ``min_elements``, ...); with a bitsandbytes checkpoint, ``block_size`` and
-            ``double_quant`` apply to ``quantize_float`` layers only (bitsandbytes' layers keep their own).
 
     Returns:
         The quantization report of each model file of the folder.
@@ -231,56 +234,45 @@ def export_genai(
             quantization method, or an architecture the builder does not support.
         BuilderError: the builder is not installed or failed.
         onnx_nf4.genai.GenaiFolderError: ``out_dir`` exists and is not empty.
+        ValueError: invalid options (before any work).
     """
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
+    options = QuantizeOptions.build(
+        options,
+        block_size=block_size,
+        double_quant=double_quant,
+        format=format,
+        exclude=exclude,
+        min_elements=min_elements,
+        accuracy_level=accuracy_level,
+    )
     precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
-    options = dict(builder_options or {})
+    extra_options = dict(builder_options or {})
     if kind.double_quant:
-        options.setdefault("fuse_qkv", False)
+        extra_options.setdefault("fuse_qkv", False)
+    build = {"precision": precision, "execution_provider": execution_provider, "extra_options": extra_options}
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent) as work:
-        built = Path(work) / "genai_fp32"
+        built = Path(work) / "genai_float"
         if not kind.bnb_nf4:
-            run_builder(
-                hf_dir, built, precision=precision, execution_provider=execution_provider, extra_options=options
-            )
-            return quantize_genai_folder(
-                built,
-                out_dir,
-                block_size=block_size,
-                double_quant=double_quant,
-                format=format,
-                exclude=exclude,
-                **quantize_options,
-            )
+            run_builder(hf_dir, built, **build)
+            return quantize_genai_folder(built, out_dir, options)
         layers = write_float_checkpoint(hf_dir, Path(work) / "hf_float")
-        run_builder(
-            Path(work) / "hf_float",
-            built,
-            precision=precision,
-            execution_provider=execution_provider,
-            extra_options=options,
-        )
+        run_builder(Path(work) / "hf_float", built, **build)
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
             from .torch.graph_weights import quantize_with_prequantized
 
             model = load_model(source)
             prequantized, _ = map_fused_weights(_float_matmul_weights(model), layers)
+            file_options = (
+                options if options.external_data is not None else options.replace(external_data=external_data)
+            )
             return quantize_with_prequantized(
-                model,
-                target,
-                prequantized,
-                quantize_float=quantize_float,
-                block_size=block_size,
-                double_quant=double_quant,
-                format=format,
-                exclude=exclude,
-                external_data=external_data,
-                **quantize_options,
+                model, target, prequantized, quantize_float=quantize_float, options=file_options
             )
 
         return write_genai_folder(built, out_dir, quantize_file)

@@ -115,6 +115,20 @@ def test_folder_double_quant_and_other_files(float_genai, prompt, library, tmp_p
     assert len(llm_models.greedy_genai(out, prompt, NEW_TOKENS)) == NEW_TOKENS
 
 
+def _accuracy_levels(model_path: Path) -> set[int | None]:
+    return {
+        next((attr.i for attr in node.attribute if attr.name == "accuracy_level"), None)
+        for node in _nodes(model_path, "MatMulNF4")
+    }
+
+
+def test_folder_accuracy_level_4_runs_and_is_recorded(float_genai, prompt, library, tmp_path):
+    reports = quantize_genai_folder(float_genai, tmp_path / "acc4", accuracy_level=4)
+    assert reports["model.onnx"].accuracy_level == 4
+    assert _accuracy_levels(tmp_path / "acc4" / "model.onnx") == {4}
+    assert len(llm_models.greedy_genai(tmp_path / "acc4", prompt, NEW_TOKENS)) == NEW_TOKENS
+
+
 def test_folder_refuses_a_non_empty_output_folder(float_genai, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -235,6 +249,21 @@ def test_export_genai_quantize_float_quantizes_lm_head(bnb_checkpoints, double_q
     reports = export_genai(hf_dir, tmp_path / "genai", quantize_float=True, block_size=32)
     assert not _nodes(tmp_path / "genai" / "model.onnx", "MatMul")
     assert "/lm_head/MatMul" in [layer.node for layer in reports["model.onnx"].layers]
+
+
+def test_export_genai_accuracy_level_4_runs_and_is_recorded(bnb_checkpoints, library, tmp_path):
+    out = tmp_path / "genai"
+    assert main(["export-genai", str(bnb_checkpoints[False]), str(out), "--accuracy-level", "4"]) == 0
+    assert _accuracy_levels(out / "model.onnx") == {4}
+    prompt = llm_models.prompt_ids(bnb_checkpoints[False])
+    assert len(llm_models.greedy_genai(out, prompt, NEW_TOKENS)) == NEW_TOKENS
+
+
+def test_export_genai_refuses_accuracy_level_with_com_microsoft(float_checkpoint, tmp_path, capsys):
+    argv = ["export-genai", str(float_checkpoint), str(tmp_path / "out"), "--accuracy-level", "4"]
+    assert main([*argv, "--format", "com.microsoft"]) == 1
+    assert "--accuracy-level 4 needs --format onnx_nf4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_genai_float_checkpoint_equals_build_then_quantize(
