@@ -284,8 +284,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _quantize_folder(args: argparse.Namespace, options: QuantizeOptions) -> int:
     """``quantize IN_DIR OUT_DIR`` for an onnxruntime-genai model folder (:mod:`onnx_nf4.genai`)."""
-    from .genai import quantize_genai_folder
+    from .genai import GENAI_CONFIG, is_genai_folder, quantize_genai_folder
 
+    if not is_genai_folder(args.input):
+        raise CLIError(
+            f"{args.input}: is a directory without {GENAI_CONFIG} "
+            "(IN must be an ONNX model file or an onnxruntime-genai model folder)"
+        )
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         reports = quantize_genai_folder(args.input, args.output, options, on_progress=progress.update)
     print_folder_reports(reports, args.input, args.output)

@@ -143,7 +143,7 @@ def test_folder_refuses_a_non_empty_output_folder(float_genai, tmp_path, capsys)
 def test_folder_without_genai_config_is_refused(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out")]) == 1
-    assert "no genai_config.json" in capsys.readouterr().err
+    assert "is a directory without genai_config.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
