@@ -251,6 +251,11 @@ def export_genai(
     kind = checkpoint_kind(read_config(hf_dir))
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
+    if kind.double_quant and options.format != "onnx_nf4":
+        raise CheckpointError(
+            "the checkpoint is double-quantized (bnb_4bit_use_double_quant), which com.microsoft::MatMulBnb4 "
+            "cannot store; use format onnx_nf4"
+        )
     extra_options = dict(builder_options or {})
     if kind.double_quant:
         extra_options.setdefault("fuse_qkv", False)

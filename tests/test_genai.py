@@ -241,6 +241,18 @@ def test_export_genai_keeps_bitsandbytes_bytes_and_tokens(bnb_checkpoints, doubl
     assert llm_models.greedy_genai(out, prompt, NEW_TOKENS) == expected
 
 
+def test_export_genai_bitsandbytes_to_com_microsoft(bnb_checkpoints, tmp_path):
+    from onnx_nf4.genai_export import export_genai
+
+    hf_dir = bnb_checkpoints[False]
+    export_genai(hf_dir, tmp_path / "genai", format="com.microsoft")
+    assert len(_nodes(tmp_path / "genai" / "model.onnx", "MatMulBnb4")) == 10  # per layer qkv, o, gate, up, down
+    assert "custom_ops_library" not in (tmp_path / "genai" / "genai_config.json").read_text()
+    prompt = llm_models.prompt_ids(hf_dir)
+    expected = llm_models.greedy_torch(llm_models.load_checkpoint(hf_dir), prompt, NEW_TOKENS)
+    assert llm_models.greedy_genai(tmp_path / "genai", prompt, NEW_TOKENS) == expected
+
+
 @double_quant_cases
 def test_export_genai_quantize_float_quantizes_lm_head(bnb_checkpoints, double_quant, library, tmp_path):
     from onnx_nf4.genai_export import export_genai
@@ -340,6 +352,13 @@ def test_export_genai_refuses_a_non_empty_output_folder(float_checkpoint, tmp_pa
     assert main(["export-genai", str(float_checkpoint), str(out)]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_export_genai_refuses_double_quant_as_com_microsoft(bnb_checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export-genai", str(bnb_checkpoints[True]), str(out), "--format", "com.microsoft"]) == 1
+    assert "double-quantized (bnb_4bit_use_double_quant)" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_export_genai_refuses_fused_double_quantized_layers(bnb_checkpoints, tmp_path):
