@@ -38,6 +38,7 @@ __all__ = [
     "model_filenames",
     "quantize_genai_folder",
     "read_genai_config",
+    "require_library",
     "write_genai_folder",
 ]
 
@@ -150,6 +151,18 @@ def _set_library(config: dict[str, Any], filenames: set[str], library_name: str)
         options["custom_ops_library"] = library_name
 
 
+def require_library(options: QuantizeOptions) -> None:
+    """Fail before any work when ``options`` write ``MatMulNF4`` nodes but the op library is not built.
+
+    Raises:
+        onnx_nf4.runtime.CustomOpLibraryNotFoundError: as :func:`onnx_nf4.custom_op_library`.
+    """
+    if options.format == "onnx_nf4":
+        from .runtime import custom_op_library
+
+        custom_op_library()
+
+
 def write_genai_folder(
     in_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -241,6 +254,7 @@ def quantize_genai_folder(
     Raises:
         GenaiFolderError: see :func:`write_genai_folder`.
         ValueError: invalid quantization options (before anything is written).
+        onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
     """
     from .api import quantize_model
 
@@ -253,6 +267,7 @@ def quantize_genai_folder(
         min_elements=min_elements,
         accuracy_level=accuracy_level,
     )
+    require_library(options)
 
     def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
         file_options = options if options.external_data is not None else options.replace(external_data=external_data)

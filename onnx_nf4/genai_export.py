@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .genai import check_output_folder, quantize_genai_folder, write_genai_folder
+from .genai import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 from .layout import QuantizedWeight, dequantize_weight
 from .model_io import load_model
@@ -235,6 +235,7 @@ def export_genai(
         BuilderError: the builder is not installed or failed.
         onnx_nf4.genai.GenaiFolderError: ``out_dir`` exists and is not empty.
         ValueError: invalid options (before any work).
+        onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
     """
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
@@ -247,6 +248,7 @@ def export_genai(
         min_elements=min_elements,
         accuracy_level=accuracy_level,
     )
+    require_library(options)
     precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
     out_dir = Path(out_dir)

@@ -147,6 +147,20 @@ def test_folder_without_genai_config_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_folder_without_the_op_library_is_refused_before_any_work(float_genai, tmp_path, monkeypatch, capsys):
+    import onnx_nf4.runtime
+
+    def missing() -> str:
+        raise CustomOpLibraryNotFoundError("the onnx_nf4 custom-op library is not built; searched: nowhere")
+
+    monkeypatch.setattr(onnx_nf4.runtime, "custom_op_library", missing)
+    assert main(["quantize", str(float_genai), str(tmp_path / "out"), "-q"]) == 1
+    assert "custom-op library is not built" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    # com.microsoft needs no library
+    assert main(["quantize", str(float_genai), str(tmp_path / "out"), "-q", "--format", "com.microsoft"]) == 0
+
+
 def test_folder_with_a_missing_model_file_is_refused(float_genai, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(float_genai, source)
