@@ -79,7 +79,8 @@ def quantize_model(
             copies of it in memory).
         accuracy_level: the ``MatMulNF4`` ``accuracy_level`` attribute: 0 (default, float32 compute) or 4 (the
             CPU kernels may quantize the activations to int8).
-        on_progress: ``on_progress(done, total, weight_name)``, called after each distinct weight.
+        on_progress: ``on_progress(done, total, layer)``, called after each distinct weight (``layer``: the first
+            node that uses it, named as in the report).
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
 
     Returns:

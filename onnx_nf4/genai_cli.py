@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import CLIError, add_quantize_options, print_folder_reports, quantize_kwargs
-from .options import ACCURACY_LEVELS, FORMATS, QuantizeOptions
+from .cli import CLIError, add_format_options, add_quantize_options, print_folder_reports, quantize_options
 
 __all__ = ["add_export_genai_parser"]
 
@@ -49,21 +48,7 @@ def add_export_genai_parser(subparsers: argparse._SubParsersAction) -> None:
         "--double-quant)",
     )
     add_quantize_options(parser)
-    parser.add_argument(
-        "--accuracy-level",
-        type=int,
-        choices=ACCURACY_LEVELS,
-        default=0,
-        help="the MatMulNF4 accuracy_level: 0 (default) computes in float32; 4 lets the CPU kernels quantize the "
-        "activations to int8 (faster, slightly less accurate)",
-    )
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="onnx_nf4",
-        help="onnx_nf4: onnx_nf4::MatMulNF4 (the op library is copied into OUT_DIR); "
-        "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
-    )
+    add_format_options(parser)
     parser.add_argument(
         "--builder-option",
         metavar="KEY=VALUE",
@@ -77,11 +62,7 @@ def add_export_genai_parser(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_export_genai(args: argparse.Namespace) -> int:
     from .genai_export import BuilderError, export_genai
 
-    if args.double_quant and args.format != "onnx_nf4":
-        raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
-    if args.accuracy_level and args.format != "onnx_nf4":
-        raise CLIError("--accuracy-level 4 needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no accuracy level)")
-    options = QuantizeOptions(**quantize_kwargs(args), format=args.format, accuracy_level=args.accuracy_level)
+    options = quantize_options(args, format=args.format, accuracy_level=args.accuracy_level)
     try:
         reports = export_genai(
             args.hf_dir,

@@ -21,18 +21,22 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 def _ratio(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    """``sqrt(sum((ref - approx)^2) / sum(ref^2))`` over the chunk pairs (0 when ``ref`` is all zero)."""
+    """``sqrt(sum((ref - approx)^2) / sum(ref^2))`` over the chunk pairs (0 when both are all zero, inf when only
+    ``ref`` is)."""
     num = den = 0.0
     for ref, approx in pairs:
         ref = np.asarray(ref, dtype=np.float64).ravel()
         diff = ref - np.asarray(approx, dtype=np.float64).ravel()
         num += float(np.dot(diff, diff))
         den += float(np.dot(ref, ref))
-    return math.sqrt(num / den) if den else 0.0
+    if not den:
+        return math.inf if num else 0.0
+    return math.sqrt(num / den)
 
 
 def rel_rms_error(w: np.ndarray, wq: np.ndarray) -> float:
-    """``rms(w - wq) / rms(w)`` for two arrays of the same shape (0 for an all-zero ``w``)."""
+    """``rms(w - wq) / rms(w)`` for two arrays of the same shape (0 when both are all zero, inf when only ``w``
+    is)."""
     if w.shape != wq.shape:
         raise ValueError(f"shapes differ: {list(w.shape)} and {list(wq.shape)}")
     w2 = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)

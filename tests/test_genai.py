@@ -122,11 +122,13 @@ def _accuracy_levels(model_path: Path) -> set[int | None]:
     }
 
 
-def test_folder_accuracy_level_4_runs_and_is_recorded(float_genai, prompt, library, tmp_path):
-    reports = quantize_genai_folder(float_genai, tmp_path / "acc4", accuracy_level=4)
-    assert reports["model.onnx"].accuracy_level == 4
+def test_folder_accuracy_level_4_runs_and_is_recorded(float_genai, prompt, library, tmp_path, capsys):
+    assert main(["quantize", str(float_genai), str(tmp_path / "acc4"), "--accuracy-level", "4", "-q"]) == 0
+    assert "accuracy level 4" in capsys.readouterr().out
     assert _accuracy_levels(tmp_path / "acc4" / "model.onnx") == {4}
     assert len(llm_models.greedy_genai(tmp_path / "acc4", prompt, NEW_TOKENS)) == NEW_TOKENS
+    reports = quantize_genai_folder(float_genai, tmp_path / "api", accuracy_level=4)
+    assert reports["model.onnx"].accuracy_level == 4
 
 
 def test_folder_refuses_a_non_empty_output_folder(float_genai, tmp_path, capsys):
@@ -287,7 +289,7 @@ def test_export_genai_accuracy_level_4_runs_and_is_recorded(bnb_checkpoints, lib
 
 def test_export_genai_refuses_accuracy_level_with_com_microsoft(float_checkpoint, tmp_path, capsys):
     argv = ["export-genai", str(float_checkpoint), str(tmp_path / "out"), "--accuracy-level", "4"]
-    assert main([*argv, "--format", "com.microsoft"]) == 1
+    assert main([*argv, "--format", "com.microsoft"]) == 2  # a usage error
     assert "--accuracy-level 4 needs --format onnx_nf4" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

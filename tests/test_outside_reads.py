@@ -21,7 +21,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 def test_this_session_catches_a_read_of_shared_beside_the_repository(request, tmp_path):
     guard = request.config.stash[_GUARD_KEY]
     assert guard.active
-    missing = Path(guard.repo).parent / "shared" / "oracle" / "nf4_vectors.npz"
+    # a file absent even where a real ../shared exists
+    missing = Path(guard.repo).parent / "shared" / "oracle" / "no_such_vectors.npz"
     session_reads, guard.reads = guard.reads, []
     try:
         with pytest.raises(OSError):  # the audit event comes before the file system is asked
