@@ -83,6 +83,9 @@ def quantize_model(
             copies of it in memory).
         accuracy_level: the ``MatMulNF4`` ``accuracy_level`` attribute: 0 (default, float32 compute) or 4 (the
             CPU kernels may quantize the activations to int8).
+        on_progress: ``on_progress(done, total, layer)``, called after each distinct weight (``layer``: the first
+            node that uses it, named as in the report).
+            With ``method="gptq"`` the calibrated weights are reported first, then every weight again as written.
         method: how codes and block scales are chosen (:mod:`onnx_nf4.methods`; the output format is the same):
             ``"rtn"`` (default: round to nearest at the absmax, byte for byte onnxruntime's quantizer), ``"mse"``
             (data-free: per block, the scale minimizing its squared error) or ``"gptq"`` (codes with error
@@ -90,8 +93,6 @@ def quantize_model(
         calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
             the graph inputs, one batch), a sequence of feed dicts, or a callable returning an iterable of feed
             dicts (:mod:`onnx_nf4.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
-        on_progress: ``on_progress(done, total, weight_name)``, called after each distinct weight (with
-            ``"gptq"``, first for each calibrated weight, then again for each weight written).
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
 
     Returns:
@@ -100,9 +101,7 @@ def quantize_model(
 
     Raises:
         onnx_nf4.model_io.ModelLoadError: the input file cannot be read as an ONNX model.
-        ValueError: invalid settings, ``"gptq"`` without calibration data (or calibration data for another
-            method), calibration data that does not fit the model, or a ``prequantized`` weight that does not fit
-            its node.
+        ValueError: invalid settings, or a ``prequantized`` weight that does not fit its node.
     """
     given: dict[str, Any] = {
         "block_size": block_size,

@@ -11,7 +11,8 @@ and a GPU of compute capability 8.0 or newer; importing this module needs neithe
 * :class:`MatMulNF4`: the op for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``, computed
   on the GPU (the weight tensors are copied to the device once per node).
 * :func:`kernel_source` and :func:`plan_launches`: the preprocessed source and the launch configuration (the
-  same choices as the C++ launcher ``LaunchMatMulNF4``); they need no GPU.
+  same choices as the C++ launcher ``LaunchMatMulNF4``); they need no GPU. The launch constants below copy those of
+  ``matmul_nf4.cu``; ``tests/test_cupy_constants.py`` reads them from the source and compares.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ _REPO_DIR = _PACKAGE_DIR.parent
 #: CTA size of every kernel (kThreads in matmul_nf4.cu) and its warps (kWarps).
 THREADS = 256
 WARPS = THREADS // 32
-#: gridDim.y limit; larger M is split into several launches.
+#: gridDim.y limit; larger M is split into several launches (kMaxRowTiles).
 MAX_ROW_TILES = 65535
+#: k_split aims at about this many warps per SM (KSplit's target).
+WARPS_PER_SM = 16
 #: Minimum compute capability (mma.m16n8k16 with bfloat16, cvt.rn.bf16.f32).
 MIN_COMPUTE_CAPABILITY = 80
 
@@ -145,8 +148,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _k_split(units: int, row_tiles: int, stretches: int, sm_count: int) -> int:
-    """Warps per output unit: about 16 warps per SM, at most WARPS and no more than the unit's stretches."""
-    target = 16 * sm_count
+    """Warps per output unit: about WARPS_PER_SM warps per SM, at most WARPS and no more than the unit's stretches."""
+    target = WARPS_PER_SM * sm_count
     ks = 1
     while ks < WARPS and units * row_tiles * ks < target and 2 * ks <= stretches:
         ks *= 2
@@ -531,11 +534,9 @@ class MatMulNF4(reference.MatMulNF4):
     def _compute(self, A, weights: tuple, **attributes: int) -> np.ndarray:
         A = np.asarray(A)
         dtype = _dtype_name(A.dtype)
-        bias = weights[-1]
-        if bias is not None and np.asarray(bias).dtype != A.dtype:
-            raise TypeError(
-                f"MatMulNF4: input 'bias' has dtype {np.asarray(bias).dtype}, expected {A.dtype} (A's dtype)"
-            )
+        # Checked on the numpy dtypes: on the device bfloat16 is held as uint16, which a uint16 bias would pass.
+        arrays = [A, *(None if v is None else np.asarray(v) for v in weights)]
+        check_inputs(Attributes.create(**attributes), [reference.tensor_info(x) for x in arrays])
         cupy = _cupy()
         on_device = [self._device(cupy, v) for v in weights]
         y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *on_device, **attributes)

@@ -2,7 +2,8 @@
 
 :func:`summarize_model` reads only the graph structure and the tensors' shapes and types, never their data, so it is
 cheap on large models and works on a model loaded without its external data. Bytes are computed from shapes
-(``prod(dims) * itemsize``), a tensor used by several nodes is counted once.
+(``prod(dims) * itemsize``), a tensor used by several nodes is counted once: per layer, a tensor shared by several
+weights (the nested code table) is left out and counted in the totals only, as ``quantize`` reports it.
 
 Recognized nodes (in the main graph and in control-flow subgraphs):
 
@@ -53,6 +54,8 @@ class QuantizedLayer:
         double_quant: whether the absmax is itself 8-bit quantized (``uint8`` absmax).
         tensors: names of the constant tensors storing the weight (codes, absmax, nested statistics).
         has_bias: whether the node adds a bias.
+        accuracy_level: the ``accuracy_level`` attribute of a ``MatMulNF4`` (0 when absent); ``None`` for
+            ``MatMulBnb4``, which has no such attribute.
     """
 
     node: str
@@ -64,6 +67,7 @@ class QuantizedLayer:
     double_quant: bool
     tensors: tuple[str, ...]
     has_bias: bool
+    accuracy_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,12 @@ class ModelSummary:
         ]
 
     @property
+    def accuracy_levels(self) -> dict[int, int]:
+        """How many ``MatMulNF4`` layers have each ``accuracy_level``, by level (ascending)."""
+        levels = [layer.accuracy_level for layer in self.quantized if layer.accuracy_level is not None]
+        return {level: levels.count(level) for level in sorted(set(levels))}
+
+    @property
     def block_sizes(self) -> list[int]:
         """The distinct block sizes of the quantized layers, ascending."""
         return sorted({layer.block_size for layer in self.quantized})
@@ -150,9 +160,25 @@ class ModelSummary:
         """Bytes of all constant tensors of the model."""
         return sum(self.tensor_bytes.values())
 
+    @property
+    def shared_tensors(self) -> set[str]:
+        """Tensors that store parts of several distinct weights (the nested code table of double quantization)."""
+        users: dict[str, set[tuple[str, ...]]] = {}
+        for layer in self.quantized:
+            for name in layer.tensors:
+                users.setdefault(name, set()).add(layer.tensors)
+        return {name for name, weights in users.items() if len(weights) > 1}
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of :attr:`shared_tensors`, each counted once (part of :attr:`quantized_bytes`)."""
+        return sum(self.tensor_bytes.get(name, 0) for name in self.shared_tensors)
+
     def layer_bytes(self, layer: QuantizedLayer) -> int:
-        """Bytes of the tensors storing ``layer``'s weight (shared tensors included in full)."""
-        return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors)
+        """Bytes of the tensors of ``layer``'s weight alone: :attr:`shared_tensors` are counted in the totals only
+        (as :attr:`onnx_nf4.report.LayerReport.bytes_after` does)."""
+        shared = self.shared_tensors
+        return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors if name not in shared)
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -219,4 +245,5 @@ def _quantized_layer(summary: ModelSummary, node: ir.Node, name: str, weight_inp
         double_quant=is_nf4 and absmax is not None and absmax.dtype == ir.DataType.UINT8,
         tensors=tuple(tensors),
         has_bias=is_nf4 and _input(node, Input.BIAS) is not None,
+        accuracy_level=_int_attr(node, "accuracy_level") if is_nf4 else None,
     )

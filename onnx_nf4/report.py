@@ -63,6 +63,8 @@ class QuantizationReport:
     shared_bytes: int = 0
     #: The ``accuracy_level`` attribute written on every ``MatMulNF4`` node (0: float32 compute).
     accuracy_level: int = 0
+    #: The ``MatMulNF4`` / ``MatMulBnb4`` nodes the model already had (left as they were), by name.
+    already_quantized: list[str] = field(default_factory=list)
     #: How codes and scales were chosen: ``"rtn"``, ``"mse"`` or ``"gptq"`` (:mod:`onnx_nf4.methods`).
     method: str = "rtn"
 

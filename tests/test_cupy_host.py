@@ -445,3 +445,14 @@ def test_reference_evaluator_op_copies_weights_once(fake_cupy):
     assert first[3][1].data.ptr == second[3][1].data.ptr
     # Copies: B and absmax once, A per run.
     assert fake_cupy.uploads == [q.packed.shape, q.absmax.shape, a.shape, a.shape]
+
+
+def test_reference_evaluator_op_checks_dtypes_before_they_become_bit_patterns(fake_cupy):
+    """A uint16 bias beside a bfloat16 A would pass once both are uint16 on the device: refused on the host."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q = _weight()
+    a = np.ones((2, q.K), ml_dtypes.bfloat16)
+    weights = (q.packed, q.absmax, None, None, None, np.zeros(q.N, np.uint16))
+    with pytest.raises(TypeError, match="input 'bias' has dtype uint16, expected bfloat16"):
+        cb.MatMulNF4._compute(None, a, weights, **_attrs(q))
+    assert not fake_cupy.launches

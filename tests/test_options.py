@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import onnx_ir as ir
 import pytest
 from models import matmul_model, shared_weight_model
 
+import onnx_nf4
 from onnx_nf4 import DequantizeNF4Pass, QuantizeNF4Pass, QuantizeOptions, quantize_model
 from onnx_nf4.options import DEFAULT_MIN_ELEMENTS, FORMATS, METHODS
 
@@ -32,22 +35,18 @@ def test_frozen_and_normalized():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [
-        ({"block_size": 48}, "block_size must be a power of two"),
-        ({"format": "gguf"}, "format must be one of"),
-        ({"format": "com.microsoft", "double_quant": True}, "double_quant is not supported"),
-        ({"exclude": ["("]}, "invalid exclude pattern"),
-        ({"min_elements": -1}, "min_elements must be >= 0"),
+    [  # block_size, format, double_quant, exclude and min_elements: tests/test_pass.py::test_invalid_settings
         ({"accuracy_level": 2}, r"accuracy_level must be one of \(0, 4\)"),
         ({"format": "com.microsoft", "accuracy_level": 4}, "accuracy_level is not supported by com.microsoft"),
         ({"method": "awq"}, "method must be one of"),
+        ({"block_size": 48}, "block_size must be a power of two"),
     ],
 )
 def test_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizeOptions(**kwargs)
     with pytest.raises(ValueError, match=message):
-        QuantizeOptions().replace(**kwargs)
+        QuantizeOptions().replace(**kwargs)  # a copy is validated again
 
 
 def test_build_applies_only_given_settings():
@@ -85,3 +84,16 @@ def test_passes_report_through_their_results_only():
     assert dequantized.modified and dequantized.layers == [layer.node for layer in first.report.layers]
     again = DequantizeNF4Pass()(ir_model)
     assert not again.modified and again.layers == []
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml reads the version from onnx_nf4/__init__.py (scikit-build-core's regex provider)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    version = pyproject["tool"]["scikit-build"]["metadata"]["version"]
+    assert version == {"provider": "scikit_build_core.metadata.regex", "input": "onnx_nf4/__init__.py"}
+    text = (root / version["input"]).read_text()
+    (found,) = re.findall(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)  # the provider's default regex
+    assert found == onnx_nf4.__version__

@@ -189,7 +189,7 @@ def test_shared_weight_is_quantized_once():
     assert nf4_nodes[0].input[1:] == nf4_nodes[1].input[1:]
     assert [(layer.node, layer.shared) for layer in report.layers] == [("mm1", False), ("mm2", True)]
     assert report.bytes_before == 128 * 64 * 4
-    assert calls == [(1, 1, "W")]
+    assert calls == [(1, 1, "mm1")]  # named as the report names the layer: its first node
     assert_runs_like_nf4_weights(q, model, {"A": activations((2, 128))})
 
 

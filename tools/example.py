@@ -37,7 +37,7 @@ from onnx_nf4.cli import main as onnx_nf4_cli
 from onnx_nf4.model_io import load_model
 from onnx_nf4.model_summary import summarize_model
 from onnx_nf4.reference import REFERENCE_OPS
-from onnx_nf4.table import format_bytes, render_table
+from onnx_nf4.text_table import format_bytes, render_table
 
 #: Semantic search queries, each paraphrasing one of ``minilm.SENTENCES`` without sharing its key words.
 QUERIES: tuple[str, ...] = (

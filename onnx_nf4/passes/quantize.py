@@ -20,10 +20,11 @@ A weight used by several nodes is quantized once and its NF4 initializers are sh
 whether it is transposed). Weights that no node uses any more are removed, and so are all initializers that
 nothing uses. The node written is the format's (:mod:`onnx_nf4.passes.writers`).
 
-Everything else is left alone, with the reason in ``report.skipped``: a non-constant or overridable (graph
-input) ``B``, a ``B`` that is not 2-D, a non-float weight (T must be float32, float16 or bfloat16; MatMul and
-Gemm force A, B and Y to share it), a scalar ``A``, an empty weight, a weight holding NaN/Inf, an excluded node or
-weight, or one with fewer than ``min_elements`` elements.
+``MatMulNF4`` / ``MatMulBnb4`` nodes already in the model are left as they are and named in
+``report.already_quantized``. Every other ``MatMul`` / ``Gemm`` is left alone, with the reason in
+``report.skipped``: a non-constant or overridable (graph input) ``B``, a ``B`` that is not 2-D, a non-float weight
+(T must be float32, float16 or bfloat16; MatMul and Gemm force A, B and Y to share it), a scalar ``A``, an empty
+weight, a weight holding NaN/Inf, an excluded node or weight, or one with fewer than ``min_elements`` elements.
 
 Memory: weights are read one at a time. An external (memory-mapped) weight is unmapped once it has been checked
 and once it has been quantized, so at most one float weight is resident, besides the NF4 tensors being built.
@@ -38,7 +39,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ..contract import ONNX_DOMAINS, OPSET_VERSION
+from ..codec import NonFiniteWeightError
+from ..contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
 from ..layout import QuantizedWeight
 from ..options import QuantizeOptions
 from ..report import LayerReport, QuantizationReport, SkippedLayer
@@ -52,7 +54,8 @@ __all__ = ["ProgressCallback", "QuantizeNF4Pass", "QuantizeResult"]
 
 logger = logging.getLogger(__name__)
 
-#: ``on_progress(done, total, weight_name)``, called after each distinct weight is quantized.
+#: ``on_progress(done, total, layer)``, called after each distinct weight is quantized; ``layer`` is the first node
+#: that uses it, named as in the report.
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -69,7 +72,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
     Args:
         options: the :class:`~onnx_nf4.options.QuantizeOptions`; or give its fields as keyword arguments
             (``block_size=128, double_quant=True``, ...), not both.
-        on_progress: ``on_progress(done, total, weight_name)`` after each distinct weight.
+        on_progress: ``on_progress(done, total, layer)`` after each distinct weight (``layer``: the first node
+            that uses it).
         prequantized: weights to use as given instead of quantizing, keyed by weight initializer name (their
             ``K`` and ``N`` must match the node; for ``com.microsoft`` they need ``K % block_size == 0``, no
             double quantization, and an absmax exactly representable in the weight's dtype).
@@ -105,12 +109,23 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         writer = writer_for(options, initializers)
         plans = self._plans(model, Planner(options, writer), report)
 
-        distinct = list({plan.key: plan for plan in plans}.values())
+        distinct: dict[tuple[int, bool], Plan] = {}  # the first node of each distinct weight
+        for plan in plans:
+            distinct.setdefault(plan.key, plan)
         encoded: dict[tuple[int, bool], Encoded] = {}
-        for done, plan in enumerate(distinct, 1):
-            encoded[plan.key] = self._encode(plan, writer)
+        not_finite: dict[tuple[int, bool], str] = {}
+        for done, plan in enumerate(distinct.values(), 1):
+            try:
+                encoded[plan.key] = self._encode(plan, writer)
+            except NonFiniteWeightError as err:  # found by the encoder itself (see _drop_nonfinite)
+                not_finite[plan.key] = str(err)
             if self.on_progress is not None:
-                self.on_progress(done, len(distinct), plan.weight.name or "")
+                self.on_progress(done, len(distinct), node_label(plan.node))
+        if not_finite:
+            for plan in plans:
+                if plan.key in not_finite:
+                    report.skipped.append(SkippedLayer(node_label(plan.node), plan.node.op_type, not_finite[plan.key]))
+            plans = [plan for plan in plans if plan.key not in not_finite]
 
         rewriter = Rewriter(writer, initializers)
         seen: set[tuple[int, bool]] = set()
@@ -138,6 +153,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         """The nodes to rewrite; every other ``MatMul`` / ``Gemm`` goes to ``report.skipped`` with its reason."""
         plans: list[Plan] = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if is_matmul_nf4(node.domain, node.op_type) or is_bnb4(node.domain, node.op_type):
+                report.already_quantized.append(node_label(node))
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS:
                 continue
             try:
@@ -148,7 +165,13 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         return self._drop_nonfinite(plans, report)
 
     def _drop_nonfinite(self, plans: Sequence[Plan], report: QuantizationReport) -> list[Plan]:
-        """Skip (with a reason) the nodes whose weight holds NaN or Inf (NF4 cannot represent them)."""
+        """Skip (with a reason) the nodes whose weight holds NaN or Inf (NF4 cannot represent them).
+
+        Round-to-nearest encoding finds such a weight itself in its one pass over the data (a
+        :class:`~onnx_nf4.codec.NonFiniteWeightError`, handled in :meth:`call`): it needs no separate check.
+        """
+        if self.options.method == "rtn":
+            return list(plans)
         verdict: dict[tuple[int, bool], str | None] = {}
         kept = []
         for plan in plans:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..double_quant import NestedAbsmax
-from ..layout import QuantizedWeight, dequantize_weight
+from ..layout import QuantizedWeight
+from ..metrics import nf4_rel_rms_error
 from ..model_io import ModelLike, load_model
 from ..options import QuantizeOptions
 from ..report import QuantizationReport
@@ -171,14 +172,12 @@ def _check_weight(layer: str, q: QuantizedWeight, weight: GraphWeight, max_rel_e
         )
     if max_rel_error is None:
         return
-    w = np.asarray(weight.tensor.numpy(), dtype=np.float32)
-    w = w.T if weight.transposed else w
-    rms = float(np.sqrt(np.mean(np.square(w, dtype=np.float64))))
-    err = float(np.sqrt(np.mean(np.square(w - dequantize_weight(q), dtype=np.float64))))
-    if err > max_rel_error * rms:
+    w = weight.tensor.numpy()
+    error = nf4_rel_rms_error(w.T if weight.transposed else w, q)
+    if error > max_rel_error:
         raise ValueError(
             f"layer {layer!r}: graph weight {weight.name!r} (node {weight.node!r}) is not close to the state "
-            f"dict's NF4 weight (relative RMS difference {err / rms if rms else float('inf'):.3f} > {max_rel_error});"
+            f"dict's NF4 weight (relative RMS difference {error:.3f} > {max_rel_error});"
             " is the graph exported from the same model?"
         )
 
