@@ -115,9 +115,9 @@ def test_bad_calibration_batches(rng) -> None:
 def test_sequential_statistics_see_the_quantized_earlier_layer(rng) -> None:
     model = ir.serde.deserialize_model(_model(rng))
     layers = find_layers(model, [("W1", False), ("W2", False)])
-    assert [(layer.weight, layer.activations) for layer in layers] == [
-        ("W1", (("x", False),)),
-        ("W2", (("r", False),)),
+    assert [(layer.weight, layer.activations, layer.layer) for layer in layers] == [
+        ("W1", (("x", False),), "fc1"),
+        ("W2", (("r", False),), "fc2"),
     ]
     assert [([*acts], [layer.weight for layer in wave]) for acts, wave in _waves(model, layers)] == [
         (["x"], ["W1"]),
@@ -196,12 +196,12 @@ def test_command_line_method_options(tmp_path, rng, capsys) -> None:
     onnx.save(_model(rng), source)
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, **_batch(rng, 8, 32))
-    for args, message in [
-        (["--method", "gptq"], "--method gptq needs --calibration FILE.npz"),
-        (["--method", "mse", "--calibration", str(calibration)], "used by --method gptq only"),
-        (["--method", "gptq", "--calibration", str(tmp_path / "none.npz")], "calibration file not found"),
+    for args, message, status in [
+        (["--method", "gptq"], "--method gptq needs --calibration FILE.npz", 2),
+        (["--method", "mse", "--calibration", str(calibration)], "used by --method gptq only", 2),
+        (["--method", "gptq", "--calibration", str(tmp_path / "none.npz")], "calibration file not found", 1),
     ]:
-        assert cli.main(["quantize", str(source), str(target), "-q", "--min-elements", "0", *args]) == 1
+        assert cli.main(["quantize", str(source), str(target), "-q", "--min-elements", "0", *args]) == status
         assert message in capsys.readouterr().err
         assert not target.exists()
     args = ["--method", "gptq", "--calibration", str(calibration), "--block-size", "32"]

@@ -136,7 +136,7 @@ def encode_weight(
 
 
 def encode_flat_mse(
-    w: np.ndarray, block_size: int = 64, *, scale_dtype: type = np.float32
+    w: np.ndarray, block_size: int = 64, *, scale_dtype: type = np.float32, name: str = "weight"
 ) -> tuple[np.ndarray, np.ndarray]:
     """``method="mse"`` in the flat layout of :func:`onnx_nf4.codec.quantize_blockwise` (``com.microsoft``).
 
@@ -145,8 +145,8 @@ def encode_flat_mse(
     absmax [ceil(n / block_size)] of scale_dtype)``; codes are chosen for the scale rounded to ``scale_dtype``.
     """
     bs = check_block_size(block_size)
-    w = as_float_array(w)
-    check_finite(w)
+    w = as_float_array(w, name)
+    check_finite(w, name)
     flat = w.reshape(-1).astype(np.float32)
     n = flat.size
     blocks = np.zeros((-(-n // bs), bs), dtype=np.float32)

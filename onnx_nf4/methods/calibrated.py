@@ -27,12 +27,13 @@ import onnx_ir as ir
 
 from ..calibration import ActivationCollector, CalibrationData, Hessian
 from ..layout import QuantizedWeight, dequantize_weight
+from ..passes.graph import node_label
 from . import encode_weight
 from .gptq import DEFAULT_DAMP, PreparedHessian, relative_output_error
 
 __all__ = ["CalibratedLayer", "CalibratedWeight", "find_layers", "quantize_with_calibration"]
 
-#: ``on_progress(done, total, weight_name)`` after each weight.
+#: ``on_progress(done, total, layer)`` after each weight (``layer``: its first node, named as in the report).
 Progress = Callable[[int, int, str], None]
 
 
@@ -45,11 +46,13 @@ class CalibratedLayer:
         transpose: the nodes use ``W = B.T`` (Gemm ``transB=1``); the weight is then ``B.T``, ``[K, N]``.
         activations: ``(value name, transposed)`` of the ``A`` input of each node using the weight
             (``transposed`` for Gemm ``transA=1``); their ``H`` are summed.
+        layer: the first node using the weight, named as in the report (for progress).
     """
 
     weight: str
     transpose: bool
     activations: tuple[tuple[str, bool], ...]
+    layer: str = ""
 
     @property
     def key(self) -> tuple[str, bool]:
@@ -84,6 +87,7 @@ def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[Calib
     """
     wanted = set(keys)
     found: dict[tuple[str, bool], list[tuple[str, bool]]] = {}
+    first_node: dict[tuple[str, bool], str] = {}
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in _ONNX_DOMAINS or len(node.inputs) < 2:
             continue
@@ -95,7 +99,11 @@ def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[Calib
         trans_b = node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].as_int() == 1
         if (b.name, trans_b) in wanted:
             found.setdefault((b.name, trans_b), []).append((a.name, trans_a))
-    return [CalibratedLayer(name, transpose, tuple(dict.fromkeys(acts))) for (name, transpose), acts in found.items()]
+            first_node.setdefault((b.name, trans_b), node_label(node))
+    return [
+        CalibratedLayer(name, transpose, tuple(dict.fromkeys(acts)), first_node[name, transpose])
+        for (name, transpose), acts in found.items()
+    ]
 
 
 def _weight(model: ir.Model, layer: CalibratedLayer) -> tuple[np.ndarray, np.dtype]:
@@ -184,7 +192,7 @@ def quantize_with_calibration(
     ``model`` is not modified. The arguments after ``data`` are those of :func:`onnx_nf4.methods.encode_weight`
     (``scales_in_weight_dtype``: store each weight's scales in its own dtype, as ``MatMulBnb4`` does), plus
     ``sequential`` (layer by layer, or all statistics from the float model), ``exclude_padding`` (drop rows
-    where ``attention_mask`` is 0) and ``on_progress(done, total, weight_name)`` after each weight.
+    where ``attention_mask`` is 0) and ``on_progress(done, total, layer)`` after each weight.
 
     Returns:
         The :class:`CalibratedWeight` of each layer, keyed by ``(weight, transpose)``.
@@ -212,7 +220,7 @@ def quantize_with_calibration(
             if sequential:
                 fed[layer.weight] = (wq.T if layer.transpose else wq).astype(dtype)
             if on_progress is not None:
-                on_progress(len(results), len(layers), layer.weight)
+                on_progress(len(results), len(layers), layer.layer or layer.weight)
     return results
 
 

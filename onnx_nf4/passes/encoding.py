@@ -32,7 +32,9 @@ def encode_weight(w: np.ndarray, options: QuantizeOptions, *, name: str) -> Quan
     (and double quantization when ``options.double_quant``).
 
     ``"rtn"``: every element rounds to its nearest NF4 code, each block scaled by its absmax
-    (:func:`onnx_nf4.layout.quantize_weight`).
+    (:func:`onnx_nf4.layout.quantize_weight`). ``"mse"``: the scale search of :mod:`onnx_nf4.methods.mse`.
+    ``"gptq"`` weights come computed (with their layer's calibration statistics) as the pass's ``prequantized``;
+    one that reaches this function has no statistics (e.g. a weight used inside a subgraph) and gets ``"mse"``.
 
     Raises:
         ValueError: ``w`` holds NaN/Inf (the message names ``name``).
@@ -62,11 +64,13 @@ def encode_flat(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[
     when ``K % block_size != 0``. Returns the uint8 codes ``[ceil(N * K / 2)]`` and float32 absmax
     ``[ceil(N * K / block_size)]``.
 
-    When ``K % block_size == 0`` the blocks are those of :func:`encode_weight`, whose bytes are returned.
+    When ``K % block_size == 0`` the blocks are those of :func:`encode_weight`, whose bytes are returned. Methods
+    other than ``"rtn"`` search the scales of these flat blocks and choose the codes for the scales as
+    ``MatMulBnb4`` stores them, in the weight's dtype (``"gptq"`` without statistics: ``"mse"``).
     """
     K, bs = w.shape[0], options.block_size
     if options.method != "rtn":
-        return encode_flat_mse(w.T, bs, scale_dtype=w.dtype.type)
+        return encode_flat_mse(w.T, bs, scale_dtype=w.dtype.type, name=name)
     if K % bs == 0:
         q = encode_weight(w, options.replace(double_quant=False), name=name)
         return q.packed.reshape(-1), q.absmax.reshape(-1)
