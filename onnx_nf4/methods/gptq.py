@@ -163,8 +163,9 @@ def gptq_codes(w: np.ndarray, hessian: PreparedHessian, scales: np.ndarray, bloc
     if hessian.size != K:
         raise ValueError(f"the Hessian is {hessian.size} x {hessian.size}, the weight has K = {K}")
     order, factor = hessian.order, hessian.factor
-    scale_rows = scales.T[order // block_size]  # [K, N]: the scale of each weight, rows in processing order
-    inv_rows = reciprocal(scale_rows)
+    block_of_row = order // block_size  # the block of each row, in processing order
+    block_scales = np.ascontiguousarray(scales.T)  # [k_blocks, N]
+    block_inverses = reciprocal(block_scales)
     work = w[order]
     codes = np.empty((K, N), dtype=np.uint8)
     for start in range(0, K, LAZY_ROWS):
@@ -173,9 +174,10 @@ def gptq_codes(w: np.ndarray, hessian: PreparedHessian, scales: np.ndarray, bloc
         errors = np.empty_like(rows)
         for i in range(stop - start):
             k = start + i
-            row_codes, values = scaled_codes(rows[i], inv_rows[k])
+            block = block_of_row[k]
+            row_codes, values = scaled_codes(rows[i], block_inverses[block])
             codes[k] = row_codes
-            err = (rows[i] - values * scale_rows[k]) / factor[k, k]
+            err = (rows[i] - values * block_scales[block]) / factor[k, k]
             rows[i + 1 :] -= np.outer(factor[k, k + 1 : stop], err)
             errors[i] = err
         work[stop:] -= factor[start:stop, stop:].T @ errors
