@@ -167,7 +167,10 @@ class ActivationCollector:
                     source: str | bytes = str(path)
                 else:
                     source = ir.serde.serialize_model(model).SerializeToString()
-                self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+                try:
+                    self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+                except Exception as err:  # onnxruntime's own exception types
+                    raise ValueError(f"onnxruntime cannot load the float model to calibrate it: {err}") from err
         finally:
             for value in added_outputs:
                 graph.outputs.remove(value)
@@ -205,7 +208,12 @@ class ActivationCollector:
             feed = _check_batch(batch, self.input_names, count - 1)
             mask = feed.get(ATTENTION_MASK) if exclude_padding else None
             mask = mask if mask is not None and mask.ndim == 2 else None
-            outputs = self._session.run(fetch, {**feed, **(weights or {})}) if fetch else []  # [] fetches all
+            try:
+                outputs = self._session.run(fetch, {**feed, **(weights or {})}) if fetch else []  # [] fetches all
+            except Exception as err:  # onnxruntime's own exception types (wrong dtype or shape of an input)
+                raise ValueError(
+                    f"calibration batch {count - 1}: onnxruntime cannot run the model on it: {err}"
+                ) from err
             results = dict(zip(fetch, outputs, strict=True))
             for name, transposed in wanted:
                 x = _rows(results[name] if name in results else feed[name], transposed, mask)

@@ -106,6 +106,8 @@ def test_bad_calibration_batches(rng) -> None:
         collect_hessians(model, [("x", False)], [{"x": np.zeros((1, 2, K1), np.float32)}])
     with pytest.raises(ValueError, match=r"unknown name\(s\) \['ids'\]"):
         collect_hessians(model, [("x", False)], [{**_batch(rng, 1, 2), "ids": np.zeros(1)}])
+    with pytest.raises(ValueError, match="calibration batch 0: onnxruntime cannot run the model"):
+        collect_hessians(model, [("r", False)], [{**_batch(rng, 1, 2), "x": np.zeros((1, 2, 3), np.float32)}])
     with pytest.raises(ValueError, match="holds no batch"):
         collect_hessians(model, [("x", False)], [])
     with pytest.raises(ValueError, match="not values of the main graph"):
