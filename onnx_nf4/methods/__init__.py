@@ -17,8 +17,6 @@ stock onnxruntime. Only the choice differs:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from ..codebook import NF4_ZERO_CODE
@@ -33,15 +31,12 @@ from .storage import store_scales
 __all__ = [
     "DEFAULT_DAMP",
     "METHODS",
-    "Method",
     "PreparedHessian",
     "check_method",
     "encode_flat_mse",
     "encode_weight",
     "weight_blocks",
 ]
-
-Method = Literal["rtn", "mse", "gptq"]
 
 
 def check_method(method: str) -> str:
@@ -69,7 +64,7 @@ def _pack(codes: np.ndarray, K: int, block_size: int) -> np.ndarray:
     k_blocks = -(-K // block_size)
     full = np.full((N, k_blocks * block_size), NF4_ZERO_CODE, dtype=np.uint8)
     full[:, :K] = codes[:, :K]
-    return ((full[:, 0::2] << 4) | full[:, 1::2]).reshape(N, k_blocks, block_size // 2)
+    return pack_nibbles(full.reshape(-1)).reshape(N, k_blocks, block_size // 2)
 
 
 def encode_weight(
