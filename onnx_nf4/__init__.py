@@ -9,6 +9,8 @@ from . import schema
 from .api import dequantize_model, quantize_model
 from .codebook import NF4_CODE, NF4_THRESHOLDS
 from .codec import dequantize_blockwise, quantize_blockwise
+from .genai import quantize_genai_folder
+from .genai_export import export_genai
 from .layout import QuantizedWeight, dequantize_weight, quantize_weight
 from .options import QuantizeOptions
 from .passes import DequantizeNF4Pass, QuantizeNF4Pass
@@ -35,7 +37,9 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_model",
     "dequantize_weight",
+    "export_genai",
     "quantize_blockwise",
+    "quantize_genai_folder",
     "quantize_model",
     "quantize_weight",
     "session_options",

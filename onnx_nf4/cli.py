@@ -23,7 +23,7 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -43,10 +43,12 @@ __all__ = [
     "CLIError",
     "UsageError",
     "add_external_data_option",
+    "add_format_options",
     "add_quantize_options",
     "build_parser",
     "check_output_path",
     "main",
+    "print_folder_reports",
     "print_written",
     "quantize_kwargs",
     "quantize_options",
@@ -60,7 +62,10 @@ PROG = "onnx-nf4"
 #: (``None`` means 0) and reports an expected failure by raising :class:`CLIError`, ``OSError`` or ``ValueError``.
 #: The module is imported only when the parser is built, and skipped when it is absent, so it must import without
 #: its optional dependencies (import them inside the handler).
-SUBCOMMAND_PROVIDERS: list[str] = ["onnx_nf4.torch.cli:add_export_bnb_parser"]
+SUBCOMMAND_PROVIDERS: list[str] = [
+    "onnx_nf4.torch.cli:add_export_bnb_parser",
+    "onnx_nf4.genai_cli:add_export_genai_parser",
+]
 
 # What a command may raise for a failure the user can fix; anything else is a bug and keeps its traceback.
 _EXPECTED_ERRORS = (OSError, ValueError, DecodeError)
@@ -149,31 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rewrite the MatMul/Gemm layers whose weight is a constant to NF4 and print a per-layer report. "
         "OUT may equal IN: the model is written to a temporary file and then renamed.",
     )
-    quantize.add_argument("input", metavar="IN", type=Path, help="float ONNX model")
-    quantize.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
-    add_quantize_options(quantize)
     quantize.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="onnx_nf4",
-        help="onnx_nf4: onnx_nf4::MatMulNF4 (needs this package's runtime); "
-        "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
+        "input", metavar="IN", type=Path, help="float ONNX model, or an onnxruntime-genai model folder"
     )
+    quantize.add_argument(
+        "output", metavar="OUT", type=Path, help="where to write the NF4 model (a new folder when IN is a folder)"
+    )
+    add_quantize_options(quantize)
+    add_format_options(quantize)
     quantize.add_argument(
         "--min-elements",
         metavar="N",
         type=_non_negative_int,
         default=DEFAULT_MIN_ELEMENTS,
         help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
-    )
-    quantize.add_argument(
-        "--accuracy-level",
-        metavar="{0,4}",
-        type=int,
-        choices=ACCURACY_LEVELS,
-        default=0,
-        help="the MatMulNF4 accuracy_level attribute: 0 (default) computes in float32; 4 lets the CPU kernels "
-        "quantize the activations to int8 per block (faster, slightly less exact; onnx_nf4 format only)",
     )
     add_external_data_option(quantize)
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -232,6 +226,26 @@ def add_quantize_options(parser: argparse.ArgumentParser, *, applies_to: str = "
         type=_regex,
         action="append",
         help="leave layers whose node or weight name matches REGEX (re.search) in float; repeatable",
+    )
+
+
+def add_format_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--format`` and ``--accuracy-level`` (``args.format``, ``args.accuracy_level``)."""
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx_nf4",
+        help="onnx_nf4: onnx_nf4::MatMulNF4 (needs this package's runtime); "
+        "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        metavar="{0,4}",
+        type=int,
+        choices=ACCURACY_LEVELS,
+        default=0,
+        help="the MatMulNF4 accuracy_level attribute: 0 (default) computes in float32; 4 lets the CPU kernels "
+        "quantize the activations to int8 per block (faster, slightly less exact; onnx_nf4 format only)",
     )
 
 
@@ -313,6 +327,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         external_data=args.external_data,
         accuracy_level=args.accuracy_level,
     )
+    if args.input.is_dir():
+        return _quantize_folder(args, options)
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
@@ -320,6 +336,35 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
     return 0
+
+
+def _quantize_folder(args: argparse.Namespace, options: QuantizeOptions) -> int:
+    """``quantize IN_DIR OUT_DIR`` for an onnxruntime-genai model folder (:mod:`onnx_nf4.genai`)."""
+    from .genai import GENAI_CONFIG, is_genai_folder, quantize_genai_folder
+
+    if not is_genai_folder(args.input):
+        raise CLIError(
+            f"{args.input}: is a directory without {GENAI_CONFIG} "
+            "(IN must be an ONNX model file or an onnxruntime-genai model folder)"
+        )
+    with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        reports = quantize_genai_folder(args.input, args.output, options, on_progress=progress.update)
+    print_folder_reports(reports, args.input, args.output)
+    return 0
+
+
+def print_folder_reports(reports: Mapping[str, QuantizationReport], source: Path | None, output: Path) -> None:
+    """Each model file's report, then ``wrote OUT_DIR: SIZE`` (``SOURCE -> SIZE`` with a source folder)."""
+    for name, report in reports.items():
+        print(f"{name}:")
+        print(format_quantization_report(report))
+        print()
+    before = "" if source is None else f"{format_bytes(_folder_bytes(source))} -> "
+    print(f"wrote {output}: {before}{format_bytes(_folder_bytes(output))}")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -505,7 +550,9 @@ class _Progress:
     def update(self, done: int, total: int, layer: str) -> None:
         if self._bar is None:
             return
-        if self._bar.total != total:
+        if done < self._bar.n:  # the next model of a genai folder
+            self._bar.reset(total=total)
+        elif self._bar.total != total:
             self._bar.total = total
         self._bar.set_postfix_str(layer[-40:], refresh=False)
         self._bar.update(done - self._bar.n)

@@ -324,7 +324,8 @@ def test_missing_file(tmp_path: Path, command: str) -> None:
 
 
 def test_directory_as_input(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("quantize", tmp_path, tmp_path / "out.onnx"), str(tmp_path), "not a regular file")
+    result = run_cli("quantize", tmp_path, tmp_path / "out.onnx")
+    assert_one_line_error(result, str(tmp_path), "is a directory without genai_config.json")
 
 
 def test_directory_as_output(float_model: Path, tmp_path: Path) -> None:

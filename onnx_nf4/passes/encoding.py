@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .. import native_codec
 from ..codec import quantize_blockwise
-from ..layout import QuantizedWeight, quantize_weight
+from ..layout import QuantizedWeight, quantize_weight, quantize_weight_and_error
+from ..metrics import nf4_rel_rms_error
 from ..options import QuantizeOptions
 
-__all__ = ["as_numpy_float", "encode_flat", "encode_weight"]
+__all__ = ["as_numpy_float", "encode_flat", "encode_flat_and_error", "encode_weight", "encode_weight_and_error"]
 
 
 def as_numpy_float(tensor: ir.TensorProtocol) -> np.ndarray:
@@ -38,6 +40,21 @@ def encode_weight(w: np.ndarray, options: QuantizeOptions, *, name: str) -> Quan
     raise AssertionError(f"unhandled method {options.method!r}")  # QuantizeOptions admits only METHODS
 
 
+def encode_weight_and_error(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[QuantizedWeight, float]:
+    """:func:`encode_weight` and the relative RMS error of ``w`` and the weight the result stands for.
+
+    With ``"rtn"`` and the compiled encoder the error comes from the same pass over ``w``
+    (:func:`onnx_nf4.layout.quantize_weight_and_error`); otherwise the result is decoded a few columns at a time
+    (:func:`onnx_nf4.metrics.nf4_rel_rms_error`).
+    """
+    if options.method == "rtn":
+        q, sums = quantize_weight_and_error(w, options.block_size, double_quant=options.double_quant, name=name)
+        assert sums is not None
+        return q, sums.rel_rms_error
+    q = encode_weight(w, options, name=name)
+    return q, nf4_rel_rms_error(w, q)
+
+
 def encode_flat(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``w[K, N]`` in ``MatMulBnb4``'s layout: blocks run over ``w.T`` flattened, so a block may span two columns
     when ``K % block_size != 0``. Returns the uint8 codes ``[ceil(N * K / 2)]`` and float32 absmax
@@ -55,3 +72,16 @@ def encode_flat(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[
             f"(K={K}, block_size={bs})"
         )
     return quantize_blockwise(w.T, bs, name=name)
+
+
+def encode_flat_and_error(
+    w: np.ndarray, options: QuantizeOptions, *, name: str
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """:func:`encode_flat`, and the relative RMS error when it comes from the same pass over ``w``: ``"rtn"`` with
+    the compiled encoder on a float32 weight (whose absmax ``MatMulBnb4`` stores unrounded); ``None`` otherwise."""
+    if options.method == "rtn" and w.dtype == np.float32 and native_codec.use_native("auto"):
+        packed, absmax, sums = native_codec.encode_flat(w.T, options.block_size, sums=True, name=name)
+        assert sums is not None
+        return packed, absmax, sums.rel_rms_error
+    packed, absmax = encode_flat(w, options, name=name)
+    return packed, absmax, None

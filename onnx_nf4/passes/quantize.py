@@ -39,6 +39,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from ..codec import NonFiniteWeightError
 from ..contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
 from ..layout import QuantizedWeight
 from ..options import QuantizeOptions
@@ -112,10 +113,19 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         for plan in plans:
             distinct.setdefault(plan.key, plan)
         encoded: dict[tuple[int, bool], Encoded] = {}
+        not_finite: dict[tuple[int, bool], str] = {}
         for done, plan in enumerate(distinct.values(), 1):
-            encoded[plan.key] = self._encode(plan, writer)
+            try:
+                encoded[plan.key] = self._encode(plan, writer)
+            except NonFiniteWeightError as err:  # found by the encoder itself (see _drop_nonfinite)
+                not_finite[plan.key] = str(err)
             if self.on_progress is not None:
                 self.on_progress(done, len(distinct), node_label(plan.node))
+        if not_finite:
+            for plan in plans:
+                if plan.key in not_finite:
+                    report.skipped.append(SkippedLayer(node_label(plan.node), plan.node.op_type, not_finite[plan.key]))
+            plans = [plan for plan in plans if plan.key not in not_finite]
 
         rewriter = Rewriter(writer, initializers)
         seen: set[tuple[int, bool]] = set()
@@ -148,7 +158,13 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         return self._drop_nonfinite(plans, report)
 
     def _drop_nonfinite(self, plans: Sequence[Plan], report: QuantizationReport) -> list[Plan]:
-        """Skip (with a reason) the nodes whose weight holds NaN or Inf (NF4 cannot represent them)."""
+        """Skip (with a reason) the nodes whose weight holds NaN or Inf (NF4 cannot represent them).
+
+        Round-to-nearest encoding finds such a weight itself in its one pass over the data (a
+        :class:`~onnx_nf4.codec.NonFiniteWeightError`, handled in :meth:`call`): it needs no separate check.
+        """
+        if self.options.method == "rtn":
+            return list(plans)
         verdict: dict[tuple[int, bool], str | None] = {}
         kept = []
         for plan in plans:

@@ -23,7 +23,7 @@ from ..contract import BNB4_OP_TYPE, DOMAIN, MS_DOMAIN, OP_TYPE, Input
 from ..layout import QuantizedWeight
 from ..metrics import nf4_rel_rms_error, rel_rms_error
 from ..options import QuantizeOptions
-from .encoding import encode_flat, encode_weight
+from .encoding import encode_flat_and_error, encode_weight_and_error
 from .graph import Initializers
 
 __all__ = ["Bnb4Writer", "Encoded", "NF4Writer", "Writer", "writer_for"]
@@ -84,7 +84,10 @@ class NF4Writer(Writer):
         pass  # MatMulNF4 stores every QuantizedWeight as it is
 
     def encode(self, w: np.ndarray, graph: ir.Graph, name: str, given: QuantizedWeight | None) -> Encoded:
-        q = given if given is not None else encode_weight(w, self.options, name=name)
+        if given is None:
+            q, error = encode_weight_and_error(w, self.options, name=name)
+        else:
+            q, error = given, nf4_rel_rms_error(w, given)
         add = self.initializers.add
         inputs: list[ir.Value | None] = [add(graph, f"{name}_nf4", q.packed), add(graph, f"{name}_absmax", q.absmax)]
         attributes = {"block_size": q.block_size}
@@ -98,7 +101,7 @@ class NF4Writer(Writer):
             ]
             attributes["nested_block_size"] = q.nested.block_size
             own_bytes -= q.nested.code.nbytes  # the code table is shared: counted once, in the report's totals
-        return Encoded(inputs, attributes, own_bytes, nf4_rel_rms_error(w, q))
+        return Encoded(inputs, attributes, own_bytes, error)
 
     def node(self, a: ir.Value, encoded: Encoded, K: int, N: int, bias: ir.Value | None, y: ir.Value,
              name: str | None) -> ir.Node:  # fmt: skip
@@ -129,16 +132,20 @@ class Bnb4Writer(Writer):
             )
 
     def encode(self, w: np.ndarray, graph: ir.Graph, name: str, given: QuantizedWeight | None) -> Encoded:
+        error: float | None = None
         if given is not None:
             packed, absmax, bs = given.packed.reshape(-1), given.absmax.reshape(-1), given.block_size
         else:
-            (packed, absmax), bs = encode_flat(w, self.options, name=name), self.options.block_size
+            packed, absmax, error = encode_flat_and_error(w, self.options, name=name)
+            bs = self.options.block_size
         K, N = w.shape
         absmax_t = absmax.astype(w.dtype)  # MatMulBnb4 stores the absmax in T
-        decoded = dequantize_blockwise(packed, absmax_t.astype(np.float32), (N, K), bs).T
+        if error is None:  # decoded with the stored (possibly rounded) absmax
+            decoded = dequantize_blockwise(packed, absmax_t.astype(np.float32), (N, K), bs).T
+            error = rel_rms_error(w, decoded)
         add = self.initializers.add
         inputs: list[ir.Value | None] = [add(graph, f"{name}_Bnb4", packed), add(graph, f"{name}_absmax", absmax_t)]
-        return Encoded(inputs, {"block_size": bs}, packed.nbytes + absmax_t.nbytes, rel_rms_error(w, decoded))
+        return Encoded(inputs, {"block_size": bs}, packed.nbytes + absmax_t.nbytes, error)
 
     def node(self, a: ir.Value, encoded: Encoded, K: int, N: int, bias: ir.Value | None, y: ir.Value,
              name: str | None) -> ir.Node:  # fmt: skip
