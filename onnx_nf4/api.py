@@ -13,6 +13,7 @@ external data. The input is never modified: a path is read lazily, a ``ModelProt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from .calibration import CalibrationData
 from .layout import QuantizedWeight
 from .model_io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
 from .options import QuantizeOptions
@@ -56,6 +58,8 @@ def quantize_model(
     min_elements: int | None = None,
     external_data: bool | None = None,
     accuracy_level: int | None = None,
+    method: str | None = None,
+    calibration: CalibrationData | None = None,
     on_progress: ProgressCallback | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> tuple[onnx.ModelProto | None, QuantizationReport]:
@@ -81,6 +85,14 @@ def quantize_model(
             CPU kernels may quantize the activations to int8).
         on_progress: ``on_progress(done, total, layer)``, called after each distinct weight (``layer``: the first
             node that uses it, named as in the report).
+            With ``method="gptq"`` the calibrated weights are reported first, then every weight again as written.
+        method: how codes and block scales are chosen (:mod:`onnx_nf4.methods`; the output format is the same):
+            ``"rtn"`` (default: round to nearest at the absmax, byte for byte onnxruntime's quantizer), ``"mse"``
+            (data-free: per block, the scale minimizing its squared error) or ``"gptq"`` (codes with error
+            feedback on each layer's input statistics; needs ``calibration``).
+        calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
+            the graph inputs, one batch), a sequence of feed dicts, or a callable returning an iterable of feed
+            dicts (:mod:`onnx_nf4.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
 
     Returns:
@@ -99,15 +111,70 @@ def quantize_model(
         "min_elements": min_elements,
         "external_data": external_data,
         "accuracy_level": accuracy_level,
+        "method": method,
     }
     options = QuantizeOptions.build(options, **given)
     _check_output(output_path, options.external_data)
+    if options.method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs calibration data (calibration=...)")
+    if options.method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
     model = load_model(model_or_path)
     external = options.external_data
     if external is None and output_path is not None and tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:
         external = True  # decided on the input: the output is smaller, but was as large while being built
-    result = QuantizeNF4Pass(options, on_progress=on_progress, prequantized=prequantized)(model)
-    return _finish(model, output_path, external), result.report
+    quantize = QuantizeNF4Pass(options, on_progress=on_progress, prequantized=prequantized)
+    output_errors: dict[str, float] = {}
+    if calibration is not None:
+        calibrated, output_errors = _gptq_weights(model, quantize, calibration, on_progress)
+        quantize.prequantized = {**calibrated, **quantize.prequantized}
+    report = quantize(model).report
+    if output_errors:
+        report.layers = [
+            dataclasses.replace(layer, output_error=output_errors.get(layer.weight)) for layer in report.layers
+        ]
+    return _finish(model, output_path, external), report
+
+
+def _gptq_weights(
+    model: ir.Model,
+    quantize: QuantizeNF4Pass,
+    calibration: CalibrationData,
+    on_progress: ProgressCallback | None,
+) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """GPTQ weights for ``quantize.prequantized``, and their output errors, keyed by weight name.
+
+    Only the main-graph weights that the pass will rewrite, in one orientation, that the caller did not
+    prequantize, and (``com.microsoft``) whose K is a multiple of the block size; the pass gives any other weight
+    ``"mse"``.
+    """
+    from .methods.calibrated import find_layers, quantize_with_calibration
+
+    options = quantize.options
+    planned = quantize.planned_weights(model)
+    uses: dict[str, int] = {}
+    for name, *_ in planned:
+        uses[name] = uses.get(name, 0) + 1
+    keys = [
+        (name, transpose)
+        for name, transpose, K, _ in planned
+        if uses[name] == 1
+        and name not in quantize.prequantized
+        and (options.format == "onnx_nf4" or K % options.block_size == 0)
+    ]
+    results = quantize_with_calibration(
+        model,
+        find_layers(model, keys),
+        calibration,
+        block_size=options.block_size,
+        double_quant=options.double_quant,
+        scales_in_weight_dtype=options.format != "onnx_nf4",  # MatMulBnb4 stores the absmax in T
+        on_progress=on_progress,
+    )
+    return (
+        {name: result.q for (name, _), result in results.items()},
+        {name: result.output_error for (name, _), result in results.items()},
+    )
 
 
 def dequantize(

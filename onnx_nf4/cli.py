@@ -34,7 +34,7 @@ from . import __version__
 from .codec import check_block_size
 from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
-from .options import ACCURACY_LEVELS, DEFAULT_MIN_ELEMENTS, FORMATS, QuantizeOptions
+from .options import ACCURACY_LEVELS, DEFAULT_MIN_ELEMENTS, FORMATS, METHODS, QuantizeOptions
 from .report import QuantizationReport
 from .text_table import format_bytes, render_table
 
@@ -162,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_quantize_options(quantize)
     add_format_options(quantize)
+    quantize.add_argument(
+        "--method",
+        choices=METHODS,
+        default="rtn",
+        help="how codes and block scales are chosen (same format): rtn = round to nearest at the absmax, "
+        "byte for byte onnxruntime's quantizer (default); mse = per block, the scale minimizing its squared "
+        "error (data-free); gptq = codes with error feedback on calibration data (needs --calibration)",
+    )
+    quantize.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        type=Path,
+        help="--method gptq: one batch of the model's inputs, arrays named after the graph inputs "
+        "(rows where an attention_mask input is 0 are left out)",
+    )
     quantize.add_argument(
         "--min-elements",
         metavar="N",
@@ -326,13 +341,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         min_elements=args.min_elements,
         external_data=args.external_data,
         accuracy_level=args.accuracy_level,
+        method=args.method,
     )
+    if args.method == "gptq" and args.calibration is None:
+        raise UsageError("--method gptq needs --calibration FILE.npz (the model's inputs)")
+    if args.method != "gptq" and args.calibration is not None:
+        raise UsageError(f"--calibration is used by --method gptq only, not by --method {args.method}")
     if args.input.is_dir():
+        if args.method == "gptq":
+            raise UsageError("--method gptq calibrates one model file, not an onnxruntime-genai folder")
         return _quantize_folder(args, options)
+    if args.calibration is not None and not args.calibration.is_file():
+        raise CLIError(f"{args.calibration}: calibration file not found")
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        _, report = quantize_model(args.input, args.output, options, on_progress=progress.update)
+        _, report = quantize_model(
+            args.input, args.output, options, calibration=args.calibration, on_progress=progress.update
+        )
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
     return 0
@@ -429,7 +455,14 @@ def format_quantization_report(report: QuantizationReport) -> str:
             )
             for layer in report.layers
         ]
-        lines.append(render_table(("layer", "K x N", "before", "after", "rel. RMS error"), rows))
+        header: tuple[str, ...] = ("layer", "K x N", "before", "after", "rel. RMS error")
+        if any(layer.output_error is not None for layer in report.layers):
+            header += ("output error",)
+            rows = [
+                (*row, "-" if layer.output_error is None else f"{layer.output_error:.4f}")
+                for row, layer in zip(rows, report.layers, strict=True)
+            ]
+        lines.append(render_table(header, rows))
     if report.skipped:
         if lines:
             lines.append("")
@@ -445,7 +478,7 @@ def format_quantization_report(report: QuantizationReport) -> str:
         shared = f" ({distinct} distinct weights)" if distinct != len(report.layers) else ""
         lines.append(
             f"quantized {len(report.layers)} layer(s){shared} to NF4, format {report.format}, "
-            f"block size {report.block_size}{double}"
+            f"block size {report.block_size}{double}{'' if report.method == 'rtn' else f', method {report.method}'}"
         )
         lines.append(
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "

@@ -27,8 +27,11 @@ DEFAULT_MIN_ELEMENTS = 4096
 #: Output formats: ``onnx_nf4::MatMulNF4`` and onnxruntime's ``com.microsoft::MatMulBnb4``.
 FORMATS = (DOMAIN, MS_DOMAIN)
 
-#: How a weight is rounded to NF4: ``"rtn"``, each element to its nearest code, with the block's absmax as scale.
-METHODS = ("rtn",)
+#: How codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same for all): ``"rtn"``,
+#: each element to its nearest code with the block's absmax as scale (byte for byte onnxruntime's quantizer);
+#: ``"mse"``, per block the scale minimizing the block's squared error (data-free); ``"gptq"``, codes with error
+#: feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
+METHODS = ("rtn", "mse", "gptq")
 
 #: The ``accuracy_level`` values a quantized model may ask for: 0 (float32 compute, exact) or 4 (the CPU kernels
 #: may quantize the activations to int8 per block, as onnxruntime's ``MatMulNBits`` does at level 4).
@@ -51,7 +54,8 @@ class QuantizeOptions:
             them in the protobuf, ``None`` decides by size (above 2 GB: external).
         accuracy_level: the ``MatMulNF4`` attribute written on every node, one of :data:`ACCURACY_LEVELS`
             (``onnx_nf4`` format only: ``MatMulBnb4`` has no such attribute).
-        method: how weights are rounded to NF4, one of :data:`METHODS`.
+        method: how codes and block scales are chosen, one of :data:`METHODS` (``"gptq"`` needs calibration
+            data, given to :func:`onnx_nf4.quantize_model`; weights it has no statistics for get ``"mse"``).
     """
 
     block_size: int = 64

@@ -20,7 +20,7 @@ def test_defaults():
     assert (options.block_size, options.double_quant, options.format) == (64, False, "onnx_nf4")
     assert (options.exclude, options.min_elements, options.external_data) == ((), DEFAULT_MIN_ELEMENTS, None)
     assert (options.accuracy_level, options.method) == (0, "rtn")
-    assert FORMATS == ("onnx_nf4", "com.microsoft") and METHODS == ("rtn",)
+    assert FORMATS == ("onnx_nf4", "com.microsoft") and METHODS == ("rtn", "mse", "gptq")
 
 
 def test_frozen_and_normalized():
@@ -38,7 +38,7 @@ def test_frozen_and_normalized():
     [  # block_size, format, double_quant, exclude and min_elements: tests/test_pass.py::test_invalid_settings
         ({"accuracy_level": 2}, r"accuracy_level must be one of \(0, 4\)"),
         ({"format": "com.microsoft", "accuracy_level": 4}, "accuracy_level is not supported by com.microsoft"),
-        ({"method": "gptq"}, "method must be one of"),
+        ({"method": "awq"}, "method must be one of"),
         ({"block_size": 48}, "block_size must be a power of two"),
     ],
 )

@@ -13,6 +13,8 @@ import onnx_ir as ir
 from .. import native_codec
 from ..codec import quantize_blockwise
 from ..layout import QuantizedWeight, quantize_weight, quantize_weight_and_error
+from ..methods import encode_flat_mse
+from ..methods import encode_weight as encode_with_method
 from ..metrics import nf4_rel_rms_error
 from ..options import QuantizeOptions
 
@@ -30,14 +32,16 @@ def encode_weight(w: np.ndarray, options: QuantizeOptions, *, name: str) -> Quan
     (and double quantization when ``options.double_quant``).
 
     ``"rtn"``: every element rounds to its nearest NF4 code, each block scaled by its absmax
-    (:func:`onnx_nf4.layout.quantize_weight`).
+    (:func:`onnx_nf4.layout.quantize_weight`). ``"mse"``: the scale search of :mod:`onnx_nf4.methods.mse`.
+    ``"gptq"`` weights come computed (with their layer's calibration statistics) as the pass's ``prequantized``;
+    one that reaches this function has no statistics (e.g. a weight used inside a subgraph) and gets ``"mse"``.
 
     Raises:
         ValueError: ``w`` holds NaN/Inf (the message names ``name``).
     """
     if options.method == "rtn":
         return quantize_weight(w, options.block_size, double_quant=options.double_quant, name=name)
-    raise AssertionError(f"unhandled method {options.method!r}")  # QuantizeOptions admits only METHODS
+    return encode_with_method(w, options.block_size, method="mse", double_quant=options.double_quant, name=name)
 
 
 def encode_weight_and_error(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[QuantizedWeight, float]:
@@ -60,17 +64,16 @@ def encode_flat(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[
     when ``K % block_size != 0``. Returns the uint8 codes ``[ceil(N * K / 2)]`` and float32 absmax
     ``[ceil(N * K / block_size)]``.
 
-    When ``K % block_size == 0`` the blocks are those of :func:`encode_weight`, whose bytes are returned.
+    When ``K % block_size == 0`` the blocks are those of :func:`encode_weight`, whose bytes are returned. Methods
+    other than ``"rtn"`` search the scales of these flat blocks and choose the codes for the scales as
+    ``MatMulBnb4`` stores them, in the weight's dtype (``"gptq"`` without statistics: ``"mse"``).
     """
     K, bs = w.shape[0], options.block_size
+    if options.method != "rtn":
+        return encode_flat_mse(w.T, bs, scale_dtype=w.dtype.type, name=name)
     if K % bs == 0:
         q = encode_weight(w, options.replace(double_quant=False), name=name)
         return q.packed.reshape(-1), q.absmax.reshape(-1)
-    if options.method != "rtn":
-        raise ValueError(
-            f"weight {name!r}: method {options.method!r} needs K % block_size == 0 for format com.microsoft "
-            f"(K={K}, block_size={bs})"
-        )
     return quantize_blockwise(w.T, bs, name=name)
 
 

@@ -104,7 +104,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> QuantizeResult:
         options = self.options
         report = QuantizationReport(options.block_size, options.double_quant, options.format,
-                                    accuracy_level=options.accuracy_level)  # fmt: skip
+                                    accuracy_level=options.accuracy_level, method=options.method)  # fmt: skip
         initializers = Initializers(model)
         writer = writer_for(options, initializers)
         plans = self._plans(model, Planner(options, writer), report)
@@ -141,6 +141,13 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             _remove_replaced(model, [plan.weight for plan in plans])
             model.opset_imports[writer.domain] = OPSET_VERSION
         return QuantizeResult(model, modified=bool(plans), report=report)
+
+    def planned_weights(self, model: ir.Model) -> list[tuple[str, bool, int, int]]:
+        """``(weight name, transposed, K, N)`` of each distinct weight a call would quantize; only reads ``model``."""
+        planner = Planner(self.options, writer_for(self.options, Initializers(model)))
+        plans = self._plans(model, planner, QuantizationReport(self.options.block_size, False, self.options.format))
+        distinct = {plan.key: plan for plan in plans}.values()
+        return [(plan.weight.name or "", plan.transpose, plan.K, plan.N) for plan in distinct]
 
     def _plans(self, model: ir.Model, planner: Planner, report: QuantizationReport) -> list[Plan]:
         """The nodes to rewrite; every other ``MatMul`` / ``Gemm`` goes to ``report.skipped`` with its reason."""
