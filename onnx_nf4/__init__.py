@@ -14,6 +14,7 @@ from .passes import QuantizeNF4Pass
 from .reference import REFERENCE_OPS, MatMulNF4
 from .report import QuantizationReport
 from .runtime import custom_op_library, session_options
+from .sysinfo import SystemInfo, info
 
 schema.register()
 
@@ -27,11 +28,13 @@ __all__ = [
     "QuantizationReport",
     "QuantizeNF4Pass",
     "QuantizedWeight",
+    "SystemInfo",
     "__version__",
     "custom_op_library",
     "dequantize_blockwise",
     "dequantize_model",
     "dequantize_weight",
+    "info",
     "quantize_blockwise",
     "quantize_model",
     "quantize_weight",

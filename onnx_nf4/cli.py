@@ -6,6 +6,7 @@ Subcommands:
   ``com.microsoft::MatMulBnb4``), with a progress bar on stderr and a per-layer report on stdout.
 * ``inspect MODEL``: what is quantized, block sizes, bits per weight (either format, or a float model).
 * ``dequantize IN OUT``: back to float ``MatMul`` (for debugging).
+* ``info``: versions, the custom-op library, the CPU kernel set chosen, CUDA support (:mod:`onnx_nf4.sysinfo`).
 
 Every expected failure (unreadable or invalid model, bad option, write error) is reported as one line
 ``onnx-nf4: error: ...`` on stderr with exit status 1 (2 for a usage error), never a traceback. Outputs are written
@@ -57,7 +58,7 @@ PROG = "onnx-nf4"
 #: (``None`` means 0) and reports an expected failure by raising :class:`CLIError`, ``OSError`` or ``ValueError``.
 #: The module is imported only when the parser is built, and skipped when it is absent, so it must import without
 #: its optional dependencies (import them inside the handler).
-SUBCOMMAND_PROVIDERS: list[str] = ["onnx_nf4.torch.cli:add_export_bnb_parser"]
+SUBCOMMAND_PROVIDERS: list[str] = ["onnx_nf4.torch.cli:add_export_bnb_parser", "onnx_nf4.sysinfo:add_info_parser"]
 
 # What a command may raise for a failure the user can fix; anything else is a bug and keeps its traceback.
 _EXPECTED_ERRORS = (OSError, ValueError, DecodeError)
