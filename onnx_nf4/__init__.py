@@ -9,6 +9,7 @@ from . import schema
 from .api import dequantize_model, quantize_model
 from .codebook import NF4_CODE, NF4_THRESHOLDS
 from .codec import dequantize_blockwise, quantize_blockwise
+from .genai import quantize_genai_folder
 from .layout import QuantizedWeight, dequantize_weight, quantize_weight
 from .passes import QuantizeNF4Pass
 from .reference import REFERENCE_OPS, MatMulNF4
@@ -36,6 +37,7 @@ __all__ = [
     "dequantize_weight",
     "info",
     "quantize_blockwise",
+    "quantize_genai_folder",
     "quantize_model",
     "quantize_weight",
     "session_options",

@@ -123,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rewrite the MatMul/Gemm layers whose weight is a constant to NF4 and print a per-layer report. "
         "OUT may equal IN: the model is written to a temporary file and then renamed.",
     )
-    quantize.add_argument("input", metavar="IN", type=Path, help="float ONNX model")
-    quantize.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
+    quantize.add_argument(
+        "input", metavar="IN", type=Path, help="float ONNX model, or an onnxruntime-genai model folder"
+    )
+    quantize.add_argument(
+        "output", metavar="OUT", type=Path, help="where to write the NF4 model (a new folder when IN is a folder)"
+    )
     add_quantize_options(quantize)
     quantize.add_argument(
         "--format",
@@ -258,6 +262,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.double_quant and args.format != "onnx_nf4":
         raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
+    if args.input.is_dir():
+        return _cmd_quantize_folder(args)
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
@@ -273,6 +279,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
     return 0
+
+
+def _cmd_quantize_folder(args: argparse.Namespace) -> int:
+    """``quantize IN_DIR OUT_DIR`` for an onnxruntime-genai model folder (:mod:`onnx_nf4.genai`)."""
+    from .genai import quantize_genai_folder
+
+    if args.external_data is not None:
+        raise CLIError("--external-data applies to a model file; a genai folder keeps its models' external data")
+    with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        reports = quantize_genai_folder(
+            args.input,
+            args.output,
+            **quantize_kwargs(args),
+            format=args.format,
+            min_elements=args.min_elements,
+            on_progress=progress.update,
+        )
+    for name, report in reports.items():
+        print(f"{name}:")
+        print(format_quantization_report(report))
+        print()
+    before, after = _folder_bytes(args.input), _folder_bytes(args.output)
+    print(f"wrote {args.output}: {format_bytes(before)} -> {format_bytes(after)}")
+    return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -441,6 +475,8 @@ class _Progress:
                 mininterval=0,
                 dynamic_ncols=True,
             )
+        if done < self._bar.n or total != self._bar.total:  # the next model of a folder
+            self._bar.reset(total=total)
         self._bar.set_postfix_str(name[-40:], refresh=False)
         self._bar.update(done - self._bar.n)
 
