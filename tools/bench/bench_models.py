@@ -18,7 +18,8 @@ the fp32 model's. Thread-pool spinning is off in every session (sessions take tu
 (``tools/llm_models.py``, preset ``llama``: 4 layers, hidden 2048, 32 query / 4 key-value heads, MLP 5632,
 vocabulary 32000) and exported by onnxruntime-genai's model builder (``-p fp32 -e cpu`` and ``-p int4 -e cpu``,
 the builder's int4: ``MatMulNBits`` block 32, ``accuracy_level`` 4), then ``onnx_nf4.quantize_genai_folder`` of the
-fp32 folder (``nf4``, ``nf4_acc4``, ``bnb4``; the ``onnx_nf4`` folders carry the op library). All five
+fp32 folder (``nf4``, ``nf4_acc4``, ``bnb4``; the ``onnx_nf4`` folders carry the op library) and onnxruntime's
+``MatMulNBitsQuantizer`` of it (``nbits128_acc4``: symmetric int4, block 128, ``accuracy_level`` 4). All six
 ``onnxruntime_genai.Model`` objects live in one process with the same intra-op thread count (2 by default; set
 through ``genai_config.json``'s ``session_options``); each round runs, for each variant in turn, a greedy generator:
 a prefill of 64 prompt tokens (``append_tokens``, ms) then ``--decode-tokens`` tokens (tok/s, the first sampled
@@ -58,13 +59,14 @@ HERE = Path(__file__).resolve().parent
 
 NF4_BLOCK = 64
 MINILM_VARIANTS = ("fp32", "nf4", "nf4_acc4", "bnb4", "nbits32_acc4", "nbits128_acc4")
-LLM_VARIANTS = ("fp32", "int4", "nf4", "nf4_acc4", "bnb4")
+LLM_VARIANTS = ("fp32", "int4", "nf4", "nf4_acc4", "bnb4", "nbits128_acc4")
 LLM_LABELS = {
     "fp32": "fp32 (builder -p fp32)",
     "int4": "int4 (builder -p int4: MatMulNBits b32 acc4)",
     "nf4": "NF4 exact (MatMulNF4)",
     "nf4_acc4": "NF4 fast (MatMulNF4 accuracy_level 4)",
     "bnb4": "MatMulBnb4 (com.microsoft)",
+    "nbits128_acc4": "MatMulNBits b128 acc4 (MatMulNBitsQuantizer)",
 }
 
 
@@ -119,14 +121,23 @@ def _genai_with_accuracy_level(src: Path, dst: Path, level: int) -> None:
     onnx.save(model, str(dst / name))
 
 
-def _nbits(src: Path, dst: Path, block_size: int) -> None:
+def _nbits(src: Path, dst: Path, block_size: int, external_data: bool = False) -> None:
+    """``src`` quantized by onnxruntime's ``MatMulNBitsQuantizer`` (symmetric int4, ``accuracy_level`` 4) to ``dst``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # no line per node
-
     quantizer = MatMulNBitsQuantizer(str(src), block_size=block_size, is_symmetric=True, accuracy_level=4)
     quantizer.process()
-    onnx.save(quantizer.model.model, str(dst))
+    onnx.save(quantizer.model.model, str(dst), save_as_external_data=external_data, location=dst.name + ".data")
+
+
+def _genai_nbits(src: Path, dst: Path, block_size: int) -> None:
+    """Copy the genai folder ``src`` to ``dst`` with its decoder quantized by :func:`_nbits` (external data)."""
+    name = json.loads((src / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    model = src / name
+    data = {model.resolve(), *(p.resolve() for p in src.glob(f"{name}.data*"))}
+    shutil.copytree(src, dst, ignore=lambda folder, names: [n for n in names if (Path(folder) / n).resolve() in data])
+    _nbits(model, dst / name, block_size, external_data=True)
 
 
 def prepare_minilm(work: Path) -> dict[str, Path]:
@@ -166,6 +177,7 @@ def prepare_llm(work: Path, preset: str) -> dict[str, Path]:
             work / f"{preset}_bnb4",
             lambda p: quantize_genai_folder(fp32, p, block_size=NF4_BLOCK, format="com.microsoft"),
         ),
+        "nbits128_acc4": _build_once(work / f"{preset}_nbits128_acc4", lambda p: _genai_nbits(fp32, p, 128)),
     }
 
 
@@ -252,9 +264,9 @@ def _generate(model, prompt: list[int], decode_tokens: int) -> tuple[float, floa
 
 def llm_prompt(folder: Path, length: int) -> list[int]:
     """``length`` token ids: the corpus of tools/llm_models.py tokenized by the folder's tokenizer, repeated."""
-    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
 
-    ids = [int(t) for t in og.Tokenizer(og.Model(str(folder))).encode(" ".join(llm_models.CORPUS))]
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(" ".join(llm_models.CORPUS)).ids
     return (ids * (length // len(ids) + 1))[:length]
 
 
