@@ -269,8 +269,8 @@ def write_markdown(path: str, runs: list[dict], command: str, rounds: int) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each variant (default 15)")
-    parser.add_argument("--quick", action="store_true", help="only 4096x4096, threads=1")
+    parser.add_argument("--rounds", type=int, help="timed runs of each variant (default 15, 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: only 4096x4096, threads=1")
     parser.add_argument(
         "--isa",
         help="comma-separated ONNX_NF4_CPU_ISA values, e.g. avx512,avx2: one child process per value "
@@ -279,6 +279,8 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--results-json", help=argparse.SUPPRESS)  # a child of --isa writes its results here
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 15
     child_argv = [f"--rounds={args.rounds}"] + (["--quick"] if args.quick else [])
     runs = bench_env.run_per_isa(__file__, child_argv, args.isa.split(",")) if args.isa else [measure(args)]
     if args.results_json:
