@@ -259,6 +259,7 @@ def write_markdown(path: str, runs: list[dict], command: str, rounds: int) -> No
         f.write(f"Command: `{command}` (median of {rounds} interleaved runs per variant, all variants in one process; ")
         f.write(f"NF4 block size {BLOCK_NF4}; weights normal(0, 0.05), A normal(0, 1)). ")
         f.write(f"OpenVINO peer: {ov or 'not installed'} (see `tools/bench/openvino_peer.py`).\n\n")
+        f.write(bench_env.LOAD_NOTE + "\n\n")
         for run in runs:
             f.write(f"## {run['kernel_set']}\n\n{run['header']}.\n\n")
             f.write("Summary (speed-up > 1: MatMulNF4 is faster):\n\n" + "\n".join(SUMMARY_HEADER + run["summary"]))

@@ -21,6 +21,12 @@ from pathlib import Path
 import onnx_nf4
 from onnx_nf4.sysinfo import CPU_ISA_ENV_VAR
 
+#: The note of every results file on how to read it.
+LOAD_NOTE = (
+    "The load average (in each machine line) says how busy the machine was: variants run interleaved in one process, "
+    "so their ratios hold under load; absolute times do not."
+)
+
 #: Versions listed in a results file (distribution names; those not installed are left out).
 VERSIONED = ("onnxruntime", "onnx", "numpy", "openvino", "nncf", "onnxruntime-genai", "transformers", "torch")
 
