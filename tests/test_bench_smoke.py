@@ -83,3 +83,11 @@ def test_bench_models_minilm(minilm_fp32_path, tmp_path):
     out = tmp_path / "results.md"
     bench_models.write_markdown(str(out), [run], "python tools/bench/bench_models.py", args)
     assert all(line in out.read_text() for line in table)
+
+
+def test_readme_speed_tables_match_the_results():
+    """The README's speed tables are the ones tools/bench/readme_speed.py makes from the committed results files."""
+    import readme_speed
+
+    readme = readme_speed.README.read_text()
+    assert readme_speed.readme_with_tables(readme) == readme, "run: python tools/bench/readme_speed.py --write"
