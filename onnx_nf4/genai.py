@@ -22,11 +22,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .model_io import external_tensors, load_model
+from .options import QuantizeOptions
+from .passes import ProgressCallback
 from .report import QuantizationReport
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "model_filenames",
     "quantize_genai_folder",
     "read_genai_config",
+    "require_library",
     "write_genai_folder",
 ]
 
@@ -148,6 +151,18 @@ def _set_library(config: dict[str, Any], filenames: set[str], library_name: str)
         options["custom_ops_library"] = library_name
 
 
+def require_library(options: QuantizeOptions) -> None:
+    """Fail before any work when ``options`` write ``MatMulNF4`` nodes but the op library is not built.
+
+    Raises:
+        onnx_nf4.runtime.CustomOpLibraryNotFoundError: as :func:`onnx_nf4.custom_op_library`.
+    """
+    if options.format == "onnx_nf4":
+        from .runtime import custom_op_library
+
+        custom_op_library()
+
+
 def write_genai_folder(
     in_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -213,31 +228,50 @@ def write_genai_folder(
 def quantize_genai_folder(
     in_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    **options: Any,
+    options: QuantizeOptions | None = None,
+    *,
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    format: str | None = None,
+    exclude: Iterable[str] | None = None,
+    min_elements: int | None = None,
+    accuracy_level: int | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, QuantizationReport]:
     """Quantize an onnxruntime-genai model folder into a new folder that onnxruntime-genai loads as it is.
 
     Args:
         in_dir: a folder holding ``genai_config.json`` and the models it names.
         out_dir: the folder to create (it must not exist, or be empty).
-        **options: :func:`onnx_nf4.quantize_model` options for every model (``block_size``, ``double_quant``,
-            ``format``, ``exclude``, ``min_elements``, ``accuracy_level``, ``on_progress``, ...).
+        options: the :class:`~onnx_nf4.options.QuantizeOptions` of every model; the keyword arguments override its
+            fields as in :func:`onnx_nf4.quantize_model`. ``external_data`` ``None`` (default) keeps each model's
+            layout: a model with external data is written with external data.
+        on_progress: ``on_progress(done, total, weight_name)``, per model file.
 
     Returns:
         The :class:`~onnx_nf4.report.QuantizationReport` of each model, by its file name in the config.
 
     Raises:
         GenaiFolderError: see :func:`write_genai_folder`.
-        ValueError: invalid quantization options.
+        ValueError: invalid quantization options (before anything is written).
+        onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
     """
     from .api import quantize_model
 
-    for reserved in ("output_path", "external_data"):
-        if reserved in options:
-            raise TypeError(f"quantize_genai_folder() got an unexpected keyword argument {reserved!r}")
+    options = QuantizeOptions.build(
+        options,
+        block_size=block_size,
+        double_quant=double_quant,
+        format=format,
+        exclude=exclude,
+        min_elements=min_elements,
+        accuracy_level=accuracy_level,
+    )
+    require_library(options)
 
     def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
-        _, report = quantize_model(source, target, external_data=external_data, **options)
+        file_options = options if options.external_data is not None else options.replace(external_data=external_data)
+        _, report = quantize_model(source, target, file_options, on_progress=on_progress)
         return report
 
     return write_genai_folder(in_dir, out_dir, quantize_file)

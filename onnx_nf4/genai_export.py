@@ -29,20 +29,23 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .genai import check_output_folder, quantize_genai_folder, write_genai_folder
+from .genai import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 from .layout import QuantizedWeight, dequantize_weight
 from .model_io import load_model
+from .options import QuantizeOptions
 from .report import QuantizationReport
 
-__all__ = ["EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
+__all__ = ["BUILD_PRECISION", "EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
 
-#: The execution providers ``export_genai`` builds for (the builder's ``-e``).
-EXECUTION_PROVIDERS = ("cpu", "cuda")
+#: The execution providers ``export_genai`` builds for (the builder's ``-e``), and the builder precision of each:
+#: float32 on the CPU; float16 on CUDA, where the builder's GroupQueryAttention needs float16 or bfloat16.
+BUILD_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+EXECUTION_PROVIDERS = tuple(BUILD_PRECISION)
+_GRAPH_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 class BuilderError(RuntimeError):
@@ -120,7 +123,8 @@ def map_fused_weights(
     """Match float ``MatMul`` weights to the NF4 layers whose decoded columns they are made of.
 
     Args:
-        graph_weights: float ``W[K, N]`` by initializer name.
+        graph_weights: float ``W[K, N]`` by initializer name (float32, or float16 compared with the decoded
+            float32 weights rounded to float16).
         layers: NF4 weights by layer name; layer ``L`` decodes to ``Wt_L[N_L, K]`` (``dequantize_weight(q).T``).
 
     Returns:
@@ -132,32 +136,37 @@ def map_fused_weights(
         ValueError: a graph weight that starts like a layer but is not a concatenation of whole layers, or a
             layer used by no graph weight.
     """
-    decoded = {name: np.ascontiguousarray(dequantize_weight(q).T) for name, q in layers.items()}
-    by_first_row: dict[bytes, list[str]] = {}
-    for name, wt in decoded.items():
-        by_first_row.setdefault(wt[0].tobytes(), []).append(name)
+    decoded32 = {name: np.ascontiguousarray(dequantize_weight(q).T) for name, q in layers.items()}
+    decoded: dict[np.dtype, dict[str, np.ndarray]] = {}  # the decoded weights rounded to each graph dtype
+    by_first_row: dict[np.dtype, dict[bytes, list[str]]] = {}
+    for w in graph_weights.values():
+        if w.dtype in _GRAPH_DTYPES and w.dtype not in decoded:
+            decoded[w.dtype] = {name: wt.astype(w.dtype) for name, wt in decoded32.items()}
+            by_first_row[w.dtype] = {}
+            for name, wt in decoded[w.dtype].items():
+                by_first_row[w.dtype].setdefault(wt[0].tobytes(), []).append(name)
     prequantized: dict[str, QuantizedWeight] = {}
     sources: dict[str, list[str]] = {}
     for weight_name, w in graph_weights.items():
-        if w.dtype != np.float32 or w.ndim != 2:
+        if w.dtype not in _GRAPH_DTYPES or w.ndim != 2:
             continue
         wt = np.ascontiguousarray(w.T)
+        candidates, first_rows = decoded[w.dtype], by_first_row[w.dtype]
         found: list[str] = []
         column = 0
         while column < wt.shape[0]:
             match = next(
                 (
                     name
-                    for name in by_first_row.get(wt[column].tobytes(), [])
-                    if np.array_equal(wt[column : column + decoded[name].shape[0]], decoded[name])
-                    and decoded[name].shape[1] == wt.shape[1]
+                    for name in first_rows.get(wt[column].tobytes(), [])
+                    if np.array_equal(wt[column : column + candidates[name].shape[0]], candidates[name])
                 ),
                 None,
             )
             if match is None:
                 break
             found.append(match)
-            column += decoded[match].shape[0]
+            column += candidates[match].shape[0]
         if not found:
             continue
         if column != wt.shape[0]:
@@ -189,29 +198,33 @@ def _float_matmul_weights(model) -> dict[str, np.ndarray]:
 def export_genai(
     hf_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    options: QuantizeOptions | None = None,
     *,
     execution_provider: str = "cpu",
     quantize_float: bool = False,
     builder_options: Mapping[str, object] | None = None,
-    block_size: int = 64,
-    double_quant: bool = False,
-    format: str = "onnx_nf4",
-    exclude: Iterable[str] = (),
-    **quantize_options: Any,
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    format: str | None = None,
+    exclude: Iterable[str] | None = None,
+    min_elements: int | None = None,
+    accuracy_level: int | None = None,
 ) -> dict[str, QuantizationReport]:
     """Export a transformers checkpoint folder to an onnxruntime-genai folder with NF4 weights.
 
     Args:
         hf_dir: a transformers checkpoint folder (``save_pretrained``), float or bitsandbytes NF4.
         out_dir: the genai folder to create (must not exist, or be empty).
-        execution_provider: ``"cpu"`` or ``"cuda"`` (the builder's ``-e``; the graph is built in float32).
-        quantize_float: for a bitsandbytes checkpoint, also quantize the layers it left float (``lm_head``) with
-            ``block_size`` / ``double_quant``; a float checkpoint is always quantized.
+        options: the :class:`~onnx_nf4.options.QuantizeOptions`; the keyword arguments ``block_size`` ...
+            ``accuracy_level`` override its fields as in :func:`onnx_nf4.quantize_model`. With a bitsandbytes
+            checkpoint, ``block_size``, ``double_quant`` and ``min_elements`` apply to the ``quantize_float`` layers
+            only (bitsandbytes' layers keep their own); ``format``, ``exclude`` and ``accuracy_level`` apply to all.
+        execution_provider: ``"cpu"`` or ``"cuda"`` (the builder's ``-e``; the graph is built in float32 for the
+            CPU and in float16 for CUDA, see :data:`BUILD_PRECISION`).
+        quantize_float: for a bitsandbytes checkpoint, also quantize the layers it left float (``lm_head``); a
+            float checkpoint is always quantized.
         builder_options: extra options for the model builder (its ``--extra_options``, e.g.
             ``{"fuse_mlp_gate_up": True}``).
-        block_size, double_quant, format, exclude, **quantize_options: as for :func:`onnx_nf4.quantize_model`
-            (``accuracy_level``, ``min_elements``, ...); with a bitsandbytes checkpoint, ``block_size`` and
-            ``double_quant`` apply to ``quantize_float`` layers only (bitsandbytes' layers keep their own).
 
     Returns:
         The quantization report of each model file of the folder.
@@ -221,47 +234,52 @@ def export_genai(
             quantization method, or an architecture the builder does not support.
         BuilderError: the builder is not installed or failed.
         onnx_nf4.genai.GenaiFolderError: ``out_dir`` exists and is not empty.
+        ValueError: invalid options (before any work).
+        onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
     """
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
+    options = QuantizeOptions.build(
+        options,
+        block_size=block_size,
+        double_quant=double_quant,
+        format=format,
+        exclude=exclude,
+        min_elements=min_elements,
+        accuracy_level=accuracy_level,
+    )
+    require_library(options)
+    precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
-    options = dict(builder_options or {})
+    if kind.double_quant and options.format != "onnx_nf4":
+        raise CheckpointError(
+            "the checkpoint is double-quantized (bnb_4bit_use_double_quant), which com.microsoft::MatMulBnb4 "
+            "cannot store; use format onnx_nf4"
+        )
+    extra_options = dict(builder_options or {})
     if kind.double_quant:
-        options.setdefault("fuse_qkv", False)
+        extra_options.setdefault("fuse_qkv", False)
+    build = {"precision": precision, "execution_provider": execution_provider, "extra_options": extra_options}
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent) as work:
-        built = Path(work) / "genai_fp32"
+        built = Path(work) / "genai_float"
         if not kind.bnb_nf4:
-            run_builder(hf_dir, built, execution_provider=execution_provider, extra_options=options)
-            return quantize_genai_folder(
-                built,
-                out_dir,
-                block_size=block_size,
-                double_quant=double_quant,
-                format=format,
-                exclude=exclude,
-                **quantize_options,
-            )
+            run_builder(hf_dir, built, **build)
+            return quantize_genai_folder(built, out_dir, options)
         layers = write_float_checkpoint(hf_dir, Path(work) / "hf_float")
-        run_builder(Path(work) / "hf_float", built, execution_provider=execution_provider, extra_options=options)
+        run_builder(Path(work) / "hf_float", built, **build)
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
             from .torch.graph_weights import quantize_with_prequantized
 
             model = load_model(source)
             prequantized, _ = map_fused_weights(_float_matmul_weights(model), layers)
+            file_options = (
+                options if options.external_data is not None else options.replace(external_data=external_data)
+            )
             return quantize_with_prequantized(
-                model,
-                target,
-                prequantized,
-                quantize_float=quantize_float,
-                block_size=block_size,
-                double_quant=double_quant,
-                format=format,
-                exclude=exclude,
-                external_data=external_data,
-                **quantize_options,
+                model, target, prequantized, quantize_float=quantize_float, options=file_options
             )
 
         return write_genai_folder(built, out_dir, quantize_file)

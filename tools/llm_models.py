@@ -4,11 +4,12 @@ Nothing is downloaded. ``make_llama_checkpoint(out_dir, spec)`` writes a transfo
 (``config.json``, ``model.safetensors``, ``generation_config.json``) whose weights are random but fixed by
 ``spec.seed``, plus a small byte-level BPE tokenizer trained with ``tokenizers`` on the built-in ``CORPUS``
 (``tokenizer.json`` / ``tokenizer_config.json``, loadable by transformers and by onnxruntime-genai). With
-``bnb="nf4"`` (or ``"fp4"``) the model is quantized by transformers + bitsandbytes on the CPU
+``bnb="nf4"`` (or ``"fp4"``, ``"int8"``) the model is quantized by transformers + bitsandbytes on the CPU
 (``BitsAndBytesConfig(load_in_4bit=True, ...)``) and saved with ``save_pretrained``, as a QLoRA user would.
 
 ``build_genai(hf_dir, out_dir, precision)`` runs ``python -m onnxruntime_genai.models.builder`` offline (its
-Hugging Face cache is a temporary folder) and returns ``out_dir``; ``greedy_genai`` / ``greedy_torch`` generate
+cache is a temporary folder; needs onnx_nf4 importable, e.g. ``PYTHONPATH`` set to the repository) and returns
+``out_dir``; ``greedy_genai`` / ``greedy_torch`` generate
 tokens greedily in onnxruntime-genai and in PyTorch.
 
 Presets: ``TINY`` (a few hundred kB, for tests) and ``LLAMA_SHAPED`` (4 layers of a 1B-class Llama: hidden 2048,
@@ -24,8 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -159,17 +158,21 @@ def random_llama(spec: LlamaSpec):
     return model
 
 
-def bnb_config(quant_type: str = "nf4", double_quant: bool = False, **kwargs):
-    """``BitsAndBytesConfig`` for 4-bit ``quant_type`` on the CPU, float32 compute, ``lm_head`` left float."""
+def bnb_config(quant_type: str = "nf4", double_quant: bool = False):
+    """``BitsAndBytesConfig`` for ``quant_type`` ``nf4`` / ``fp4`` (4-bit, float32 compute) or ``int8`` (8-bit).
+
+    bitsandbytes leaves ``lm_head`` float (transformers' default ``llm_int8_skip_modules``).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
+    if quant_type == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
-        **kwargs,
     )
 
 
@@ -179,13 +182,11 @@ def make_llama_checkpoint(
     *,
     bnb: str | None = None,
     double_quant: bool = False,
-    bnb_kwargs: dict | None = None,
 ) -> Path:
     """Write a transformers checkpoint folder of ``spec`` (with its tokenizer) to ``out_dir``; return it.
 
-    ``bnb``: ``None`` for float32 weights, ``"nf4"`` or ``"fp4"`` for a checkpoint quantized by bitsandbytes on the
-    CPU through transformers (``double_quant`` is ``bnb_4bit_use_double_quant``; ``bnb_kwargs`` go to
-    ``BitsAndBytesConfig``, e.g. ``{"load_in_4bit": False, "load_in_8bit": True}``).
+    ``bnb``: ``None`` for float32 weights; ``"nf4"``, ``"fp4"`` or ``"int8"`` for a checkpoint quantized by
+    bitsandbytes on the CPU through transformers (``double_quant`` is ``bnb_4bit_use_double_quant``).
     """
     _offline_env()
     out = Path(out_dir)
@@ -200,7 +201,7 @@ def make_llama_checkpoint(
         with tempfile.TemporaryDirectory(prefix="llama_float_") as float_dir:
             model.save_pretrained(float_dir, safe_serialization=True)
             del model
-            config = bnb_config(bnb, double_quant, **(bnb_kwargs or {}))
+            config = bnb_config(bnb, double_quant)
             quantized = AutoModelForCausalLM.from_pretrained(
                 float_dir, quantization_config=config, device_map="cpu", dtype="float32"
             )
@@ -214,41 +215,19 @@ def build_genai(
     out_dir: str | os.PathLike,
     precision: str = "fp32",
     execution_provider: str = "cpu",
-    extra_options: dict[str, str] | None = None,
+    extra_options: dict[str, object] | None = None,
 ) -> Path:
-    """Run ``python -m onnxruntime_genai.models.builder`` on ``hf_dir`` (offline); return ``out_dir``.
+    """Run onnxruntime-genai's model builder on ``hf_dir`` offline (:func:`onnx_nf4.genai_export.run_builder`).
 
-    ``precision``: ``fp32`` or ``int4`` (MatMulNBits, block 32 by default) on ``cpu``; ``extra_options`` become
-    ``--extra_options KEY=VALUE ...``. The builder's cache folder is temporary. Raises ``RuntimeError`` with the
-    builder's output when it fails.
+    ``precision``: ``fp32`` or ``int4`` (``MatMulNBits``, block 32 by default) on ``cpu``; ``extra_options`` are
+    the builder's ``--extra_options``. Returns ``out_dir``.
     """
     _offline_env()
-    out = Path(out_dir)
-    with tempfile.TemporaryDirectory(prefix="genai_cache_") as cache:
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-i",
-            str(hf_dir),
-            "-o",
-            str(out),
-            "-p",
-            precision,
-            "-e",
-            execution_provider,
-            "-c",
-            cache,
-        ]
-        if extra_options:
-            cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cache, check=False)
-    if result.returncode != 0 or not (out / "genai_config.json").is_file():
-        raise RuntimeError(
-            f"onnxruntime_genai.models.builder failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return out
+    from onnx_nf4.genai_export import run_builder
+
+    return run_builder(
+        hf_dir, out_dir, precision=precision, execution_provider=execution_provider, extra_options=extra_options
+    )
 
 
 def prompt_ids(hf_dir: str | os.PathLike, text: str = CORPUS[20]) -> list[int]:
@@ -291,12 +270,22 @@ def greedy_torch(model, prompt: Sequence[int], new_tokens: int = 32) -> list[int
     return [int(t) for t in out[0, len(prompt) :]]
 
 
-def load_checkpoint(hf_dir: str | os.PathLike):
-    """The checkpoint of ``hf_dir`` as a ``LlamaForCausalLM`` on the CPU (bitsandbytes layers as saved)."""
+def load_checkpoint(hf_dir: str | os.PathLike, *, bnb_float32: bool = True):
+    """The checkpoint of ``hf_dir`` as a ``LlamaForCausalLM`` on the CPU (bitsandbytes layers as saved).
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` (0.50) repacks its weight on the first call and
+    multiplies in bfloat16; ``bnb_float32=True`` keeps it on its float32 path (decode ``NF4[code] * absmax``, then a
+    float32 product), the path it takes on every other CPU.
+    """
     _offline_env()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(hf_dir), device_map="cpu").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), device_map="cpu").eval()
+    if bnb_float32:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -304,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir", help="checkpoint folder to write")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bnb", choices=["nf4", "fp4"], help="quantize with bitsandbytes on the CPU")
+    parser.add_argument("--bnb", choices=["nf4", "fp4", "int8"], help="quantize with bitsandbytes on the CPU")
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--genai", nargs=2, metavar=("PRECISION", "GENAI_DIR"), help="also run the genai builder")
     args = parser.parse_args(argv)
