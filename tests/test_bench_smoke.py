@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
@@ -50,18 +49,6 @@ def test_bench_cpu_one_small_case(tmp_path):
     out = tmp_path / "results.md"
     bench_cpu.write_markdown(str(out), [run], "python tools/bench/bench_cpu.py", 1)
     assert row in out.read_text()
-
-
-def test_set_accuracy_level_rewrites_every_matmulnf4():
-    import bench_models
-
-    node = onnx.helper.make_node("MatMulNF4", ["A", "B", "s"], ["Y"], domain="onnx_nf4", accuracy_level=0, K=4)
-    other = onnx.helper.make_node("MatMul", ["Y", "W"], ["Z"])
-    model = onnx.helper.make_model(onnx.helper.make_graph([node, other], "g", [], []))
-    assert bench_models.set_accuracy_level(model, 4) == 1
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
-    assert attrs == {"accuracy_level": 4, "K": 4}
-    assert not model.graph.node[1].attribute
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ rows), whole model in ``onnxruntime.InferenceSession``, 1 and 2 intra-op threads
 
 * ``fp32``: the exported float model;
 * ``nf4``: ``onnx_nf4.quantize_model`` (block 64; ``MatMulNF4`` ``accuracy_level`` 0, float32 compute);
-* ``nf4_acc4``: the same weights with ``accuracy_level`` 4 (int8 activations);
+* ``nf4_acc4``: ``quantize_model(accuracy_level=4)``: the same weights, int8 activations;
 * ``bnb4``: ``quantize_model(format="com.microsoft")``: onnxruntime's ``MatMulBnb4`` (the same NF4 codes);
 * ``nbits32_acc4`` / ``nbits128_acc4``: onnxruntime's ``MatMulNBitsQuantizer`` (symmetric int4, block 32 / 128,
   ``accuracy_level`` 4).
@@ -90,38 +90,6 @@ def _build_once(path: Path, build: Callable[[Path], object]) -> Path:
     return path
 
 
-def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
-    """Set ``accuracy_level`` on every ``onnx_nf4::MatMulNF4`` node of ``model`` (in place); returns the count."""
-    count = 0
-    for node in model.graph.node:
-        if node.domain == "onnx_nf4" and node.op_type == "MatMulNF4":
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
-            count += 1
-    return count
-
-
-def _with_accuracy_level(src: Path, dst: Path, level: int) -> None:
-    """Copy the model file ``src`` (no external data) to ``dst`` with ``accuracy_level`` ``level``."""
-    model = onnx.load(str(src))
-    if set_accuracy_level(model, level) == 0:
-        raise ValueError(f"{src}: no MatMulNF4 node")
-    onnx.save(model, str(dst))
-
-
-def _genai_with_accuracy_level(src: Path, dst: Path, level: int) -> None:
-    """Copy the genai folder ``src`` to ``dst`` with ``accuracy_level`` ``level`` on its decoder's MatMulNF4 nodes
-    (the graph file is rewritten, its external data copied as it is)."""
-    shutil.copytree(src, dst)
-    config = json.loads((src / "genai_config.json").read_text())
-    name = config["model"]["decoder"]["filename"]
-    model = onnx.load(str(src / name), load_external_data=False)
-    if set_accuracy_level(model, level) == 0:
-        raise ValueError(f"{src / name}: no MatMulNF4 node")
-    onnx.save(model, str(dst / name))
-
-
 def _nbits(src: Path, dst: Path, block_size: int, external_data: bool = False) -> None:
     """``src`` quantized by onnxruntime's ``MatMulNBitsQuantizer`` (symmetric int4, ``accuracy_level`` 4) to ``dst``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -149,7 +117,10 @@ def prepare_minilm(work: Path) -> dict[str, Path]:
     paths = {
         "fp32": fp32,
         "nf4": nf4,
-        "nf4_acc4": _build_once(work / "minilm_nf4_acc4.onnx", lambda p: _with_accuracy_level(nf4, p, 4)),
+        "nf4_acc4": _build_once(
+            work / "minilm_nf4_acc4.onnx",
+            lambda p: onnx_nf4.quantize_model(fp32, p, block_size=NF4_BLOCK, accuracy_level=4),
+        ),
         "bnb4": _build_once(
             work / "minilm_bnb4.onnx",
             lambda p: onnx_nf4.quantize_model(fp32, p, block_size=NF4_BLOCK, format="com.microsoft"),
@@ -173,7 +144,10 @@ def prepare_llm(work: Path, preset: str) -> dict[str, Path]:
         "fp32": fp32,
         "int4": _build_once(work / f"{preset}_int4", lambda p: llm_models.build_genai(hf, p, "int4")),
         "nf4": nf4,
-        "nf4_acc4": _build_once(work / f"{preset}_nf4_acc4", lambda p: _genai_with_accuracy_level(nf4, p, 4)),
+        "nf4_acc4": _build_once(
+            work / f"{preset}_nf4_acc4",
+            lambda p: quantize_genai_folder(fp32, p, block_size=NF4_BLOCK, accuracy_level=4),
+        ),
         "bnb4": _build_once(
             work / f"{preset}_bnb4",
             lambda p: quantize_genai_folder(fp32, p, block_size=NF4_BLOCK, format="com.microsoft"),
