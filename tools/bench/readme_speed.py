@@ -17,6 +17,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 README = BENCH_DIR.parents[1] / "README.md"
 START, END = "<!-- speed-tables:start -->", "<!-- speed-tables:end -->"
 
+KERNEL_SET_NAMES = {"avx512": "AVX-512", "avx2vnni": "AVX2 + AVX-VNNI", "avx2": "AVX2", "portable": "portable"}
 CPU_COLUMNS = {  # bench_cpu variant -> README column
     "fp32": "fp32 `MatMul`",
     "nf4": "`MatMulNF4`",
@@ -72,8 +73,8 @@ def kernels_name(label: str) -> str:
     if name is None:
         cap = re.search(r"ONNX_NF4_CPU_ISA=(\w+)", label)
         name = cap.group(1) if cap else "default"
-    pretty = {"avx512": "AVX-512", "avx2": "AVX2", "portable": "portable"}.get(name, name)
-    return f"{pretty} (`ONNX_NF4_CPU_ISA={name}`)" if name == "avx2" else pretty
+    pretty = KERNEL_SET_NAMES.get(name, name)
+    return pretty if name in ("avx512", "default") else f"{pretty} (`ONNX_NF4_CPU_ISA={name}`)"
 
 
 def cpu_table(results: str, K: int = 4096, N: int = 4096, threads: int = 1) -> list[str]:
