@@ -20,8 +20,10 @@ Prints, per case, the median (and minimum) time in ms, the speed-up of ``nf4`` /
 variant, and each variant's relative error against the fp32 MatMul (``||y - y_fp32|| / ||y_fp32||``; the 4-bit error of
 the weight itself dominates). ``--markdown FILE`` also writes the tables.
 
-Usage: ``python tools/bench/bench_cpu.py [--quick] [--rounds 15] [--markdown tools/bench/RESULTS_cpu.md]``
-(``ONNX_NF4_CPU_ISA=avx2`` in the environment measures the AVX2 kernels on an AVX-512 CPU).
+Usage: ``python tools/bench/bench_cpu.py [--quick] [--rounds 15] [--isa avx512,avx2] [--markdown
+tools/bench/RESULTS_cpu.md]``. ``--isa`` runs every case once per ``ONNX_NF4_CPU_ISA`` value, each in its own process
+(the kernel set is chosen once per process), and writes one file; without it the environment decides
+(``ONNX_NF4_CPU_ISA=avx2`` measures the AVX2 kernels on an AVX-512 CPU).
 """
 
 from __future__ import annotations
