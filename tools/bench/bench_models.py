@@ -23,7 +23,9 @@ fp32 folder (``nf4``, ``nf4_acc4``, ``bnb4``; the ``onnx_nf4`` folders carry the
 ``onnxruntime_genai.Model`` objects live in one process with the same intra-op thread count (2 by default; set
 through ``genai_config.json``'s ``session_options``); each round runs, for each variant in turn, a greedy generator:
 a prefill of 64 prompt tokens (``append_tokens``, ms) then ``--decode-tokens`` tokens (tok/s, the first sampled
-token excluded). Medians over the rounds. The built folders are kept in ``--work-dir`` (about 4 GB) and reused.
+token excluded). Medians over the rounds. The genai sessions keep onnxruntime's default thread-pool spinning
+(``genai_config.json`` has no setting for it); each variant runs for seconds at a time, so a pool that spins on
+after its turn costs the next one little. The built folders are kept in ``--work-dir`` (about 4 GB) and reused.
 
 ``--isa avx512,avx2`` runs everything once per ``ONNX_NF4_CPU_ISA`` value, each in its own process. ``--quick``: a
 smoke run (MiniLM 1 thread, 2 rounds; the ``tiny`` LLM preset, 1 round, 8-token prompt).
