@@ -1,0 +1,13 @@
+// kernels_i8_avx2.cc: accuracy_level 4 on AVX2 (vpmaddubsw + vpmaddwd). Built with -mavx2 -mfma; only called when
+// the CPU has them (cpu_common.cc). docs/cpu_kernel.md explains the algorithms.
+#include "cpu_kernels.h"
+#include "simd_i8_kernels.h"
+#include "simd_i8_ymm.h"
+
+namespace onnx_nf4::cpu {
+
+void Avx2MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
+  I8MatMul<I8Ymm<false>>(p, par, scratch);
+}
+
+}  // namespace onnx_nf4::cpu
