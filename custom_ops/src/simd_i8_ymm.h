@@ -29,7 +29,7 @@ struct I8Ymm {
   static constexpr bool kBiased = kVnni;
   static constexpr int kGemvRows = 4;
   static constexpr int kGemmV = kVnni ? 2 : 1;    // rows 16 (VNNI) or 8: accumulators + operands fit 16 registers
-  static constexpr int kGemmTN = kVnni ? 6 : 8;
+  static constexpr int kGemmTN = 6;
   static constexpr int64_t kMinGemmRows = 8;
 
   static VecI ZeroI() { return _mm256_setzero_si256(); }
