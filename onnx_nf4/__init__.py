@@ -10,7 +10,8 @@ from .api import dequantize_model, quantize_model
 from .codebook import NF4_CODE, NF4_THRESHOLDS
 from .codec import dequantize_blockwise, quantize_blockwise
 from .layout import QuantizedWeight, dequantize_weight, quantize_weight
-from .passes import QuantizeNF4Pass
+from .options import QuantizeOptions
+from .passes import DequantizeNF4Pass, QuantizeNF4Pass
 from .reference import REFERENCE_OPS, MatMulNF4
 from .report import QuantizationReport
 from .runtime import custom_op_library, session_options
@@ -23,9 +24,11 @@ __all__ = [
     "NF4_CODE",
     "NF4_THRESHOLDS",
     "REFERENCE_OPS",
+    "DequantizeNF4Pass",
     "MatMulNF4",
     "QuantizationReport",
     "QuantizeNF4Pass",
+    "QuantizeOptions",
     "QuantizedWeight",
     "__version__",
     "custom_op_library",

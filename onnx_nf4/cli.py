@@ -8,7 +8,8 @@ Subcommands:
 * ``dequantize IN OUT``: back to float ``MatMul`` (for debugging).
 
 Every expected failure (unreadable or invalid model, bad option, write error) is reported as one line
-``onnx-nf4: error: ...`` on stderr with exit status 1 (2 for a usage error), never a traceback. Outputs are written
+``onnx-nf4: error: ...`` on stderr with exit status 1, or 2 for a usage error (an unknown option, a bad value,
+options that do not go together; the line names the command's ``--help``), never a traceback. Outputs are written
 to a temporary file and renamed into place (:func:`onnx_nf4.model_io.save_model`), so ``OUT`` may equal ``IN``: the
 input is replaced only once the new model is complete, and stays intact on any failure.
 
@@ -24,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -33,13 +34,14 @@ from . import __version__
 from .codec import check_block_size
 from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
-from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
+from .options import ACCURACY_LEVELS, DEFAULT_MIN_ELEMENTS, FORMATS, QuantizeOptions
 from .report import QuantizationReport
-from .table import format_bytes, render_table
+from .text_table import format_bytes, render_table
 
 __all__ = [
     "SUBCOMMAND_PROVIDERS",
     "CLIError",
+    "UsageError",
     "add_external_data_option",
     "add_quantize_options",
     "build_parser",
@@ -47,6 +49,7 @@ __all__ = [
     "main",
     "print_written",
     "quantize_kwargs",
+    "quantize_options",
 ]
 
 PROG = "onnx-nf4"
@@ -67,11 +70,35 @@ class CLIError(Exception):
     """A failure reported as one ``onnx-nf4: error: <message>`` line (exit status 1)."""
 
 
+class UsageError(CLIError):
+    """Options that do not go together: one line naming the command's ``--help``, exit status 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line naming the command's ``--help``."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, _usage_line(message, self.prog))
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> argparse.Namespace:
+        """As ``ArgumentParser.parse_args``, but an unknown option is reported by the subcommand's parser (so the
+        message points to ``onnx-nf4 COMMAND --help``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command_parser(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, "command", None) in action.choices:
+                return action.choices[parsed.command]
+        return self
+
+
+def _usage_line(message: str, prog: str) -> str:
+    return f"{PROG}: error: {message} (see '{prog} --help')\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=DEFAULT_MIN_ELEMENTS,
         help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
+    )
+    quantize.add_argument(
+        "--accuracy-level",
+        metavar="{0,4}",
+        type=int,
+        choices=ACCURACY_LEVELS,
+        default=0,
+        help="the MatMulNF4 accuracy_level attribute: 0 (default) computes in float32; 4 lets the CPU kernels "
+        "quantize the activations to int8 per block (faster, slightly less exact; onnx_nf4 format only)",
     )
     add_external_data_option(quantize)
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -252,23 +288,35 @@ def _register_provider(provider: str, subparsers: argparse._SubParsersAction) ->
 # Commands
 
 
+def quantize_options(args: argparse.Namespace, **settings: Any) -> QuantizeOptions:
+    """:class:`QuantizeOptions` from the options of :func:`add_quantize_options` and ``settings``; options that do
+    not go together raise :class:`UsageError`."""
+    if args.double_quant and settings.get("format", "onnx_nf4") != "onnx_nf4":
+        raise UsageError(
+            "--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)"
+        )
+    if settings.get("accuracy_level") and settings.get("format", "onnx_nf4") != "onnx_nf4":
+        raise UsageError("--accuracy-level 4 needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no accuracy level)")
+    try:
+        return QuantizeOptions(**quantize_kwargs(args), **settings)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .api import quantize_model
 
-    if args.double_quant and args.format != "onnx_nf4":
-        raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
+    options = quantize_options(
+        args,
+        format=args.format,
+        min_elements=args.min_elements,
+        external_data=args.external_data,
+        accuracy_level=args.accuracy_level,
+    )
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        _, report = quantize_model(
-            args.input,
-            args.output,
-            **quantize_kwargs(args),
-            format=args.format,
-            min_elements=args.min_elements,
-            on_progress=progress.update,
-            external_data=args.external_data,
-        )
+        _, report = quantize_model(args.input, args.output, options, on_progress=progress.update)
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
     return 0
@@ -284,11 +332,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_dequantize(args: argparse.Namespace) -> int:
-    from .api import dequantize_model
+    from .api import dequantize
 
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
-    dequantize_model(args.input, args.output, external_data=args.external_data)
+    _, result = dequantize(args.input, args.output, external_data=args.external_data)
+    if result.layers:
+        print(f"dequantized {len(result.layers)} layer(s) to float MatMul")
+    else:
+        print(f"nothing to dequantize: {args.input} has no MatMulNF4 or MatMulBnb4 node (wrote it unchanged)")
     print_written(args.output, input_bytes)
     return 0
 
@@ -342,6 +394,7 @@ def format_quantization_report(report: QuantizationReport) -> str:
     if lines:
         lines.append("")
     double = ", double quantization" if report.double_quant else ""
+    double += f", accuracy level {report.accuracy_level}" if report.accuracy_level else ""
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)
         shared = f" ({distinct} distinct weights)" if distinct != len(report.layers) else ""
@@ -353,9 +406,20 @@ def format_quantization_report(report: QuantizationReport) -> str:
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
             f"(size ratio {report.size_ratio:.4f}, {report.bits_per_weight:.3f} bits per weight)"
         )
-    else:
+    already = report.already_quantized
+    if already:
+        shown = ", ".join(already[:_NAMES_SHOWN]) + (
+            f", ... ({len(already) - _NAMES_SHOWN} more)" if len(already) > _NAMES_SHOWN else ""
+        )
+        what = f"{len(already)} layer(s) already NF4, left as they are: {shown}"
+        lines.append(what if report.layers else f"no layer was quantized: {what}")
+    elif not report.layers:
         lines.append("no layer was quantized")
     return "\n".join(lines)
+
+
+#: How many layer names a summary line lists before "... (N more)".
+_NAMES_SHOWN = 8
 
 
 def format_model_summary(summary: ModelSummary) -> str:
@@ -364,21 +428,27 @@ def format_model_summary(summary: ModelSummary) -> str:
     opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(summary.opsets.items()))
     lines.append(f"opsets: {opsets}")
     if summary.quantized:
-        rows = [
-            (
-                layer.node,
-                layer.op,
-                f"{layer.K}x{layer.N}",
-                layer.quant_type,
-                layer.block_size,
-                "yes" if layer.double_quant else "no",
-                format_bytes(summary.layer_bytes(layer)),
-                f"{8 * summary.layer_bytes(layer) / (layer.K * layer.N):.3f}" if layer.K * layer.N else "-",
+        rows = []
+        seen: set[tuple[str, ...]] = set()
+        for layer in summary.quantized:
+            nbytes = summary.layer_bytes(layer)
+            shared = layer.tensors in seen  # the weight of an earlier layer: its bytes are counted there
+            seen.add(layer.tensors)
+            rows.append(
+                (
+                    layer.node,
+                    layer.op,
+                    f"{layer.K}x{layer.N}",
+                    layer.quant_type,
+                    layer.block_size,
+                    "yes" if layer.double_quant else "no",
+                    "-" if layer.accuracy_level is None else layer.accuracy_level,
+                    "shared" if shared else format_bytes(nbytes),
+                    "-" if shared or not layer.K * layer.N else f"{8 * nbytes / (layer.K * layer.N):.3f}",
+                )
             )
-            for layer in summary.quantized
-        ]
-        headers = ("layer", "op", "K x N", "type", "block", "double quant", "bytes", "bits/weight")
-        lines += ["", render_table(headers, rows, align="<<>>>>>>")]
+        headers = ("layer", "op", "K x N", "type", "block", "double quant", "accuracy level", "bytes", "bits/weight")
+        lines += ["", render_table(headers, rows, align="<<>>>>>>>")]
     if summary.float_layers:
         rows = [
             (
@@ -395,13 +465,15 @@ def format_model_summary(summary: ModelSummary) -> str:
     if summary.quantized:
         sizes = ", ".join(str(size) for size in summary.block_sizes)
         double = sum(layer.double_quant for layer in summary.quantized)
+        levels = ", ".join(f"{level} on {count}" for level, count in summary.accuracy_levels.items())
         lines.append(
             f"quantized: {len(summary.quantized)} layer(s), format {' + '.join(summary.formats)}, "
-            f"block size {sizes}, double quantization on {double}"
+            f"block size {sizes}, double quantization on {double}" + (f", accuracy level {levels}" if levels else "")
         )
+        shared = f", {format_bytes(summary.shared_bytes)} of it shared by several" if summary.shared_bytes else ""
         lines.append(
             f"quantized weights: {summary.quantized_elements} elements in {format_bytes(summary.quantized_bytes)} "
-            f"({summary.bits_per_weight:.3f} bits per weight)"
+            f"({summary.bits_per_weight:.3f} bits per weight{shared})"
         )
     else:
         lines.append("quantized: none (a float model)")
@@ -419,31 +491,37 @@ def format_model_summary(summary: ModelSummary) -> str:
 
 
 class _Progress:
-    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, name)``; inert when disabled."""
+    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, layer)``; inert when disabled.
+
+    The bar starts when the ``with`` block does (its total is set by the first update), so its first rate covers
+    the work done until then rather than the instant between the bar's creation and its first update.
+    """
 
     def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
         self._enabled = enabled
         self._stream = stream
-        self._bar = None
+        self._bar: Any = None
 
-    def update(self, done: int, total: int, name: str) -> None:
-        if not self._enabled:
-            return
+    def update(self, done: int, total: int, layer: str) -> None:
         if self._bar is None:
+            return
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.set_postfix_str(layer[-40:], refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total,
-                unit="weight",
+                total=None,
+                unit="layer",
                 file=self._stream or sys.stderr,
                 leave=False,
                 mininterval=0,
                 dynamic_ncols=True,
             )
-        self._bar.set_postfix_str(name[-40:], refresh=False)
-        self._bar.update(done - self._bar.n)
-
-    def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -465,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.handler(args)
+    except UsageError as err:
+        print(_usage_line(str(err), f"{PROG} {args.command}"), end="", file=sys.stderr)
+        return 2
     except CLIError as err:
         return _fail(str(err))
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly

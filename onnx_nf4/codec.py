@@ -84,7 +84,7 @@ def check_finite(w: np.ndarray, name: str = "weight") -> None:
             index[0] += start
             bad = int(np.ravel_multi_index(tuple(index), w.shape))
             raise ValueError(
-                f"tensor {name!r} holds a value that is not finite in float32 ({w[tuple(index)]!r} at flat "
+                f"tensor {name!r} holds a value that is not finite in float32 ({float(w[tuple(index)])} at flat "
                 f"index {bad}); NF4 cannot represent NaN, Inf or magnitudes beyond float32"
             )
 

@@ -57,6 +57,10 @@ class QuantizationReport:
     skipped: list[SkippedLayer] = field(default_factory=list)
     #: Bytes of tensors shared by every double-quantized layer of a graph (the nested code tables).
     shared_bytes: int = 0
+    #: The ``accuracy_level`` attribute written on every ``MatMulNF4`` node (0: float32 compute).
+    accuracy_level: int = 0
+    #: The ``MatMulNF4`` / ``MatMulBnb4`` nodes the model already had (left as they were), by name.
+    already_quantized: list[str] = field(default_factory=list)
 
     @property
     def bytes_before(self) -> int:

@@ -1,5 +1,5 @@
-// register.cc: the library's C entry points: RegisterCustomOps (onnxruntime's custom-op entry point) and
-// OnnxNF4CpuKernelSet (the name of the CPU kernel set in use).
+// register.cc: the library's C entry points (cmake/exports.map lists every exported symbol): RegisterCustomOps
+// (onnxruntime's custom-op entry point) and OnnxNF4CpuKernelSet (the name of the CPU kernel set in use).
 //
 // RegisterCustomOps registers domain "onnx_nf4" (opset 1) with MatMulNF4 on the CPU execution provider and,
 // when the library was built with CUDA, on the CUDA execution provider.
