@@ -17,7 +17,8 @@ namespace onnx_nf4::cpu {
 float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
   const int64_t f = n * w.k_blocks + b;
   if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
+  const float product = w.nested_code[w.absmax_codes[f]] *
+                        w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
   return product + w.absmax_offset;
 }
 

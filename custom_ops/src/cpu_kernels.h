@@ -55,10 +55,10 @@ class Scratch {
 // One call of the op in float32.
 struct Problem {
   int64_t M = 0;
-  const float* A = nullptr;     // [M, K]
+  const float* A = nullptr;  // [M, K]
   Nf4Weight w;
-  const float* bias = nullptr;  // [N] or nullptr
-  float* Y = nullptr;           // [M, N]
+  const float* bias = nullptr;    // [N] or nullptr
+  float* Y = nullptr;             // [M, N]
   bool int8_activations = false;  // accuracy_level 4
 };
 
@@ -120,10 +120,10 @@ void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_bl
 // The activations of one call quantized for accuracy_level 4 (QuantizeActivationsInt8), in scratch memory.
 struct Int8Activations {
   const Problem* p = nullptr;
-  const int8_t* qa = nullptr;      // [M][K_pad] in code order of the kernel's group
-  const float* ascale = nullptr;   // [M][k_blocks]
-  const int32_t* qsum = nullptr;   // [M][k_blocks], or nullptr when not asked for
-  int64_t kpad = 0;                // K_pad = k_blocks * block_size
+  const int8_t* qa = nullptr;     // [M][K_pad] in code order of the kernel's group
+  const float* ascale = nullptr;  // [M][k_blocks]
+  const int32_t* qsum = nullptr;  // [M][k_blocks], or nullptr when not asked for
+  int64_t kpad = 0;               // K_pad = k_blocks * block_size
 };
 
 // Quantizes every row of p.A by QuantizeRowInt8 in code order of `group` into zeroed scratch buffers, with the

@@ -96,9 +96,9 @@ inline int64_t I8Group(int64_t block_size) {
 
 struct I8GemvArgs {
   const Problem* p;
-  const int8_t* qa;      // [M][K_pad], code order of I::kGroup
-  const float* ascale;   // [M][k_blocks]
-  const int32_t* qsum;   // [M][k_blocks] (kBiased only)
+  const int8_t* qa;     // [M][K_pad], code order of I::kGroup
+  const float* ascale;  // [M][k_blocks]
+  const int32_t* qsum;  // [M][k_blocks] (kBiased only)
   int64_t kpad;
 };
 
@@ -226,11 +226,11 @@ void I8Gemv(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
 
 struct I8GemmArgs {
   const Problem* p;
-  int8_t* qrows;    // [M][K_pad] quantized rows, code order of `group` (scratch of the quantize step)
-  int8_t* apack;    // [tiles][K_pad / 4][R][4]
-  float* sa;        // [tiles][k_blocks][R]
-  int32_t* start;   // [tiles][k_blocks][R]: -128 * sum(q_a) (kBiased) or 0
-  float* yt;        // [N_pad][M_pad]
+  int8_t* qrows;   // [M][K_pad] quantized rows, code order of `group` (scratch of the quantize step)
+  int8_t* apack;   // [tiles][K_pad / 4][R][4]
+  float* sa;       // [tiles][k_blocks][R]
+  int32_t* start;  // [tiles][k_blocks][R]: -128 * sum(q_a) (kBiased) or 0
+  float* yt;       // [N_pad][M_pad]
   int64_t kpad, mpad, group, kc;
 };
 
@@ -272,8 +272,8 @@ void I8GemmQuantizeTask(void* data, size_t task) {
 // Decodes the weight bytes of columns [n0, n0 + TN) (zero for n >= N), K range [k0, k0 + kc), into
 // panel[j * kStride + i] (code order of g.group), and their scales into sw[b * TN + j] (0 for n >= N).
 template <class I, int TN, int64_t kStride>
-__attribute__((noinline)) void I8DecodePanel(const I8GemmArgs& g, int64_t n0, int64_t k0, int64_t kc,
-                                             uint8_t* panel, float* sw) {
+__attribute__((noinline)) void I8DecodePanel(const I8GemmArgs& g, int64_t n0, int64_t k0, int64_t kc, uint8_t* panel,
+                                             float* sw) {
   const Nf4Weight& w = g.p->w;
   const int64_t bs = w.block_size, b0 = k0 / bs, nb = kc / bs, row_bytes = g.kpad / 2;
   const auto table = I::DecodeTable();
@@ -316,9 +316,8 @@ __attribute__((noinline)) void I8DecodePanel(const I8GemmArgs& g, int64_t n0, in
 // One row tile (R = kLanes * V rows) against the TN columns of the panel, K range of the panel (nb blocks of
 // bs), totals accumulated into yt (stride mpad, zeroed by the task).
 template <class I, int TN, int V, int64_t kStride>
-__attribute__((noinline)) void I8GemmTile(const uint8_t* panel, const float* sw, const int8_t* at,
-                                          const float* sa, const int32_t* start, int64_t nb, int64_t bs, float* yt,
-                                          int64_t mpad) {
+__attribute__((noinline)) void I8GemmTile(const uint8_t* panel, const float* sw, const int8_t* at, const float* sa,
+                                          const int32_t* start, int64_t nb, int64_t bs, float* yt, int64_t mpad) {
   using VecI = typename I::VecI;
   using VecF = typename I::VecF;
   constexpr int64_t L = I::kLanes, R = L * V;

@@ -28,7 +28,7 @@ struct I8Ymm {
   static constexpr int64_t kGroup = 32;
   static constexpr bool kBiased = kVnni;
   static constexpr int kGemvRows = 4;
-  static constexpr int kGemmV = kVnni ? 2 : 1;    // rows 16 (VNNI) or 8: accumulators + operands fit 16 registers
+  static constexpr int kGemmV = kVnni ? 2 : 1;  // rows 16 (VNNI) or 8: accumulators + operands fit 16 registers
   static constexpr int kGemmTN = 6;
   static constexpr int64_t kMinGemmRows = 8;
 
