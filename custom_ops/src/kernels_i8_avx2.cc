@@ -7,7 +7,11 @@
 namespace onnx_nf4::cpu {
 
 void Avx2MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
-  I8MatMul<I8Ymm<false>>(p, par, scratch);
+  if (p.w.block_size % 64 == 0) {
+    I8MatMul<I8Ymm<false, 64>>(p, par, scratch);
+  } else {  // blocks of 16 or 32 codes
+    I8MatMul<I8Ymm<false, 32>>(p, par, scratch);
+  }
 }
 
 }  // namespace onnx_nf4::cpu

@@ -9,7 +9,11 @@ namespace onnx_nf4::cpu {
 namespace {
 
 void MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
-  I8MatMul<I8Ymm<true>>(p, par, scratch);
+  if (p.w.block_size % 64 == 0) {
+    I8MatMul<I8Ymm<true, 64>>(p, par, scratch);
+  } else {  // blocks of 16 or 32 codes
+    I8MatMul<I8Ymm<true, 32>>(p, par, scratch);
+  }
 }
 
 }  // namespace

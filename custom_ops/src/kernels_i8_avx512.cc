@@ -52,13 +52,13 @@ struct I8Avx512 {
     __m512i bytes, shifts, mask;
   };
   static Table DecodeTable() {
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4I8));
-    return {_mm512_broadcast_i32x4(_mm_add_epi8(t, _mm_set1_epi8(static_cast<char>(-128)))),
+    return {_mm512_broadcast_i32x4(I8Table128(true)),
             _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_setzero_si256(), 1), _mm512_set1_epi8(0x0F)};
   }
-  static VecI Decode(const uint8_t* bytes, const Table& t) {
+  static constexpr int kDecodeVecs = 1;
+  static void Decode(const uint8_t* bytes, const Table& t, VecI* out) {
     const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-    return _mm512_shuffle_epi8(t.bytes, _mm512_and_si512(_mm512_srlv_epi16(v, t.shifts), t.mask));
+    out[0] = _mm512_shuffle_epi8(t.bytes, _mm512_and_si512(_mm512_srlv_epi16(v, t.shifts), t.mask));
   }
 
   using Shared = VecI;
@@ -76,7 +76,11 @@ struct I8Avx512 {
 }  // namespace
 
 void Avx512MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
-  I8MatMul<I8Avx512>(p, par, scratch);
+  if (p.M < I8Avx512::kMinGemmRows && p.w.block_size % I8Avx512::kGroup != 0) {
+    Avx2MatMulInt8(p, par, scratch);  // weight streaming with 32-code steps (block 32), or 16
+  } else {
+    I8MatMul<I8Avx512>(p, par, scratch);
+  }
 }
 
 }  // namespace onnx_nf4::cpu

@@ -5,15 +5,16 @@
 //
 // The traits struct I provides:
 //   VecI, VecF, kLanes               int32 / float32 vectors of kLanes lanes (4 * kLanes bytes);
-//   kGroup                           codes decoded per step (kGroup / 2 bytes of B, kGroup weight bytes);
+//   kGroup, kDecodeVecs              codes decoded per step (kGroup / 2 bytes of B, kGroup weight bytes in
+//                                    kDecodeVecs vectors);
 //   kBiased                          whether decoded weights are unsigned bytes kNF4I8 + 128 (vpdpbusd: the
 //                                    unsigned operand), so that every block's integer sum carries
 //                                    128 * sum(q_a), removed through the per-block activation sums;
 //   ZeroI, LoadI, StoreI, AddI, Broadcast32(p) (the 4 bytes at p in every lane);
 //   ZeroF, LoadF, StoreF, Set1F, AddF, MulF, MaxF, AndNotF, FmaddF(a, b, c) = a * b + c, CvtF (int32 to
 //   float32), SumF (horizontal);
-//   DecodeTable(), Decode(bytes, table) the kGroup weight bytes of kGroup / 2 code bytes in code order
-//                                    (the kGroup / 2 even k, then the kGroup / 2 odd k);
+//   DecodeTable(), Decode(bytes, table, out) the kGroup weight bytes of kGroup / 2 code bytes in code order
+//                                    (the kGroup / 2 even k, then the kGroup / 2 odd k) into out[kDecodeVecs];
 //   Shared, Share(v)                 an operand reused by several dot products, prepared once;
 //   DotSharedW(acc, Shared w, VecI a) / DotSharedA(acc, VecI w, Shared a)
 //                                    acc + the sums of 4 adjacent products of weight and activation bytes;
@@ -85,11 +86,18 @@ void QuantizeRow(const float* a, int64_t K, int64_t bs, int64_t kb, int64_t grou
   }
 }
 
-// Code order for the int8 kernels: the decode step when it divides the block, else natural order (the
-// block-16 GEMM panel is then decoded one code at a time).
+// Code order for the int8 kernels: the decode step when it divides the block, else 32 when that does (the GEMM
+// panel is then decoded 32 codes at a time), else natural order (block 16: the panel is decoded a code at a
+// time).
 template <class I>
 inline int64_t I8Group(int64_t block_size) {
-  return block_size % I::kGroup == 0 ? I::kGroup : 2;
+  return block_size % I::kGroup == 0 ? I::kGroup : (block_size % 32 == 0 ? 32 : 2);
+}
+
+// The 16 weight bytes of the codes, biased by 128 when `biased`.
+inline __m128i I8Table128(bool biased) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4I8));
+  return biased ? _mm_add_epi8(t, _mm_set1_epi8(static_cast<char>(-128))) : t;
 }
 
 // ---------------------------------------------------------------- small M: weight streaming
@@ -122,23 +130,31 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
   PrefetchScales(w, n + kScaleLookahead);
   VecF tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = I::ZeroF();
+  constexpr int D = I::kDecodeVecs, kBytes = 4 * I::kLanes;  // vectors per decode step, bytes per vector
   auto block = [&](int64_t b, int64_t j, VecF(&tot)[MR]) {
-    VecI acc[MR][U];
+    VecI acc[MR][U * D];
     for (int m = 0; m < MR; ++m)
-      for (int u = 0; u < U; ++u) acc[m][u] = I::ZeroI();
+      for (int u = 0; u < U * D; ++u) acc[m][u] = I::ZeroI();
     const uint8_t* c = codes + b * (bs / 2);
     const uint8_t* const c_end = c + bs / 2;
     const int8_t* a = g.qa + m0 * g.kpad + b * bs;
     do {  // at least one trip (block_size >= U * kGroup): acc stays in registers
       for (int u = 0; u < U; ++u) {
-        const auto wq = I::Share(I::Decode(c + u * (kStep / 2), table));
-        for (int m = 0; m < MR; ++m) acc[m][u] = I::DotSharedW(acc[m][u], wq, I::LoadI(a + m * g.kpad + u * kStep));
+        VecI wq[D];
+        I::Decode(c + u * (kStep / 2), table, wq);
+        for (int d = 0; d < D; ++d) {
+          const auto ws = I::Share(wq[d]);
+          for (int m = 0; m < MR; ++m) {
+            VecI& sum = acc[m][u * D + d];
+            sum = I::DotSharedW(sum, ws, I::LoadI(a + m * g.kpad + u * kStep + d * kBytes));
+          }
+        }
       }
       c += U * (kStep / 2);
       a += U * kStep;
     } while (c < c_end);
     for (int m = 0; m < MR; ++m) {
-      for (int u = 1; u < U; ++u) acc[m][0] = I::AddI(acc[m][0], acc[m][u]);
+      for (int u = 1; u < U * D; ++u) acc[m][0] = I::AddI(acc[m][0], acc[m][u]);
       tot[m] = I::FmaddF(I::CvtF(acc[m][0]), I::Set1F(f[m][j]), tot[m]);
     }
   };
@@ -302,8 +318,20 @@ __attribute__((noinline)) void I8DecodePanel(const I8GemmArgs& g, int64_t n0, in
     }
     for (int64_t off = 0; off < next_len / 2; off += 64) __builtin_prefetch(next + off, 0, 3);
     if (g.group == I::kGroup) {
-      for (int64_t i = 0; i < kc; i += I::kGroup) I::StoreI(dst + i, I::Decode(codes + i / 2, table));
-    } else {  // natural order, a code at a time (block sizes below the decode step)
+      for (int64_t i = 0; i < kc; i += I::kGroup) {
+        typename I::VecI wq[I::kDecodeVecs];
+        I::Decode(codes + i / 2, table, wq);
+        for (int d = 0; d < I::kDecodeVecs; ++d) I::StoreI(dst + i + d * 4 * I::kLanes, wq[d]);
+      }
+    } else if (g.group == 32) {  // blocks of 32 codes: 16 bytes a step (the same in every module)
+      const __m128i mask = _mm_set1_epi8(0x0F), table32 = I8Table128(I::kBiased);
+      for (int64_t i = 0; i < kc; i += 32) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i / 2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm_shuffle_epi8(table32, _mm_and_si128(_mm_srli_epi16(v, 4), mask)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 16), _mm_shuffle_epi8(table32, _mm_and_si128(v, mask)));
+      }
+    } else {  // natural order, a code at a time (block size 16)
       const uint8_t bias = I::kBiased ? 128 : 0;
       for (int64_t i = 0; i < kc / 2; ++i) {
         dst[2 * i] = static_cast<uint8_t>(kNF4I8[codes[i] >> 4] + bias);

@@ -1,8 +1,10 @@
 // simd_i8_ymm.h: the int8 traits (simd_i8_kernels.h) on 256-bit vectors, for the AVX2 module (vpmaddubsw +
 // vpmaddwd) and the AVX2 + AVX-VNNI module (vpdpbusd on ymm). Internal linkage (see simd_common.h).
 //
-// A step decodes 16 bytes of B (32 codes): vpshufb maps the high nibbles (even k) to the lower 16 bytes and
-// the low nibbles (odd k) to the upper 16 bytes.
+// A step decodes 32 bytes of B (64 codes) into two vectors: vpshufb maps the high nibbles (even k) to the
+// first and the low nibbles (odd k) to the second (code order of group 64, as on AVX-512). For blocks of 32
+// codes (kStepCodes = 32) a step decodes 16 bytes: the high nibbles to the lower 16 bytes of one vector, the
+// low nibbles to its upper 16 bytes.
 //   kVnni = false: signed weight bytes round(NF4 * 127). vpmaddubsw needs one unsigned operand: it multiplies
 //   |x| by y carrying the sign of x (both magnitudes <= 127, so the pair sums cannot saturate), vpmaddwd adds
 //   the pairs; x is the operand shared by several products (its absolute value is taken once).
@@ -16,18 +18,19 @@
 #include <cstring>
 
 #include "cpu_kernels.h"
+#include "simd_i8_kernels.h"
 
 namespace onnx_nf4::cpu {
 namespace {  // NOLINT(build/namespaces): see simd_common.h
 
-template <bool kVnni>
+template <bool kVnni, int kStepCodes>
 struct I8Ymm {
   using VecI = __m256i;
   using VecF = __m256;
   static constexpr int64_t kLanes = 8;
-  static constexpr int64_t kGroup = 32;
+  static constexpr int64_t kGroup = kStepCodes;
   static constexpr bool kBiased = kVnni;
-  static constexpr int kGemvRows = 4;
+  static constexpr int kGemvRows = kStepCodes == 64 ? 3 : 4;  // accumulators of 3 x 2 or 4 x 1 rows fit 16 registers
   static constexpr int kGemmV = kVnni ? 2 : 1;  // rows 16 (VNNI) or 8: accumulators + operands fit 16 registers
   static constexpr int kGemmTN = 6;
   static constexpr int64_t kMinGemmRows = 8;
@@ -58,16 +61,21 @@ struct I8Ymm {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
   }
 
-  static VecI DecodeTable() {
-    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4I8));
-    return _mm256_broadcastsi128_si256(kVnni ? _mm_add_epi8(t, _mm_set1_epi8(static_cast<char>(-128))) : t);
-  }
-  static VecI Decode(const uint8_t* bytes, VecI table) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i even = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    const __m128i odd = _mm_and_si128(v, mask);
-    return _mm256_shuffle_epi8(table, _mm256_set_m128i(odd, even));
+  static VecI DecodeTable() { return _mm256_broadcastsi128_si256(I8Table128(kVnni)); }
+  static constexpr int kDecodeVecs = kStepCodes / 32;
+  static void Decode(const uint8_t* bytes, VecI table, VecI* out) {
+    if constexpr (kStepCodes == 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+      const __m256i mask = _mm256_set1_epi8(0x0F);
+      out[0] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));  // even k
+      out[1] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));                        // odd k
+    } else {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      const __m128i even = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+      const __m128i odd = _mm_and_si128(v, mask);
+      out[0] = _mm256_shuffle_epi8(table, _mm256_set_m128i(odd, even));
+    }
   }
 
   // The shared operand and, without VNNI, its absolute value (taken once for all its products).
