@@ -26,7 +26,6 @@ namespace {  // NOLINT(build/namespaces): see above
 constexpr int64_t kGemvCols = 16;          // columns per weight-streaming task
 constexpr int64_t kGemmKc = 64;            // K per decoded panel (TN x 64 floats, + the 64 x M_tile of A^T: L1)
 constexpr int64_t kMinGemmRows = 16;       // float32: rows from which the tiles beat weight streaming
-constexpr int64_t kMinInt8GemmRows = 32;   // accuracy_level 4: rows from which the float32 tiles are faster
 
 // ---------------------------------------------------------------- float32, small M (weight streaming)
 
