@@ -23,6 +23,10 @@ struct Isa {
   static constexpr int64_t kGroup = 32;  // codes per 16-byte step
   static constexpr int kMaxGemvRows = 8;
   static constexpr bool kOutlinedPanel = false;
+  static constexpr int kGemmMr = 8;   // 8 x 48 tile: 24 accumulators, 3 panel vectors, 1 broadcast
+  static constexpr int kGemmNv = 3;
+  static constexpr int64_t kGemmKc = 128;  // 128 x 48 panel: 24 KiB
+  static constexpr int64_t kGemmTaskGroups = 2;
 
   static Vec Zero() { return _mm512_setzero_ps(); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
@@ -44,7 +48,7 @@ struct Isa {
   }
 };
 
-constexpr int64_t kTileN = 12;        // GEMM tile: 12 columns x 32 rows (24 accumulators)
+constexpr int64_t kTileN = 12;        // Y^T tile: 12 columns x 32 rows (24 accumulators)
 constexpr int64_t kTileNNarrow = 24;  // columns of the 16-row tile (M <= 16: a 32-row tile would be half padding)
 
 void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
@@ -53,9 +57,11 @@ void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   } else if (p.M < kMinGemmRows) {
     GemvF32<Isa>(p, par, scratch);
   } else if (p.M <= 16) {
-    GemmF32<Isa, kTileNNarrow, 1>(p, par, scratch);
+    TileGemmF32<Isa, kTileNNarrow, 1>(p, par, scratch);
+  } else if (p.M < kMinPackedGemmRows) {
+    TileGemmF32<Isa, kTileN, 2>(p, par, scratch);
   } else {
-    GemmF32<Isa, kTileN, 2>(p, par, scratch);
+    GemmF32<Isa>(p, par, scratch);
   }
 }
 
