@@ -32,6 +32,7 @@ struct Isa {
   static Vec Set1(float x) { return _mm256_set1_ps(x); }
   static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec And(Vec a, Vec b) { return _mm256_and_ps(a, b); }
   static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float Sum(Vec v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -123,7 +124,7 @@ void Int8Tile(const Int8Activations& g, int64_t m0, int64_t n) {
   for (int64_t b0 = 0; b0 < kb; b0 += kInt8Chunk) {
     const int64_t nb = MinI64(kInt8Chunk, kb - b0);
     for (int64_t j = 0; j < nb; ++j) {
-      const float s = Scale(w, n, b0 + j);
+      const float s = BlockScale(w, n, b0 + j);
       for (int m = 0; m < MR; ++m) f[m][j] = s * g.ascale[(m0 + m) * kb + b0 + j];
     }
     int64_t j = 0;

@@ -34,6 +34,7 @@ struct Isa {
   static Vec Set1(float x) { return _mm512_set1_ps(x); }
   static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec And(Vec a, Vec b) { return _mm512_and_ps(a, b); }
   static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
 
@@ -127,7 +128,7 @@ void Int8Tile(const Int8Activations& g, int64_t m0, int64_t n) {
     if (w.absmax != nullptr) {
       std::memcpy(sw, w.absmax + n * kb + b0, sizeof(float) * nb);
     } else {
-      for (int64_t j = 0; j < nb; ++j) sw[j] = Scale(w, n, b0 + j);
+      for (int64_t j = 0; j < nb; ++j) sw[j] = BlockScale(w, n, b0 + j);
     }
     for (int64_t j = 0; j < nb; j += 16) {
       const __mmask16 lanes = nb - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nb - j)) - 1);

@@ -25,13 +25,6 @@ inline void PrefetchScales(const Nf4Weight& w, int64_t n) {
   for (int64_t i = 0; i < w.k_blocks; i += 16) __builtin_prefetch(row + i, 0, 3);
 }
 
-// BlockScale inlined for the hot loops (same arithmetic; the target is built with -ffp-contract=off).
-inline float Scale(const Nf4Weight& w, int64_t n, int64_t b) {
-  const int64_t f = n * w.k_blocks + b;
-  if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
-  return product + w.absmax_offset;
-}
 inline int64_t MaxI64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // dst[K_pad] (zeroed) <- row a[K] in code order of `group`.

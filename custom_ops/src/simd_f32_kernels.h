@@ -4,7 +4,7 @@
 //
 // The traits struct Isa provides:
 //   Vec, kLanes                     a float32 vector of kLanes lanes;
-//   Zero, Load, Store, Set1, Add, Mul, Fmadd(a, b, c) = a * b + c, Sum (horizontal);
+//   Zero, Load, Store, Set1, Add, Mul, And (bitwise), Fmadd(a, b, c) = a * b + c, Sum (horizontal);
 //   kGroup = 2 * kLanes             codes decoded per step (kGroup / 2 bytes of B);
 //   Table, LoadTable(), Decode(bytes, table, &even, &odd)
 //                                   the NF4 values of the kLanes even k and the kLanes odd k of a group;
@@ -40,6 +40,10 @@ struct GemvArgs {
   const Problem* p;
   const float* ap;  // [M][K_pad] in code order
   int64_t kpad;
+  // Per lane of a block's reduced sum, whether it holds a real k of the last block (all bits set) or only padding
+  // (zero): lane l sums k = (k_blocks - 1) * block_size + 2l + {0, 1} + multiples of kGroup, so it holds a real
+  // k iff the first of them is < K.
+  alignas(64) uint32_t last_block_lanes[16];
 };
 
 // MR rows of A against one column, U code groups per step (U independent accumulator pairs per row).
@@ -59,8 +63,8 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
   if (b_begin == 0) PrefetchScales(w, n + kScaleLookahead);
   Vec tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = Isa::Zero();
-  // One block: its sums, times its scale, into tot (a lambda: the two totals stay in registers).
-  auto block = [&](int64_t b, Vec (&tot)[MR]) {
+  // One block: its sums, times its scale s, into tot (a lambda: the two totals stay in registers).
+  auto block = [&](int64_t b, Vec (&tot)[MR], Vec s) {
     Vec acc[MR][2 * U];
     for (int m = 0; m < MR; ++m)
       for (int u = 0; u < 2 * U; ++u) acc[m][u] = Isa::Zero();
@@ -84,22 +88,29 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
       c += U * (kGroup / 2);
       a += U * kGroup;
     } while (c < c_end);
-    const Vec s = Isa::Set1(Scale(w, n, b));
     for (int m = 0; m < MR; ++m) {
       for (int u = 2 * U; u > 1; u /= 2)
         for (int v = 0; v < u / 2; ++v) acc[m][v] = Isa::Add(acc[m][v], acc[m][v + u / 2]);
       tot[m] = Isa::Fmadd(acc[m][0], s, tot[m]);
     }
   };
+  auto scale = [&](int64_t b) { return Isa::Set1(BlockScale(w, n, b)); };
+  // A last block with padding goes last, on its own: its padding-only lanes (A's zero padding times table values)
+  // get scale 0, so that an infinite scale never meets them (0 * Inf = NaN) and padding never reaches the result.
+  const bool padded_last = b_end == kb && w.K < g.kpad;
+  const int64_t b_full = padded_last ? b_end - 1 : b_end;
   if constexpr (MR <= 2) {  // few rows: alternate two totals to halve their dependency chains
     int64_t b = b_begin;
-    for (; b + 1 < b_end; b += 2) {
-      block(b, tot0);
-      block(b + 1, tot1);
+    for (; b + 1 < b_full; b += 2) {
+      block(b, tot0, scale(b));
+      block(b + 1, tot1, scale(b + 1));
     }
-    if (b < b_end) block(b, tot0);
+    if (b < b_full) block(b, tot0, scale(b));
   } else {  // MR independent chains already; a second set of totals would spill registers
-    for (int64_t b = b_begin; b < b_end; ++b) block(b, tot0);
+    for (int64_t b = b_begin; b < b_full; ++b) block(b, tot0, scale(b));
+  }
+  if (padded_last) {
+    block(kb - 1, tot1, Isa::And(scale(kb - 1), Isa::Load(reinterpret_cast<const float*>(g.last_block_lanes))));
   }
   for (int m = 0; m < MR; ++m) {
     float& y = p.Y[(m0 + m) * w.N + n];
@@ -146,7 +157,9 @@ void GemvF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const int64_t kpad = w.k_blocks * w.block_size;
   auto* ap = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kpad)));
   for (int64_t m = 0; m < p.M; ++m) PackRowCodeOrder(p.A + m * w.K, w.K, Isa::kGroup, ap + m * kpad);
-  GemvArgs g{&p, ap, kpad};
+  GemvArgs g{&p, ap, kpad, {}};
+  const int64_t last_real = w.K - (w.k_blocks - 1) * w.block_size;  // real k in the last block, >= 1
+  for (int64_t l = 0; l < Isa::kLanes; ++l) g.last_block_lanes[l] = 2 * l < last_real ? ~0u : 0u;
   par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), GemvTask<Isa>, &g);
 }
 
@@ -191,7 +204,7 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
     for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
       const int64_t b = (k0 + j) >> bs_log2;
       // The block's 16 exact weights NF4[code] * scale, once: the lookup then yields them directly.
-      const typename Isa::Table scaled = Isa::ScaleTable(table, Isa::Set1(Scale(w, n0 + c, b)));
+      const typename Isa::Table scaled = Isa::ScaleTable(table, Isa::Set1(BlockScale(w, n0 + c, b)));
       const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
       for (; j < j_end; j += Isa::kGroup) {
         Vec we, wo;
@@ -357,7 +370,7 @@ __attribute__((noinline)) void DecodeGemmPanel(const Nf4Weight& w, int64_t n0, i
       if (w.absmax != nullptr) {
         for (int64_t c = 0; c < nc; ++c) scales[c] = w.absmax[(n0 + c) * kb + b];
       } else {
-        for (int64_t c = 0; c < nc; ++c) scales[c] = Scale(w, n0 + c, b);
+        for (int64_t c = 0; c < nc; ++c) scales[c] = BlockScale(w, n0 + c, b);
       }
       for (int v = 0; v < S::kNv; ++v) svec[v] = Isa::Load(scales + v * kL);
     }
