@@ -478,26 +478,29 @@ void PackedGemmTask(void* data, size_t task) {
   }
 }
 
-// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k] (rows past M stay zero). Per 8 k, the (up to 8) rows
-// are transposed in registers and each k's kMr values stored with a mask (no write past the sliver).
+// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k] (rows past M stay zero). Per 8 k and 8 rows, the rows
+// are transposed in registers and each k's values stored with a mask (no write past the sliver's row range).
 template <class Isa>
 void PackSliver(const Problem& p, int64_t s, float* ap) {
   constexpr int64_t kMr = GemmShape<Isa>::kMr;
-  static_assert(kMr <= 8, "one 8 x 8 transpose per 8 k");
   const int64_t K = p.w.K, rows = MinI64(kMr, p.M - s * kMr);
   float* dst = ap + s * kMr * K;
   const float* a = p.A + s * kMr * K;
-  const __m256i mask =
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kMr)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 r[8];
-    for (int64_t m = 0; m < 8; ++m) r[m] = m < rows ? _mm256_loadu_ps(a + m * K + k) : _mm256_setzero_ps();
-    Transpose8x8(r);
-    for (int64_t j = 0; j < 8; ++j) _mm256_maskstore_ps(dst + (k + j) * kMr, mask, r[j]);
-  }
-  for (; k < K; ++k) {
-    for (int64_t m = 0; m < rows; ++m) dst[k * kMr + m] = a[m * K + k];
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(MinI64(8, kMr - m0))), lane);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      __m256 r[8];
+      for (int64_t m = 0; m < 8; ++m) {
+        r[m] = m0 + m < rows ? _mm256_loadu_ps(a + (m0 + m) * K + k) : _mm256_setzero_ps();
+      }
+      Transpose8x8(r);
+      for (int64_t j = 0; j < 8; ++j) _mm256_maskstore_ps(dst + (k + j) * kMr + m0, mask, r[j]);
+    }
+    for (; k < K; ++k) {
+      for (int64_t m = m0; m < MinI64(rows, m0 + 8); ++m) dst[k * kMr + m] = a[m * K + k];
+    }
   }
 }
 
