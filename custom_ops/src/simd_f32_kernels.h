@@ -423,6 +423,7 @@ __attribute__((noinline)) void GemmMicroTile(const float* ap, const float* panel
     for (int m = 0; m < kMr; ++m)
       for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Zero();
   }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     Vec b[kNv];
     for (int v = 0; v < kNv; ++v) b[v] = Isa::Load(panel + k * kNr + v * kL);
@@ -478,8 +479,8 @@ void PackedGemmTask(void* data, size_t task) {
   }
 }
 
-// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k] (rows past M stay zero). Per 8 k and 8 rows, the rows
-// are transposed in registers and each k's values stored with a mask (no write past the sliver's row range).
+// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k], zero for rows past M. Per 8 k and 8 rows, the rows are
+// transposed in registers and each k's values stored with a mask (no write past the sliver's row range).
 template <class Isa>
 void PackSliver(const Problem& p, int64_t s, float* ap) {
   constexpr int64_t kMr = GemmShape<Isa>::kMr;
@@ -487,7 +488,7 @@ void PackSliver(const Problem& p, int64_t s, float* ap) {
   float* dst = ap + s * kMr * K;
   const float* a = p.A + s * kMr * K;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+  for (int64_t m0 = 0; m0 < kMr; m0 += 8) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(MinI64(8, kMr - m0))), lane);
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
@@ -499,7 +500,7 @@ void PackSliver(const Problem& p, int64_t s, float* ap) {
       for (int64_t j = 0; j < 8; ++j) _mm256_maskstore_ps(dst + (k + j) * kMr + m0, mask, r[j]);
     }
     for (; k < K; ++k) {
-      for (int64_t m = m0; m < MinI64(rows, m0 + 8); ++m) dst[k * kMr + m] = a[m * K + k];
+      for (int64_t m = m0; m < MinI64(kMr, m0 + 8); ++m) dst[k * kMr + m] = m < rows ? a[m * K + k] : 0.0f;
     }
   }
 }
@@ -521,7 +522,7 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.p = &p;
   g.slivers = CeilDiv(p.M, S::kMr);
   g.groups = CeilDiv(w.N, S::kNr);
-  auto* ap = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(g.slivers * S::kMr * w.K)));
+  auto* ap = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(g.slivers * S::kMr * w.K)));
   g.ap = ap;
   if (p.bias != nullptr) {
     auto* bias = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(g.groups * S::kNr)));
