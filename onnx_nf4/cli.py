@@ -6,9 +6,11 @@ Subcommands:
   ``com.microsoft::MatMulBnb4``), with a progress bar on stderr and a per-layer report on stdout.
 * ``inspect MODEL``: what is quantized, block sizes, bits per weight (either format, or a float model).
 * ``dequantize IN OUT``: back to float ``MatMul`` (for debugging).
+* ``info``: versions, the custom-op library, the CPU kernel set chosen, CUDA support (:mod:`onnx_nf4.sysinfo`).
 
 Every expected failure (unreadable or invalid model, bad option, write error) is reported as one line
-``onnx-nf4: error: ...`` on stderr with exit status 1 (2 for a usage error), never a traceback. Outputs are written
+``onnx-nf4: error: ...`` on stderr with exit status 1, or 2 for a usage error (an unknown option, a bad value,
+options that do not go together; the line names the command's ``--help``), never a traceback. Outputs are written
 to a temporary file and renamed into place (:func:`onnx_nf4.model_io.save_model`), so ``OUT`` may equal ``IN``: the
 input is replaced only once the new model is complete, and stays intact on any failure.
 
@@ -22,9 +24,9 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -33,20 +35,24 @@ from . import __version__
 from .codec import check_block_size
 from .model_io import external_tensors
 from .model_summary import ModelSummary, summarize_model
-from .passes import DEFAULT_MIN_ELEMENTS, FORMATS
+from .options import ACCURACY_LEVELS, DEFAULT_MIN_ELEMENTS, FORMATS, METHODS, QuantizeOptions
 from .report import QuantizationReport
-from .table import format_bytes, render_table
+from .text_table import format_bytes, render_table
 
 __all__ = [
     "SUBCOMMAND_PROVIDERS",
     "CLIError",
+    "UsageError",
     "add_external_data_option",
+    "add_format_options",
     "add_quantize_options",
     "build_parser",
     "check_output_path",
     "main",
+    "print_folder_reports",
     "print_written",
     "quantize_kwargs",
+    "quantize_options",
 ]
 
 PROG = "onnx-nf4"
@@ -57,7 +63,11 @@ PROG = "onnx-nf4"
 #: (``None`` means 0) and reports an expected failure by raising :class:`CLIError`, ``OSError`` or ``ValueError``.
 #: The module is imported only when the parser is built, and skipped when it is absent, so it must import without
 #: its optional dependencies (import them inside the handler).
-SUBCOMMAND_PROVIDERS: list[str] = ["onnx_nf4.torch.cli:add_export_bnb_parser"]
+SUBCOMMAND_PROVIDERS: list[str] = [
+    "onnx_nf4.torch.cli:add_export_bnb_parser",
+    "onnx_nf4.genai_cli:add_export_genai_parser",
+    "onnx_nf4.sysinfo:add_info_parser",
+]
 
 # What a command may raise for a failure the user can fix; anything else is a bug and keeps its traceback.
 _EXPECTED_ERRORS = (OSError, ValueError, DecodeError)
@@ -67,11 +77,35 @@ class CLIError(Exception):
     """A failure reported as one ``onnx-nf4: error: <message>`` line (exit status 1)."""
 
 
+class UsageError(CLIError):
+    """Options that do not go together: one line naming the command's ``--help``, exit status 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line naming the command's ``--help``."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, _usage_line(message, self.prog))
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> argparse.Namespace:
+        """As ``ArgumentParser.parse_args``, but an unknown option is reported by the subcommand's parser (so the
+        message points to ``onnx-nf4 COMMAND --help``)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command_parser(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, "command", None) in action.choices:
+                return action.choices[parsed.command]
+        return self
+
+
+def _usage_line(message: str, prog: str) -> str:
+    return f"{PROG}: error: {message} (see '{prog} --help')\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,15 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rewrite the MatMul/Gemm layers whose weight is a constant to NF4 and print a per-layer report. "
         "OUT may equal IN: the model is written to a temporary file and then renamed.",
     )
-    quantize.add_argument("input", metavar="IN", type=Path, help="float ONNX model")
-    quantize.add_argument("output", metavar="OUT", type=Path, help="where to write the NF4 model")
-    add_quantize_options(quantize)
     quantize.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="onnx_nf4",
-        help="onnx_nf4: onnx_nf4::MatMulNF4 (needs this package's runtime); "
-        "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
+        "input", metavar="IN", type=Path, help="float ONNX model, or an onnxruntime-genai model folder"
+    )
+    quantize.add_argument(
+        "output", metavar="OUT", type=Path, help="where to write the NF4 model (a new folder when IN is a folder)"
+    )
+    add_quantize_options(quantize)
+    add_format_options(quantize)
+    quantize.add_argument(
+        "--method",
+        choices=METHODS,
+        default="rtn",
+        help="how codes and block scales are chosen (same format): rtn = round to nearest at the absmax, "
+        "byte for byte onnxruntime's quantizer (default); mse = per block, the scale minimizing its squared "
+        "error (data-free); gptq = codes with error feedback on calibration data (needs --calibration)",
+    )
+    quantize.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        type=Path,
+        help="--method gptq: one batch of the model's inputs, arrays named after the graph inputs "
+        "(rows where an attention_mask input is 0 are left out)",
     )
     quantize.add_argument(
         "--min-elements",
@@ -199,6 +246,26 @@ def add_quantize_options(parser: argparse.ArgumentParser, *, applies_to: str = "
     )
 
 
+def add_format_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--format`` and ``--accuracy-level`` (``args.format``, ``args.accuracy_level``)."""
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx_nf4",
+        help="onnx_nf4: onnx_nf4::MatMulNF4 (needs this package's runtime); "
+        "com.microsoft: com.microsoft::MatMulBnb4 (stock onnxruntime)",
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        metavar="{0,4}",
+        type=int,
+        choices=ACCURACY_LEVELS,
+        default=0,
+        help="the MatMulNF4 accuracy_level attribute: 0 (default) computes in float32; 4 lets the CPU kernels "
+        "quantize the activations to int8 per block (faster, slightly less exact; onnx_nf4 format only)",
+    )
+
+
 def quantize_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The keyword arguments ``block_size``, ``double_quant`` and ``exclude`` of :func:`add_quantize_options`."""
     return {"block_size": args.block_size, "double_quant": args.double_quant, "exclude": tuple(args.exclude or ())}
@@ -252,26 +319,80 @@ def _register_provider(provider: str, subparsers: argparse._SubParsersAction) ->
 # Commands
 
 
+def quantize_options(args: argparse.Namespace, **settings: Any) -> QuantizeOptions:
+    """:class:`QuantizeOptions` from the options of :func:`add_quantize_options` and ``settings``; options that do
+    not go together raise :class:`UsageError`."""
+    if args.double_quant and settings.get("format", "onnx_nf4") != "onnx_nf4":
+        raise UsageError(
+            "--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)"
+        )
+    if settings.get("accuracy_level") and settings.get("format", "onnx_nf4") != "onnx_nf4":
+        raise UsageError("--accuracy-level 4 needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no accuracy level)")
+    try:
+        return QuantizeOptions(**quantize_kwargs(args), **settings)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .api import quantize_model
 
-    if args.double_quant and args.format != "onnx_nf4":
-        raise CLIError("--double-quant needs --format onnx_nf4 (com.microsoft::MatMulBnb4 has no double quantization)")
+    options = quantize_options(
+        args,
+        format=args.format,
+        min_elements=args.min_elements,
+        external_data=args.external_data,
+        accuracy_level=args.accuracy_level,
+        method=args.method,
+    )
+    if args.method == "gptq" and args.calibration is None:
+        raise UsageError("--method gptq needs --calibration FILE.npz (the model's inputs)")
+    if args.method != "gptq" and args.calibration is not None:
+        raise UsageError(f"--calibration is used by --method gptq only, not by --method {args.method}")
+    if args.input.is_dir():
+        if args.method == "gptq":
+            raise UsageError("--method gptq calibrates one model file, not an onnxruntime-genai folder")
+        return _quantize_folder(args, options)
+    if args.calibration is not None and not args.calibration.is_file():
+        raise CLIError(f"{args.calibration}: calibration file not found")
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         _, report = quantize_model(
-            args.input,
-            args.output,
-            **quantize_kwargs(args),
-            format=args.format,
-            min_elements=args.min_elements,
-            on_progress=progress.update,
-            external_data=args.external_data,
+            args.input, args.output, options, calibration=args.calibration, on_progress=progress.update
         )
     print(format_quantization_report(report))
     print_written(args.output, input_bytes)
     return 0
+
+
+def _quantize_folder(args: argparse.Namespace, options: QuantizeOptions) -> int:
+    """``quantize IN_DIR OUT_DIR`` for an onnxruntime-genai model folder (:mod:`onnx_nf4.genai`)."""
+    from .genai import GENAI_CONFIG, is_genai_folder, quantize_genai_folder
+
+    if not is_genai_folder(args.input):
+        raise CLIError(
+            f"{args.input}: is a directory without {GENAI_CONFIG} "
+            "(IN must be an ONNX model file or an onnxruntime-genai model folder)"
+        )
+    with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        reports = quantize_genai_folder(args.input, args.output, options, on_progress=progress.update)
+    print_folder_reports(reports, args.input, args.output)
+    return 0
+
+
+def print_folder_reports(reports: Mapping[str, QuantizationReport], source: Path | None, output: Path) -> None:
+    """Each model file's report, then ``wrote OUT_DIR: SIZE`` (``SOURCE -> SIZE`` with a source folder)."""
+    for name, report in reports.items():
+        print(f"{name}:")
+        print(format_quantization_report(report))
+        print()
+    before = "" if source is None else f"{format_bytes(_folder_bytes(source))} -> "
+    print(f"wrote {output}: {before}{format_bytes(_folder_bytes(output))}")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -284,11 +405,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_dequantize(args: argparse.Namespace) -> int:
-    from .api import dequantize_model
+    from .api import dequantize
 
     check_output_path(args.output)
     input_bytes = _file_bytes(args.input)
-    dequantize_model(args.input, args.output, external_data=args.external_data)
+    _, result = dequantize(args.input, args.output, external_data=args.external_data)
+    if result.layers:
+        print(f"dequantized {len(result.layers)} layer(s) to float MatMul")
+    else:
+        print(f"nothing to dequantize: {args.input} has no MatMulNF4 or MatMulBnb4 node (wrote it unchanged)")
     print_written(args.output, input_bytes)
     return 0
 
@@ -332,7 +457,14 @@ def format_quantization_report(report: QuantizationReport) -> str:
             )
             for layer in report.layers
         ]
-        lines.append(render_table(("layer", "K x N", "before", "after", "rel. RMS error"), rows))
+        header: tuple[str, ...] = ("layer", "K x N", "before", "after", "rel. RMS error")
+        if any(layer.output_error is not None for layer in report.layers):
+            header += ("output error",)
+            rows = [
+                (*row, "-" if layer.output_error is None else f"{layer.output_error:.4f}")
+                for row, layer in zip(rows, report.layers, strict=True)
+            ]
+        lines.append(render_table(header, rows))
     if report.skipped:
         if lines:
             lines.append("")
@@ -342,20 +474,32 @@ def format_quantization_report(report: QuantizationReport) -> str:
     if lines:
         lines.append("")
     double = ", double quantization" if report.double_quant else ""
+    double += f", accuracy level {report.accuracy_level}" if report.accuracy_level else ""
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)
         shared = f" ({distinct} distinct weights)" if distinct != len(report.layers) else ""
         lines.append(
             f"quantized {len(report.layers)} layer(s){shared} to NF4, format {report.format}, "
-            f"block size {report.block_size}{double}"
+            f"block size {report.block_size}{double}{'' if report.method == 'rtn' else f', method {report.method}'}"
         )
         lines.append(
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
             f"(size ratio {report.size_ratio:.4f}, {report.bits_per_weight:.3f} bits per weight)"
         )
-    else:
+    already = report.already_quantized
+    if already:
+        shown = ", ".join(already[:_NAMES_SHOWN]) + (
+            f", ... ({len(already) - _NAMES_SHOWN} more)" if len(already) > _NAMES_SHOWN else ""
+        )
+        what = f"{len(already)} layer(s) already NF4, left as they are: {shown}"
+        lines.append(what if report.layers else f"no layer was quantized: {what}")
+    elif not report.layers:
         lines.append("no layer was quantized")
     return "\n".join(lines)
+
+
+#: How many layer names a summary line lists before "... (N more)".
+_NAMES_SHOWN = 8
 
 
 def format_model_summary(summary: ModelSummary) -> str:
@@ -364,21 +508,27 @@ def format_model_summary(summary: ModelSummary) -> str:
     opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(summary.opsets.items()))
     lines.append(f"opsets: {opsets}")
     if summary.quantized:
-        rows = [
-            (
-                layer.node,
-                layer.op,
-                f"{layer.K}x{layer.N}",
-                layer.quant_type,
-                layer.block_size,
-                "yes" if layer.double_quant else "no",
-                format_bytes(summary.layer_bytes(layer)),
-                f"{8 * summary.layer_bytes(layer) / (layer.K * layer.N):.3f}" if layer.K * layer.N else "-",
+        rows = []
+        seen: set[tuple[str, ...]] = set()
+        for layer in summary.quantized:
+            nbytes = summary.layer_bytes(layer)
+            shared = layer.tensors in seen  # the weight of an earlier layer: its bytes are counted there
+            seen.add(layer.tensors)
+            rows.append(
+                (
+                    layer.node,
+                    layer.op,
+                    f"{layer.K}x{layer.N}",
+                    layer.quant_type,
+                    layer.block_size,
+                    "yes" if layer.double_quant else "no",
+                    "-" if layer.accuracy_level is None else layer.accuracy_level,
+                    "shared" if shared else format_bytes(nbytes),
+                    "-" if shared or not layer.K * layer.N else f"{8 * nbytes / (layer.K * layer.N):.3f}",
+                )
             )
-            for layer in summary.quantized
-        ]
-        headers = ("layer", "op", "K x N", "type", "block", "double quant", "bytes", "bits/weight")
-        lines += ["", render_table(headers, rows, align="<<>>>>>>")]
+        headers = ("layer", "op", "K x N", "type", "block", "double quant", "accuracy level", "bytes", "bits/weight")
+        lines += ["", render_table(headers, rows, align="<<>>>>>>>")]
     if summary.float_layers:
         rows = [
             (
@@ -395,13 +545,15 @@ def format_model_summary(summary: ModelSummary) -> str:
     if summary.quantized:
         sizes = ", ".join(str(size) for size in summary.block_sizes)
         double = sum(layer.double_quant for layer in summary.quantized)
+        levels = ", ".join(f"{level} on {count}" for level, count in summary.accuracy_levels.items())
         lines.append(
             f"quantized: {len(summary.quantized)} layer(s), format {' + '.join(summary.formats)}, "
-            f"block size {sizes}, double quantization on {double}"
+            f"block size {sizes}, double quantization on {double}" + (f", accuracy level {levels}" if levels else "")
         )
+        shared = f", {format_bytes(summary.shared_bytes)} of it shared by several" if summary.shared_bytes else ""
         lines.append(
             f"quantized weights: {summary.quantized_elements} elements in {format_bytes(summary.quantized_bytes)} "
-            f"({summary.bits_per_weight:.3f} bits per weight)"
+            f"({summary.bits_per_weight:.3f} bits per weight{shared})"
         )
     else:
         lines.append("quantized: none (a float model)")
@@ -419,31 +571,39 @@ def format_model_summary(summary: ModelSummary) -> str:
 
 
 class _Progress:
-    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, name)``; inert when disabled."""
+    """A tqdm bar on stderr fed by ``quantize_model``'s ``on_progress(done, total, layer)``; inert when disabled.
+
+    The bar starts when the ``with`` block does (its total is set by the first update), so its first rate covers
+    the work done until then rather than the instant between the bar's creation and its first update.
+    """
 
     def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
         self._enabled = enabled
         self._stream = stream
-        self._bar = None
+        self._bar: Any = None
 
-    def update(self, done: int, total: int, name: str) -> None:
-        if not self._enabled:
-            return
+    def update(self, done: int, total: int, layer: str) -> None:
         if self._bar is None:
+            return
+        if done < self._bar.n:  # the next model of a genai folder
+            self._bar.reset(total=total)
+        elif self._bar.total != total:
+            self._bar.total = total
+        self._bar.set_postfix_str(layer[-40:], refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total,
-                unit="weight",
+                total=None,
+                unit="layer",
                 file=self._stream or sys.stderr,
                 leave=False,
                 mininterval=0,
                 dynamic_ncols=True,
             )
-        self._bar.set_postfix_str(name[-40:], refresh=False)
-        self._bar.update(done - self._bar.n)
-
-    def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -465,6 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.handler(args)
+    except UsageError as err:
+        print(_usage_line(str(err), f"{PROG} {args.command}"), end="", file=sys.stderr)
+        return 2
     except CLIError as err:
         return _fail(str(err))
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly

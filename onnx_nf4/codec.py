@@ -16,6 +16,10 @@ block divided by its absmax instead of multiplied by the reciprocal, and a scale
 
 Memory: the work is done in chunks of blocks, so the peak extra memory is a few MB beyond the packed output
 (the input itself is only read).
+
+Backends: ``backend="auto"`` (the default) runs the compiled, multithreaded encoder of the custom-op library
+(:mod:`onnx_nf4.native_codec`) when the library is found, else this module's numpy code, the reference; both give
+the same bytes. ``"numpy"`` and ``"native"`` choose one explicitly.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from typing import Literal
 
 import numpy as np
 
+from . import native_codec
 from .codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE
+from .native_codec import Backend
 
 __all__ = [
+    "Backend",
+    "NonFiniteWeightError",
     "Rounding",
     "as_float_array",
     "check_block_size",
@@ -44,6 +52,10 @@ Rounding = Literal["onnxruntime", "bitsandbytes"]
 _CHUNK_ELEMENTS = 1 << 20  # elements per work chunk (a multiple of every valid block size)
 _BNB_TINY = np.float32(1e-38)
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or +-Inf (or, in float64, a magnitude beyond float32), which NF4 cannot represent."""
 
 
 def is_valid_block_size(block_size: int) -> bool:
@@ -65,7 +77,8 @@ def check_block_size(block_size: int) -> int:
 
 
 def check_finite(w: np.ndarray, name: str = "weight") -> None:
-    """Raise ``ValueError`` naming ``name`` if ``w`` holds NaN or +-Inf, or (float64) a value beyond float32.
+    """Raise :class:`NonFiniteWeightError` (a ``ValueError``) naming ``name`` if ``w`` holds NaN or +-Inf, or
+    (float64) a value beyond float32.
 
     Checked in chunks along the first axis, so no copy of ``w`` is made even when it is not contiguous.
     """
@@ -83,18 +96,27 @@ def check_finite(w: np.ndarray, name: str = "weight") -> None:
             index = np.argwhere(~ok)[0]
             index[0] += start
             bad = int(np.ravel_multi_index(tuple(index), w.shape))
-            raise ValueError(
-                f"tensor {name!r} holds a value that is not finite in float32 ({w[tuple(index)]!r} at flat "
+            raise NonFiniteWeightError(
+                f"tensor {name!r} holds a value that is not finite in float32 ({float(w[tuple(index)])} at flat "
                 f"index {bad}); NF4 cannot represent NaN, Inf or magnitudes beyond float32"
             )
 
 
 def as_float_array(w: np.ndarray, name: str = "weight") -> np.ndarray:
-    """``np.asarray(w)`` if it is float16/float32/float64, else raise ``TypeError`` naming ``name``."""
+    """``np.asarray(w)`` if it is float16/bfloat16/float32/float64, else raise ``TypeError`` naming ``name``.
+
+    bfloat16 is ``ml_dtypes.bfloat16`` (what ``onnx_ir`` returns for BFLOAT16 tensors); it widens exactly.
+    """
     w = np.asarray(w)
-    if w.dtype.type not in _FLOAT_DTYPES:
-        raise TypeError(f"tensor {name!r} has dtype {w.dtype}; NF4 quantizes float16/float32/float64 only")
+    if w.dtype.type not in _FLOAT_DTYPES and w.dtype.name != "bfloat16":
+        raise TypeError(f"tensor {name!r} has dtype {w.dtype}; NF4 quantizes float16/bfloat16/float32/float64 only")
     return w
+
+
+def check_rounding(rounding: str) -> None:
+    """Raise ``ValueError`` unless ``rounding`` is ``"onnxruntime"`` or ``"bitsandbytes"``."""
+    if rounding not in ("onnxruntime", "bitsandbytes"):
+        raise ValueError(f"rounding must be 'onnxruntime' or 'bitsandbytes', got {rounding!r}")
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -161,27 +183,35 @@ def quantize_blockwise(
     *,
     rounding: Rounding = "onnxruntime",
     name: str = "weight",
+    backend: Backend = "auto",
+    threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``w.reshape(-1)`` to NF4 in blocks of ``block_size`` consecutive elements.
 
     Args:
-        w: float16, float32 or float64 array of any shape; it is read in row-major order. float64 is
+        w: float16, bfloat16, float32 or float64 array of any shape; it is read in row-major order. float64 is
             rounded to float32 first.
         block_size: elements per block, a power of two in [16, 4096].
         rounding: ``"onnxruntime"`` (default) or ``"bitsandbytes"``, see the module docstring.
         name: the tensor's name, used in error messages.
+        backend: ``"auto"`` (compiled encoder when the library is found), ``"native"`` or ``"numpy"``.
+        threads: threads of the compiled encoder, 0 for all hardware threads (the numpy code uses one).
 
     Returns:
         ``(packed, absmax)``: uint8 ``[(n + 1) // 2]`` and float32 ``[ceil(n / block_size)]``.
 
     Raises:
-        ValueError: the block size is invalid, or ``w`` holds NaN/Inf (the message names ``name``).
+        ValueError: the block size, rounding or backend is invalid, or ``w`` holds NaN/Inf (the message names
+            ``name``).
         TypeError: ``w`` is not a float array.
+        onnx_nf4.native_codec.NativeCodecUnavailableError: ``backend="native"`` without the library.
     """
     bs = check_block_size(block_size)
-    if rounding not in ("onnxruntime", "bitsandbytes"):
-        raise ValueError(f"rounding must be 'onnxruntime' or 'bitsandbytes', got {rounding!r}")
+    check_rounding(rounding)
     w = as_float_array(w, name)
+    if native_codec.use_native(backend):
+        packed, absmax, _ = native_codec.encode_flat(w, bs, rounding, threads=threads, name=name)
+        return packed, absmax
     check_finite(w, name)
     flat = w.reshape(-1)
     n = flat.size

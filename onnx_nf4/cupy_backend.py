@@ -11,7 +11,8 @@ and a GPU of compute capability 8.0 or newer; importing this module needs neithe
 * :class:`MatMulNF4`: the op for ``onnx.reference.ReferenceEvaluator(model, new_ops=[MatMulNF4])``, computed
   on the GPU (the weight tensors are copied to the device once per node).
 * :func:`kernel_source` and :func:`plan_launches`: the preprocessed source and the launch configuration (the
-  same choices as the C++ launcher ``LaunchMatMulNF4``); they need no GPU.
+  same choices as the C++ launcher ``LaunchMatMulNF4``); they need no GPU. The launch constants below copy those of
+  ``matmul_nf4.cu``; ``tests/test_cupy_constants.py`` reads them from the source and compares.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from . import reference
-from .codec import is_valid_block_size, is_valid_nested_block_size
+from .codec import is_valid_block_size
+from .contract import Attributes, TensorInfo, check_inputs
 
 __all__ = [
     "KernelSourceNotFoundError",
@@ -52,8 +54,10 @@ _REPO_DIR = _PACKAGE_DIR.parent
 #: CTA size of every kernel (kThreads in matmul_nf4.cu) and its warps (kWarps).
 THREADS = 256
 WARPS = THREADS // 32
-#: gridDim.y limit; larger M is split into several launches.
+#: gridDim.y limit; larger M is split into several launches (kMaxRowTiles).
 MAX_ROW_TILES = 65535
+#: k_split aims at about this many warps per SM (KSplit's target).
+WARPS_PER_SM = 16
 #: Minimum compute capability (mma.m16n8k16 with bfloat16, cvt.rn.bf16.f32).
 MIN_COMPUTE_CAPABILITY = 80
 
@@ -144,8 +148,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _k_split(units: int, row_tiles: int, stretches: int, sm_count: int) -> int:
-    """Warps per output unit: about 16 warps per SM, at most WARPS and no more than the unit's stretches."""
-    target = 16 * sm_count
+    """Warps per output unit: about WARPS_PER_SM warps per SM, at most WARPS and no more than the unit's stretches."""
+    target = WARPS_PER_SM * sm_count
     ks = 1
     while ks < WARPS and units * row_tiles * ks < target and 2 * ks <= stretches:
         ks *= 2
@@ -286,6 +290,10 @@ def _to_cupy(cupy: Any, x: Any, name: str) -> Any:
     raise TypeError(f"MatMulNF4: input {name!r} is a {type(x).__name__}, not a device array (CuPy or DLPack)")
 
 
+def _info(x: Any) -> TensorInfo | None:
+    return None if x is None else TensorInfo(str(x.dtype), tuple(x.shape))
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(f"MatMulNF4: {message}")
@@ -390,48 +398,19 @@ def _matmul(
     out: Any = None,
 ) -> Any:
     """Validates CuPy inputs (``a``'s storage may be 16-bit integers standing for bfloat16) and runs the kernels."""
-    K, N, block_size = int(K), int(N), int(block_size)
-    _check(K >= 1 and N >= 1, f"K and N must be >= 1, got K={K}, N={N}")
-    _check(
-        is_valid_block_size(block_size),
-        f"block_size must be a power of two in [16, 4096], got {block_size}",
-    )
+    attrs = Attributes.create(K, N, block_size, nested_block_size)
     _check(algo in ("auto", "simt", "mma"), f"algo must be 'auto', 'simt' or 'mma', got {algo!r}")
     _check(backend in ("nvrtc", "library"), f"backend must be 'nvrtc' or 'library', got {backend!r}")
     _check(algo != "mma" or dtype != "float32", "the tensor-core kernel ('mma') takes float16 or bfloat16 A only")
-    k_blocks = -(-K // block_size)
-    _check(a.ndim >= 1 and a.shape[-1] == K, f"the last dimension of 'A' must be K={K}, got shape {list(a.shape)}")
-    _check(b.dtype == np.uint8, f"input 'B' must be uint8, got {b.dtype}")
-    expected_b = (N, k_blocks, block_size // 2)
-    _check(b.shape == expected_b, f"input 'B' has shape {list(b.shape)}, expected {list(expected_b)}")
-    _check(s.shape == (N, k_blocks), f"input 'absmax' has shape {list(s.shape)}, expected {[N, k_blocks]}")
     nested = (nested_absmax, nested_code, absmax_offset)
-    if s.dtype == np.uint8:
-        _check(
-            all(v is not None for v in nested),
-            "absmax is uint8 but nested_absmax, nested_code or absmax_offset is missing",
-        )
-        nbs = int(nested_block_size)
-        _check(is_valid_nested_block_size(nbs), f"nested_block_size must be a power of two >= 16, got {nbs}")
-        _check(
-            all(v.dtype == np.float32 for v in nested), "nested_absmax, nested_code and absmax_offset must be float32"
-        )
-        n_nested = -(-N * k_blocks // nbs)
-        _check(nested_absmax.shape == (n_nested,), f"input 'nested_absmax' has shape {list(nested_absmax.shape)}, "
-               f"expected [{n_nested}]")  # fmt: skip
-        _check(nested_code.shape == (256,), f"input 'nested_code' has shape {list(nested_code.shape)}, expected [256]")
-        _check(absmax_offset.shape in ((), (1,)), f"input 'absmax_offset' has shape {list(absmax_offset.shape)}, "
-               "expected [] or [1]")  # fmt: skip
-    else:
-        _check(s.dtype == np.float32, f"input 'absmax' must be float32 or uint8, got {s.dtype}")
-        _check(all(v is None for v in nested), "absmax is float32, so the nested inputs must be omitted")
-        nbs = 256
-    if bias is not None:
-        _check(bias.dtype == a.dtype, f"input 'bias' has dtype {bias.dtype}, expected {a.dtype} (A's dtype)")
-        _check(bias.shape == (N,), f"input 'bias' has shape {list(bias.shape)}, expected [{N}]")
-
-    lead = a.shape[:-1]
-    M = int(np.prod(lead, dtype=np.int64))
+    infos = [_info(v) for v in (b, s, *nested)]
+    # A's dtype is given (bfloat16 is held as 16-bit integers); a bias stored like A has A's dtype.
+    bias_info = _info(bias)
+    if bias_info is not None and bias.dtype == a.dtype:
+        bias_info = TensorInfo(dtype, bias_info.shape)
+    shapes = check_inputs(attrs, [TensorInfo(dtype, tuple(a.shape)), *infos, bias_info])
+    K, N, block_size, nbs = attrs.K, attrs.N, attrs.block_size, attrs.nested_block_size
+    lead, M = a.shape[:-1], shapes.M
     if out is None:
         y = cupy.empty((*lead, N), dtype=a.dtype)
     else:
@@ -444,7 +423,7 @@ def _matmul(
         return y
     a2 = _aligned_contiguous(cupy, a.reshape(M, K), 16)
     b = _aligned_contiguous(cupy, b, 16)
-    dq = s.dtype == np.uint8
+    dq = shapes.double_quant
     s = cupy.ascontiguousarray(s)
     na, code, offset = (cupy.ascontiguousarray(v) for v in nested) if dq else (None, None, None)
     bias = None if bias is None else cupy.ascontiguousarray(bias)
@@ -555,11 +534,9 @@ class MatMulNF4(reference.MatMulNF4):
     def _compute(self, A, weights: tuple, **attributes: int) -> np.ndarray:
         A = np.asarray(A)
         dtype = _dtype_name(A.dtype)
-        bias = weights[-1]
-        if bias is not None and np.asarray(bias).dtype != A.dtype:
-            raise TypeError(
-                f"MatMulNF4: input 'bias' has dtype {np.asarray(bias).dtype}, expected {A.dtype} (A's dtype)"
-            )
+        # Checked on the numpy dtypes: on the device bfloat16 is held as uint16, which a uint16 bias would pass.
+        arrays = [A, *(None if v is None else np.asarray(v) for v in weights)]
+        check_inputs(Attributes.create(**attributes), [reference.tensor_info(x) for x in arrays])
         cupy = _cupy()
         on_device = [self._device(cupy, v) for v in weights]
         y = _matmul(cupy, cupy.asarray(_storage(A)), dtype, *on_device, **attributes)

@@ -156,6 +156,9 @@ def torch_mean_f32(x: np.ndarray, *, lanes: int = 8, threads: int = 1) -> np.flo
         lanes: float32 lanes of the ``Vectorized<float>`` torch's sum kernel runs with (8 on x86-64).
         threads: torch's intra-op thread count (``torch.get_num_threads()``).
 
+    Where torch's float32 sum overflows (values near the float32 limit; torch then returns ``inf`` or NaN), the
+    float64 mean rounded to float32 is returned instead: the mean of finite values is never lost to an overflow.
+
     Raises:
         ValueError: ``x`` is empty, or ``lanes`` or ``threads`` is not positive.
     """
@@ -165,6 +168,16 @@ def torch_mean_f32(x: np.ndarray, *, lanes: int = 8, threads: int = 1) -> np.flo
         raise ValueError("the mean of an empty array is undefined")
     if lanes < 1 or threads < 1:
         raise ValueError(f"lanes and threads must be positive, got lanes={lanes}, threads={threads}")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing float32 sum is detected below
+        mean = _torch_mean(flat, lanes, threads)
+    if np.isfinite(mean) or not np.isfinite(flat).all():
+        return mean  # no partial sum overflowed (an inf never turns finite again), or the input is not finite
+    return np.float32(np.mean(flat, dtype=np.float64))  # the mean of finite float32 values fits in float32
+
+
+def _torch_mean(flat: np.ndarray, lanes: int, threads: int) -> np.float32:
+    """torch's float32 mean of a flat float32 array (``inf`` / NaN where a partial sum overflows)."""
+    n = flat.size
     if n < _TORCH_GRAIN_SIZE or threads == 1:
         total = _inner_sum(flat, lanes)
     else:  # two-pass reduction: one partial sum per thread in a zero-filled buffer, then a sum of the buffer
@@ -222,14 +235,35 @@ def _build_lut(code: np.ndarray) -> np.ndarray:
 _DYNAMIC_LUT = _build_lut(DYNAMIC_CODE)
 
 
+#: Round to nearest gives ``inf`` for a float32 ``1 / scale`` whose exact value is at least this.
+_INF_RECIPROCAL = float(np.finfo(np.float32).max) + 2.0**103
+
+
+def _float32_reciprocal(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(inv, finite)``: the float32 ``1 / scales`` where it is finite, and where that is (``scales >= 0``).
+
+    Computed in float64 and rounded once to float32, which gives the correctly rounded float32 quotient (float64
+    has more than twice float32's precision) without ever overflowing; ``inv`` is 0 where ``finite`` is false
+    (float32 would give ``inf``: a zero or subnormal scale).
+    """
+    s64 = scales.astype(np.float64)
+    inv = np.divide(1.0, s64, out=np.full(s64.shape, np.inf), where=s64 > 0)
+    finite = inv < _INF_RECIPROCAL
+    return np.where(finite, inv, 0.0).astype(np.float32), finite
+
+
 def _lut_codes(centered: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """8-bit codes of ``centered`` (float32 ``[n]``) with per-element ``scales`` (float32 ``[n]``), see step 4."""
+    """8-bit codes of ``centered`` (float32 ``[n]``) with per-element ``scales`` (float32 ``[n]``), see step 4.
+
+    bitsandbytes computes ``clip(centered * fl32(1 / scale), -1, 1)``; where ``1 / scale`` is ``inf`` in float32
+    that is ``+1`` for a positive value, ``-1`` for a negative one and NaN (bin 0, as ``-1``) for zero; the same
+    codes are computed here without an overflow. A zero scale gives code 0.
+    """
     f32 = np.float32
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.clip(centered * (f32(1) / scales), f32(-1), f32(1))
+    inv, finite = _float32_reciprocal(scales)
+    s = np.where(finite, np.clip(centered * inv, f32(-1), f32(1)), np.where(centered > 0, f32(1), f32(-1)))
     t = (s + f32(1)) * f32(0.5) * f32(_LUT_BINS - 1) + f32(0.5)
-    bins = np.nan_to_num(t, nan=0.0).astype(np.int32)  # NaN only where the scale is 0; fixed below
-    codes = _DYNAMIC_LUT[bins]
+    codes = _DYNAMIC_LUT[t.astype(np.int32)]
     codes[scales == 0] = 0
     return codes
 

@@ -12,18 +12,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import native_codec
 from .codebook import NF4_ZERO_CODE
 from .codec import (
+    Backend,
     Rounding,
     as_float_array,
     check_block_size,
     check_finite,
+    check_rounding,
     dequantize_blockwise,
     quantize_blockwise,
 )
 from .double_quant import NestedAbsmax, dequantize_absmax, quantize_absmax
+from .native_codec import ErrorSums
 
-__all__ = ["QuantizedWeight", "dequantize_weight", "quantize_weight"]
+__all__ = [
+    "ErrorSums",
+    "QuantizedWeight",
+    "dequantize_weight",
+    "quantize_weight",
+    "quantize_weight_and_error",
+]
 
 
 @dataclass(frozen=True)
@@ -85,21 +95,71 @@ def quantize_weight(
     double_quant: bool = False,
     rounding: Rounding = "onnxruntime",
     name: str = "weight",
+    backend: Backend = "auto",
+    threads: int = 0,
 ) -> QuantizedWeight:
-    """Quantize a ``MatMul`` weight ``w[K, N]`` (float16/32/64) into the ``MatMulNF4`` layout.
+    """Quantize a ``MatMul`` weight ``w[K, N]`` (float16/bfloat16/float32/float64) into the ``MatMulNF4`` layout.
 
-    ``w`` is read column by column in chunks of about 2**20 elements, so the extra memory is a few MB beyond
-    the output whatever the weight's size (no transposed or padded copy of the whole weight is made).
-    With ``double_quant`` the absmax is double-quantized by :func:`onnx_nf4.double_quant.quantize_absmax`.
+    With ``backend="auto"`` (the default) the compiled encoder (:mod:`onnx_nf4.native_codec`) runs when the
+    custom-op library is found, on ``threads`` threads (0: all), reading ``w`` in place whatever its strides;
+    otherwise, or with ``backend="numpy"``, the numpy reference reads ``w`` column by column in chunks of about
+    2**20 elements. Either way no transposed or padded copy of the whole weight is made, and the bytes are the
+    same. With ``double_quant`` the absmax is double-quantized by :func:`onnx_nf4.double_quant.quantize_absmax`.
 
-    Raises ``ValueError`` (naming ``name``) for NaN/Inf, a non-2-D weight or a bad block size, and
-    ``TypeError`` for a non-float weight.
+    Raises ``ValueError`` (naming ``name``) for NaN/Inf, a non-2-D weight, a bad block size, rounding or backend,
+    and ``TypeError`` for a non-float weight.
+    """
+    return quantize_weight_and_error(
+        w, block_size, double_quant=double_quant, rounding=rounding, name=name, backend=backend, threads=threads,
+        error=False,
+    )[0]  # fmt: skip
+
+
+def quantize_weight_and_error(
+    w: np.ndarray,
+    block_size: int = 64,
+    *,
+    double_quant: bool = False,
+    rounding: Rounding = "onnxruntime",
+    name: str = "weight",
+    backend: Backend = "auto",
+    threads: int = 0,
+    error: bool = True,
+) -> tuple[QuantizedWeight, ErrorSums | None]:
+    """:func:`quantize_weight`, plus the :class:`ErrorSums` of ``w`` and the weight the result stands for.
+
+    The compiled encoder sums the squares in the same pass over ``w`` (no dequantized copy); with double
+    quantization (whose decoded scales differ from the encoder's), or with the numpy backend,
+    :func:`onnx_nf4.metrics.nf4_error_sums` decodes a few columns at a time instead. The sums are ``None`` when
+    ``error`` is false.
     """
     bs = check_block_size(block_size)
+    check_rounding(rounding)
     w = as_float_array(w, name)
     if w.ndim != 2:
         raise ValueError(f"tensor {name!r}: a MatMul weight must be 2-D, got shape {w.shape}")
-    check_finite(w, name)
+    K, N = (int(d) for d in w.shape)
+    if native_codec.use_native(backend):
+        native_sums = error and not double_quant
+        packed, absmax, sums = native_codec.encode_weight(w, bs, rounding, threads=threads, sums=native_sums, name=name)
+    else:
+        check_finite(w, name)
+        packed, absmax = _quantize_numpy(w, bs, rounding, name)
+        sums = None
+    if double_quant:
+        codes, nested = quantize_absmax(absmax.reshape(-1))
+        q = QuantizedWeight(K, N, bs, packed, codes.reshape(N, -1), nested)
+    else:
+        q = QuantizedWeight(K, N, bs, packed, absmax)
+    if error and sums is None:
+        from .metrics import nf4_error_sums  # metrics imports this module
+
+        sums = nf4_error_sums(w, q)
+    return q, sums
+
+
+def _quantize_numpy(w: np.ndarray, bs: int, rounding: Rounding, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: ``(packed [N, k_blocks, bs // 2], absmax [N, k_blocks])`` of a finite ``w[K, N]``."""
     K, N = (int(d) for d in w.shape)
     k_blocks = -(-K // bs)
     k_pad = k_blocks * bs
@@ -111,16 +171,12 @@ def quantize_weight(
         n1 = min(n0 + rows, N)
         part = chunk[: n1 - n0]
         part[:, :K] = w[:, n0:n1].T
-        p, a = quantize_blockwise(part, bs, rounding=rounding, name=name)
+        p, a = quantize_blockwise(part, bs, rounding=rounding, name=name, backend="numpy")
         packed[n0:n1] = p.reshape(n1 - n0, k_pad // 2)
         absmax[n0:n1] = a.reshape(n1 - n0, k_blocks)
     if K % bs:
         _pad_codes_to_zero(packed, K)
-    packed = packed.reshape(N, k_blocks, bs // 2)
-    if not double_quant:
-        return QuantizedWeight(K, N, bs, packed, absmax)
-    codes, nested = quantize_absmax(absmax.reshape(-1))
-    return QuantizedWeight(K, N, bs, packed, codes.reshape(N, k_blocks), nested)
+    return packed.reshape(N, k_blocks, bs // 2), absmax
 
 
 def dequantize_weight(q: QuantizedWeight) -> np.ndarray:

@@ -25,6 +25,8 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError, Message
 
+from .proto_writer import write_model
+
 __all__ = [
     "PROTOBUF_LIMIT_BYTES",
     "ModelLike",
@@ -176,8 +178,9 @@ def save_model(
     """Write ``model`` to ``path`` atomically.
 
     Args:
-        model: the model (an ``onnx_ir.Model`` is not modified, except that with ``external_data=False``
-            its external tensors are first read into memory).
+        model: the model (an ``onnx_ir.Model`` is not modified, except that without external data the external
+            initializers of its subgraphs are read into memory; those of the main graph are copied from their
+            files into the new one, :func:`onnx_nf4.proto_writer.write_model`).
         path: the ``.onnx`` file to write; its directory must exist.
         external_data: ``True`` writes every initializer larger than 256 bytes to ``<file name>.data`` beside the
             model; ``False`` keeps everything inside the protobuf; ``None`` (default) chooses external data
@@ -205,8 +208,8 @@ def save_model(
         if external_data:
             ir.save(ir_model, tmp_model, external_data=data_name)
         else:
-            ir.external_data.load_to_model(ir_model)
-            ir.save(ir_model, tmp_model)
+            # As load_to_model + ir.save, without a copy of the tensors or of the serialized model.
+            write_model(ir_model, tmp_model, inline_external=True)
         written = [file for file in [tmp_dir / data_name] if external_data and file.exists()]
         for file in [*written, tmp_model]:
             _fsync(file)

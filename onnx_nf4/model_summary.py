@@ -2,7 +2,8 @@
 
 :func:`summarize_model` reads only the graph structure and the tensors' shapes and types, never their data, so it is
 cheap on large models and works on a model loaded without its external data. Bytes are computed from shapes
-(``prod(dims) * itemsize``), a tensor used by several nodes is counted once.
+(``prod(dims) * itemsize``), a tensor used by several nodes is counted once: per layer, a tensor shared by several
+weights (the nested code table) is left out and counted in the totals only, as ``quantize`` reports it.
 
 Recognized nodes (in the main graph and in control-flow subgraphs):
 
@@ -11,7 +12,7 @@ Recognized nodes (in the main graph and in control-flow subgraphs):
 * ``com.microsoft::MatMulBnb4`` (onnxruntime's contrib op): codes ``B`` and ``absmax`` (inputs 1 and 2), attributes
   ``K``, ``N``, ``block_size``, ``quant_type`` (1 = NF4, 0 = FP4).
 * ``MatMul`` / ``Gemm`` of the default domain, left in float: with their weight's shape when ``B`` is a constant
-  in the sense of :mod:`onnx_nf4.passes` (an initializer that is not a graph input, or a ``Constant`` node).
+  in the sense of :mod:`onnx_nf4.passes.quantize` (an initializer that is not a graph input, or a ``Constant`` node).
 """
 
 from __future__ import annotations
@@ -20,18 +21,23 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .passes import constant_tensor
-from .schema import DOMAIN as NF4_DOMAIN
-from .schema import MS_DOMAIN
-from .schema import OP_TYPE as NF4_OP
+from .contract import (
+    BNB4_OP_TYPE,
+    BNB4_WEIGHT_INPUTS,
+    DOMAIN,
+    MS_DOMAIN,
+    ONNX_DOMAINS,
+    OP_TYPE,
+    WEIGHT_INPUTS,
+    Input,
+    is_bnb4,
+    is_matmul_nf4,
+)
+from .passes.graph import constant_tensor
 
 __all__ = ["FloatLayer", "ModelSummary", "QuantizedLayer", "summarize_model"]
 
-BNB4_OP = "MatMulBnb4"
 BNB4_QUANT_TYPES = {0: "FP4", 1: "NF4"}
-# MatMulNF4 inputs that store the weight: B, absmax, nested_absmax, nested_code, absmax_offset (bias excluded).
-NF4_WEIGHT_INPUTS = (1, 2, 3, 4, 5)
-BNB4_WEIGHT_INPUTS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class QuantizedLayer:
         double_quant: whether the absmax is itself 8-bit quantized (``uint8`` absmax).
         tensors: names of the constant tensors storing the weight (codes, absmax, nested statistics).
         has_bias: whether the node adds a bias.
+        accuracy_level: the ``accuracy_level`` attribute of a ``MatMulNF4`` (0 when absent); ``None`` for
+            ``MatMulBnb4``, which has no such attribute.
     """
 
     node: str
@@ -59,6 +67,7 @@ class QuantizedLayer:
     double_quant: bool
     tensors: tuple[str, ...]
     has_bias: bool
+    accuracy_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +111,15 @@ class ModelSummary:
         ops = {layer.op for layer in self.quantized}
         return [
             fmt
-            for fmt, op in (("onnx_nf4", f"{NF4_DOMAIN}::{NF4_OP}"), ("com.microsoft", f"{MS_DOMAIN}::{BNB4_OP}"))
+            for fmt, op in ((DOMAIN, f"{DOMAIN}::{OP_TYPE}"), (MS_DOMAIN, f"{MS_DOMAIN}::{BNB4_OP_TYPE}"))
             if op in ops
         ]
+
+    @property
+    def accuracy_levels(self) -> dict[int, int]:
+        """How many ``MatMulNF4`` layers have each ``accuracy_level``, by level (ascending)."""
+        levels = [layer.accuracy_level for layer in self.quantized if layer.accuracy_level is not None]
+        return {level: levels.count(level) for level in sorted(set(levels))}
 
     @property
     def block_sizes(self) -> list[int]:
@@ -145,9 +160,25 @@ class ModelSummary:
         """Bytes of all constant tensors of the model."""
         return sum(self.tensor_bytes.values())
 
+    @property
+    def shared_tensors(self) -> set[str]:
+        """Tensors that store parts of several distinct weights (the nested code table of double quantization)."""
+        users: dict[str, set[tuple[str, ...]]] = {}
+        for layer in self.quantized:
+            for name in layer.tensors:
+                users.setdefault(name, set()).add(layer.tensors)
+        return {name for name, weights in users.items() if len(weights) > 1}
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of :attr:`shared_tensors`, each counted once (part of :attr:`quantized_bytes`)."""
+        return sum(self.tensor_bytes.get(name, 0) for name in self.shared_tensors)
+
     def layer_bytes(self, layer: QuantizedLayer) -> int:
-        """Bytes of the tensors storing ``layer``'s weight (shared tensors included in full)."""
-        return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors)
+        """Bytes of the tensors of ``layer``'s weight alone: :attr:`shared_tensors` are counted in the totals only
+        (as :attr:`onnx_nf4.report.LayerReport.bytes_after` does)."""
+        shared = self.shared_tensors
+        return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors if name not in shared)
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -167,12 +198,12 @@ def summarize_model(model: ir.Model) -> ModelSummary:
         index = counts.get(node.op_type, 0)
         counts[node.op_type] = index + 1
         name = node.name or f"{node.op_type}#{index}"
-        if node.domain == NF4_DOMAIN and node.op_type == NF4_OP:
-            summary.quantized.append(_quantized_layer(summary, node, name, NF4_WEIGHT_INPUTS))
-        elif node.domain == MS_DOMAIN and node.op_type == BNB4_OP:
+        if is_matmul_nf4(node.domain, node.op_type):
+            summary.quantized.append(_quantized_layer(summary, node, name, WEIGHT_INPUTS))
+        elif is_bnb4(node.domain, node.op_type):
             summary.quantized.append(_quantized_layer(summary, node, name, BNB4_WEIGHT_INPUTS))
-        elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
-            b = _input(node, 1)
+        elif node.domain in ONNX_DOMAINS and node.op_type in ("MatMul", "Gemm"):
+            b = _input(node, Input.B)
             tensor = constant_tensor(b)
             if tensor is not None:
                 summary.tensor_bytes[b.name] = tensor.nbytes
@@ -201,8 +232,8 @@ def _quantized_layer(summary: ModelSummary, node: ir.Node, name: str, weight_inp
         if tensor is not None:
             summary.tensor_bytes[value.name] = tensor.nbytes
             tensors.append(value.name)
-    is_nf4 = node.domain == NF4_DOMAIN
-    absmax = _input(node, 2)
+    is_nf4 = is_matmul_nf4(node.domain, node.op_type)
+    absmax = _input(node, Input.ABSMAX)
     quant_type = 1 if is_nf4 else _int_attr(node, "quant_type", 1)
     return QuantizedLayer(
         node=name,
@@ -213,5 +244,6 @@ def _quantized_layer(summary: ModelSummary, node: ir.Node, name: str, weight_inp
         quant_type=BNB4_QUANT_TYPES.get(quant_type, f"quant_type={quant_type}"),
         double_quant=is_nf4 and absmax is not None and absmax.dtype == ir.DataType.UINT8,
         tensors=tuple(tensors),
-        has_bias=is_nf4 and _input(node, 6) is not None,
+        has_bias=is_nf4 and _input(node, Input.BIAS) is not None,
+        accuracy_level=_int_attr(node, "accuracy_level") if is_nf4 else None,
     )

@@ -24,6 +24,9 @@ class LayerReport:
         op_type: the original op type (``MatMul`` or ``Gemm``).
         fused_bias: whether a following ``Add`` (or Gemm's C) was fused into the node.
         shared: whether the weight was already quantized for an earlier node.
+        output_error: ``method="gptq"``: ``||X (W - dequant(W))|| / ||X W||`` over the calibration rows ``X``
+            that reached this layer (the float layer's output, bias left out, is the reference); ``None`` for the
+            other methods and for weights quantized without calibration statistics.
     """
 
     node: str
@@ -35,6 +38,7 @@ class LayerReport:
     op_type: str = "MatMul"
     fused_bias: bool = False
     shared: bool = False
+    output_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class QuantizationReport:
     skipped: list[SkippedLayer] = field(default_factory=list)
     #: Bytes of tensors shared by every double-quantized layer of a graph (the nested code tables).
     shared_bytes: int = 0
+    #: The ``accuracy_level`` attribute written on every ``MatMulNF4`` node (0: float32 compute).
+    accuracy_level: int = 0
+    #: The ``MatMulNF4`` / ``MatMulBnb4`` nodes the model already had (left as they were), by name.
+    already_quantized: list[str] = field(default_factory=list)
+    #: How codes and scales were chosen: ``"rtn"``, ``"mse"`` or ``"gptq"`` (:mod:`onnx_nf4.methods`).
+    method: str = "rtn"
 
     @property
     def bytes_before(self) -> int:

@@ -10,19 +10,25 @@ followed by ``N``), checking ``K`` against ``A``'s last dimension and the static
 from __future__ import annotations
 
 import threading
+from typing import NoReturn
 
 import onnx
 from onnx import defs
 
-from .codec import is_valid_block_size
+from .contract import (
+    DOMAIN,
+    MS_DOMAIN,
+    OP_TYPE,
+    OPSET_VERSION,
+    Attributes,
+    ContractError,
+    Input,
+    a_mismatch,
+    expected_shapes,
+    shape_mismatch,
+)
 
 __all__ = ["DOMAIN", "MS_DOMAIN", "OPSET_VERSION", "OP_TYPE", "is_registered", "register"]
-
-DOMAIN = "onnx_nf4"
-OPSET_VERSION = 1
-OP_TYPE = "MatMulNF4"
-#: onnxruntime's contrib domain, where ``MatMulBnb4`` lives.
-MS_DOMAIN = "com.microsoft"
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _lock = threading.Lock()
@@ -47,11 +53,12 @@ def _static_dims(type_proto: onnx.TypeProto) -> list[int | None] | None:
     return [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise onnx.shape_inference.InferenceError(f"[{DOMAIN}::{OP_TYPE}] {message}")
 
 
-def _check_input_dims(ctx, index: int, name: str, expected: list[int]) -> None:
+def _check_input_dims(ctx, index: Input, expected: tuple[int, ...]) -> None:
+    """Fail when input ``index`` has a known rank or static dim that differs from ``expected``."""
     if not ctx.has_input(index):
         return
     type_proto = ctx.get_input_type(index)
@@ -61,7 +68,7 @@ def _check_input_dims(ctx, index: int, name: str, expected: list[int]) -> None:
     if dims is None:
         return
     if len(dims) != len(expected) or any(d is not None and d != e for d, e in zip(dims, expected, strict=False)):
-        _fail(f"input {name!r} has shape {dims}, expected {expected}")
+        _fail(shape_mismatch(index.label, dims, expected))
 
 
 def _infer(ctx) -> None:
@@ -72,15 +79,16 @@ def _infer(ctx) -> None:
     attrs = {name: ctx.get_attribute(name) for name in ("K", "N", "block_size")}
     if any(attr is None for attr in attrs.values()):
         return  # the checker reports the missing required attribute
-    K, N, block_size = (int(attrs[name].i) for name in ("K", "N", "block_size"))
-    if K < 1 or N < 1:
-        _fail(f"K and N must be >= 1, got K={K}, N={N}")
-    if not is_valid_block_size(block_size):
-        _fail(f"block_size must be a power of two in [16, 4096], got {block_size}")
-    k_blocks = -(-K // block_size)
-    _check_input_dims(ctx, 1, "B", [N, k_blocks, block_size // 2])
-    _check_input_dims(ctx, 2, "absmax", [N, k_blocks])
-    _check_input_dims(ctx, 6, "bias", [N])
+    optional = [ctx.get_attribute(name) for name in ("nested_block_size", "accuracy_level")]
+    try:
+        contract = Attributes.create(*(int(attrs[name].i) for name in ("K", "N", "block_size")),
+                                     *(None if attr is None else int(attr.i) for attr in optional))  # fmt: skip
+    except ContractError as err:
+        _fail(err.detail)
+    shapes = expected_shapes(contract)
+    for index in (Input.B, Input.ABSMAX, Input.BIAS):
+        _check_input_dims(ctx, index, shapes[index])
+    N, K = contract.N, contract.K
 
     out = onnx.TypeProto()
     out.tensor_type.elem_type = a_type.tensor_type.elem_type
@@ -89,7 +97,7 @@ def _infer(ctx) -> None:
         if not a_dims:
             _fail("input 'A' must have rank >= 1")
         if a_dims[-1] is not None and a_dims[-1] != K:
-            _fail(f"the last dimension of 'A' is {a_dims[-1]}, but K={K}")
+            _fail(a_mismatch(a_dims[-1], K))
         out.tensor_type.shape.SetInParent()
         for dim in a_type.tensor_type.shape.dim[:-1]:
             out.tensor_type.shape.dim.add().CopyFrom(dim)

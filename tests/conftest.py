@@ -1,4 +1,7 @@
-"""Shared fixtures: the oracle vectors and the real MiniLM model exported to ONNX."""
+"""Shared fixtures: the oracle vectors and the real MiniLM model exported to ONNX.
+
+Also loads the ``outside_reads`` plugin: the session fails when a test reads a file beside the repository.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ import numpy as np
 import pytest
 from oracle_vectors import ORACLE_FILE, REPO_ROOT
 
+pytest_plugins = ["outside_reads"]
+
 
 @pytest.fixture(scope="session")
 def oracle() -> dict[str, np.ndarray]:
-    """All arrays of ``shared/oracle/nf4_vectors.npz`` (see its README), loaded once."""
+    """All arrays of ``tests/data/nf4_vectors.npz`` (see ``tests/data/README.md``), loaded once."""
     if not ORACLE_FILE.exists():
-        pytest.fail(f"oracle vectors not found at {ORACLE_FILE} (set ONNX_NF4_ORACLE_DIR)")
+        pytest.fail(f"oracle vectors not found at {ORACLE_FILE} (python tools/make_oracle_vectors.py writes them)")
     with np.load(ORACLE_FILE) as z:
         return {key: z[key] for key in z.files}
 

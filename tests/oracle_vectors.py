@@ -1,21 +1,19 @@
 """Where the oracle vectors are, their case names, and the bit-level comparison the oracle tests use.
 
-``shared/oracle/nf4_vectors.npz`` (see its README) lies beside the repository (``ONNX_NF4_ORACLE_DIR`` overrides
-the folder). The ``oracle`` and ``oracle_cases`` fixtures of ``conftest.py`` load it; a test module parametrizes
-its ``case`` argument over the cases with ``pytest_generate_tests = parametrize_cases``.
+The vectors are ``tests/data/nf4_vectors.npz`` (layout and provenance: ``tests/data/README.md``; written and checked
+by ``tools/make_oracle_vectors.py``). The ``oracle`` and ``oracle_cases`` fixtures of ``conftest.py`` load it; a test
+module parametrizes its ``case`` argument over the cases with ``pytest_generate_tests = parametrize_cases``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ORACLE_DIR = Path(os.environ.get("ONNX_NF4_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
-ORACLE_FILE = ORACLE_DIR / "nf4_vectors.npz"
+ORACLE_FILE = REPO_ROOT / "tests" / "data" / "nf4_vectors.npz"
 
 
 def case_names() -> list[str]:

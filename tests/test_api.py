@@ -88,7 +88,7 @@ def test_progress_is_reported_per_distinct_weight():
     calls = []
     quantize_model(if_model(), on_progress=lambda *args: calls.append(args))
     assert [(done, total) for done, total, _ in calls] == [(1, 2), (2, 2)]
-    assert {name for *_, name in calls} == {"W_outer", "W_else"}
+    assert {name for *_, name in calls} == {"mm_then", "mm_else"}  # the first node of each weight
 
 
 def test_bad_input_file_raises_model_load_error(tmp_path):

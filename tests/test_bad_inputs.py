@@ -230,8 +230,16 @@ def test_nan_and_inf_weights_are_skipped_with_the_reason(value, dtype):
     w[5, 7] = value
     out, report = quantize_model(matmul_model(w))
     assert not report.layers and "not finite" in report.skipped[0].reason
+    assert f"({value} at flat index {5 * N + 7})" in report.skipped[0].reason  # e.g. "(nan at flat index 197)"
     assert [n.op_type for n in out.graph.node] == ["MatMul"]
     with pytest.raises(ValueError, match="not finite"):
+        onnx_nf4.quantize_weight(w)
+
+
+def test_a_float64_weight_beyond_float32_is_named_plainly():
+    w = np.ones((4, 4), np.float64)
+    w[2, 1] = -1e39
+    with pytest.raises(ValueError, match=r"\(-1e\+39 at flat index 9\)"):
         onnx_nf4.quantize_weight(w)
 
 

@@ -160,7 +160,8 @@ def test_no_command_is_a_one_line_usage_error() -> None:
 
 
 def test_unknown_option_is_a_one_line_usage_error(float_model: Path, tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("quantize", float_model, tmp_path / "o.onnx", "--bits", "3"), "--bits", status=2)
+    proc = run_cli("quantize", float_model, tmp_path / "o.onnx", "--bits", "3")
+    assert_one_line_error(proc, "--bits", "(see 'onnx-nf4 quantize --help')", status=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,7 +324,8 @@ def test_missing_file(tmp_path: Path, command: str) -> None:
 
 
 def test_directory_as_input(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("quantize", tmp_path, tmp_path / "out.onnx"), str(tmp_path), "not a regular file")
+    result = run_cli("quantize", tmp_path, tmp_path / "out.onnx")
+    assert_one_line_error(result, str(tmp_path), "is a directory without genai_config.json")
 
 
 def test_directory_as_output(float_model: Path, tmp_path: Path) -> None:
@@ -394,7 +396,7 @@ def test_invalid_exclude_regex(float_model: Path, tmp_path: Path) -> None:
 
 def test_double_quant_needs_the_onnx_nf4_format(float_model: Path, tmp_path: Path) -> None:
     proc = run_cli("quantize", float_model, tmp_path / "out.onnx", "--double-quant", "--format", "com.microsoft")
-    assert_one_line_error(proc, "--double-quant")
+    assert_one_line_error(proc, "--double-quant", "(see 'onnx-nf4 quantize --help')", status=2)
 
 
 def test_failure_while_writing_out_equal_to_in_leaves_the_input_intact(float_model: Path) -> None:

@@ -68,7 +68,7 @@ def test_oracle_tables_equal_codebook(oracle):
     assert np.array_equal(f32_bits(oracle["bnb_cpu_midpoints_f32"]), f32_bits(NF4_MIDPOINTS_BNB))
 
 
-# The four scaled values whose code depends on the rounding (shared/oracle/README.md):
+# The four scaled values whose code depends on the rounding (tests/data/README.md):
 # (s, bitsandbytes code, onnxruntime code)
 BOUNDARY = [
     (-0.8480963706970215, 0, 1),

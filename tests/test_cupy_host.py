@@ -337,10 +337,10 @@ def test_misaligned_inputs_are_copied_aligned(fake_cupy):
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        (lambda i: i.update(K=99), ValueError, "last dimension of 'A' must be K=99"),
+        (lambda i: i.update(K=99), ValueError, "last dimension of 'A' is 100, but K=99"),
         (lambda i: i.update(block_size=48), ValueError, "power of two"),
         (lambda i: i.update(B=i["B"][:, :, :8]), ValueError, "input 'B' has shape"),
-        (lambda i: i.update(B=i["B"].view(np.int8)), ValueError, "'B' must be uint8"),
+        (lambda i: i.update(B=i["B"].view(np.int8)), ValueError, "'B' has dtype int8, expected uint8"),
         (lambda i: i.update(absmax=i["absmax"][:-1]), ValueError, "input 'absmax' has shape"),
         (lambda i: i.update(absmax=i["absmax"].astype(np.float16)), ValueError, "float32 or uint8"),
         (lambda i: i.update(nested_code=_host(np.zeros(256, np.float32))), ValueError, "nested inputs must be omitted"),
@@ -374,7 +374,7 @@ def test_double_quant_inputs_are_checked(fake_cupy):
         cb.matmul_nf4(a, packed, codes, nested_absmax[:0], code, offset, **_attrs(q))
     with pytest.raises(ValueError, match="'nested_code' has shape"):
         cb.matmul_nf4(a, packed, codes, nested_absmax, code[:255], offset, **_attrs(q))
-    with pytest.raises(ValueError, match="must be float32"):
+    with pytest.raises(ValueError, match="expected float32"):
         cb.matmul_nf4(a, packed, codes, nested_absmax.astype(np.float16), code, offset, **_attrs(q))
     with pytest.raises(ValueError, match="nested_block_size"):
         cb.matmul_nf4(a, packed, codes, nested_absmax, code, offset, **_attrs(q), nested_block_size=100)
@@ -445,3 +445,14 @@ def test_reference_evaluator_op_copies_weights_once(fake_cupy):
     assert first[3][1].data.ptr == second[3][1].data.ptr
     # Copies: B and absmax once, A per run.
     assert fake_cupy.uploads == [q.packed.shape, q.absmax.shape, a.shape, a.shape]
+
+
+def test_reference_evaluator_op_checks_dtypes_before_they_become_bit_patterns(fake_cupy):
+    """A uint16 bias beside a bfloat16 A would pass once both are uint16 on the device: refused on the host."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q = _weight()
+    a = np.ones((2, q.K), ml_dtypes.bfloat16)
+    weights = (q.packed, q.absmax, None, None, None, np.zeros(q.N, np.uint16))
+    with pytest.raises(TypeError, match="input 'bias' has dtype uint16, expected bfloat16"):
+        cb.MatMulNF4._compute(None, a, weights, **_attrs(q))
+    assert not fake_cupy.launches

@@ -256,3 +256,47 @@ def test_dequantize_absmax_checks_inputs():
     short = NestedAbsmax(nested.nested_absmax, nested.code[:128], nested.offset, nested.block_size)
     with pytest.raises(ValueError, match="256"):
         dequantize_absmax(codes, short)
+
+
+def test_lut_codes_match_float32_arithmetic_without_overflowing():
+    """Scales whose float32 reciprocal overflows (zero, subnormal) give the codes float32 arithmetic gives."""
+    import warnings
+
+    from onnx_nf4.double_quant import _DYNAMIC_LUT, _LUT_BINS, _lut_codes
+
+    f32 = np.float32
+    rng = np.random.default_rng(7)
+    edge = np.float32(1) / np.finfo(np.float32).max  # around the smallest scale with a finite reciprocal
+    near = [np.nextafter(edge, f32(0)), edge, np.nextafter(edge, f32(1)), np.nextafter(np.nextafter(edge, 1), 1)]
+    scales = np.concatenate(
+        [
+            rng.standard_normal(4000).astype(f32) ** 2,
+            (rng.random(4000) * 1e-38).astype(f32),  # subnormal
+            np.array([0, 1e-45, 3e38, *near], dtype=f32),
+        ]
+    )
+    centered = (rng.uniform(-1, 1, scales.size).astype(f32) * scales).astype(f32)
+    centered[::5] = 0
+    centered[1::7] = scales[1::7]
+    centered[2::7] = -scales[2::7]
+    with np.errstate(all="ignore"):  # the float32 computation as bitsandbytes does it
+        s = np.clip(centered * (f32(1) / scales), f32(-1), f32(1))
+        t = (s + f32(1)) * f32(0.5) * f32(_LUT_BINS - 1) + f32(0.5)
+        expected = _DYNAMIC_LUT[np.nan_to_num(t, nan=0.0).astype(np.int32)]
+    expected[scales == 0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(_lut_codes(centered, scales), expected)
+
+
+def test_mean_of_values_near_the_float32_limit():
+    import warnings
+
+    from onnx_nf4.double_quant import quantize_absmax, torch_mean_f32
+
+    x = np.full(1000, 3e38, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch_mean_f32(x) == np.float32(3e38)  # torch's float32 sum overflows to inf here
+        _, nested = quantize_absmax(x)
+    assert nested.offset == np.float32(3e38) and np.isfinite(nested.nested_absmax).all()

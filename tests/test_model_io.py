@@ -143,6 +143,7 @@ def test_a_failed_save_leaves_the_target_intact(model_file, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ir, "save", failing_save)
+    monkeypatch.setattr(model_io, "write_model", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_model(load_model(path), path)
     assert path.read_bytes() == before

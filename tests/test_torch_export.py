@@ -89,7 +89,16 @@ def test_small_model_matches_quantize_model(tmp_path, dynamo, double_quant):
     assert len(report.layers) == 2 and report.block_size == 32 and report.double_quant == double_quant
 
 
-def test_defaults_name_inputs_and_make_batch_and_sequence_dynamic(tmp_path):
+def test_defaults_name_inputs_and_keep_shapes_static(tmp_path):
+    """No input of ``Block`` is a token input: every dimension stays static, as ``torch.onnx.export`` makes it."""
+    path = tmp_path / "block.onnx"
+    export(block(), (torch.randn(2, 5, 128), torch.tensor(0.5)), path, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["tokens", "scale"]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [2, 5, 128]
+
+
+def test_dynamic_axes_mapping(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from onnx_nf4.runtime import CustomOpLibraryNotFoundError, session_options
 
@@ -99,10 +108,9 @@ def test_defaults_name_inputs_and_make_batch_and_sequence_dynamic(tmp_path):
         pytest.skip(f"the onnx_nf4 custom-op library is not built: {err}")
     model = block()
     path = tmp_path / "block.onnx"
-    export(model, (torch.randn(2, 5, 128), torch.tensor(0.5)), path, dynamo=False)
-    graph = onnx.load(str(path)).graph
-    assert [i.name for i in graph.input] == ["tokens", "scale"]
-    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    axes = {"tokens": {0: "batch", 1: "sequence"}}
+    export(model, (torch.randn(2, 5, 128), torch.tensor(0.5)), path, dynamo=False, dynamic_axes=axes)
+    dims = [d.dim_param for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims[:2] == ["batch", "sequence"]
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     with torch.no_grad():  # the model with the NF4 weights the pass writes (block size 64, onnxruntime rounding)

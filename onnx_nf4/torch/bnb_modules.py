@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..codec import pack_nibbles
 from ..double_quant import NestedAbsmax
 from .bnb_layout import BnbFormatError, BnbWeight
 
@@ -56,7 +57,7 @@ def _codes_from_cpu_packing(data: np.ndarray, N: int, K: int) -> np.ndarray:
     flat = data.reshape(-1, _CPU_BLOCK_N)
     tiles = np.concatenate([flat & 0xF, flat >> 4], axis=1)  # [..., 64]
     codes = tiles.reshape(N // _CPU_BLOCK_N, K // 2, _CPU_BLOCK_N, 2).transpose(0, 2, 1, 3).reshape(-1)
-    return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+    return pack_nibbles(codes)
 
 
 def bnb_weight(name: str, module: torch.nn.Module) -> BnbWeight:

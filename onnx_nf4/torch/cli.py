@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from ..cli import (
-    CLIError,
+    UsageError,
     add_external_data_option,
     add_quantize_options,
     check_output_path,
@@ -73,9 +73,9 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_export_bnb(args: argparse.Namespace) -> int:
     from .state_dict import DEFAULT_MAX_REL_ERROR, export_bnb_state_dict
 
-    check_output_path(args.output)
     if args.no_check and args.max_rel_error is not None:
-        raise CLIError("--no-check and --max-rel-error exclude each other")
+        raise UsageError("--no-check and --max-rel-error exclude each other")
+    check_output_path(args.output)
     max_rel_error = None if args.no_check else (args.max_rel_error or DEFAULT_MAX_REL_ERROR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

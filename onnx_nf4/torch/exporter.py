@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from ..codec import check_block_size
 from ..layout import dequantize_weight
 from ..model_io import load_model
-from ..passes import DEFAULT_MIN_ELEMENTS, FORMATS
+from ..options import QuantizeOptions
 from ..report import QuantizationReport
 from .bnb_layout import to_quantized_weight
 from .bnb_modules import bnb_weight, find_linear4bit
@@ -125,24 +124,35 @@ def _swapped(model: torch.nn.Module, replacements: Mapping[str, torch.nn.Module]
             setattr(parent, child, old)
 
 
-def _default_input_names(model: torch.nn.Module, args: tuple[Any, ...]) -> list[str]:
+#: ``forward`` parameters that transformers models take as ``[batch, sequence]`` token tensors: the inputs whose
+#: axes 0 and 1 are known to vary.
+SEQUENCE_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
+
+
+def _positional_parameter_names(model: torch.nn.Module, count: int) -> list[str] | None:
+    """The names of ``forward``'s first ``count`` positional parameters (``None`` when it has fewer, e.g. ``*args``)."""
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        parameters = []
+        return None
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= len(args):
-        return positional[: len(args)]
-    return [f"input_{i}" for i in range(len(args))]
+    return positional[:count] if len(positional) >= count else None
 
 
-def _default_dynamic_axes(names: Sequence[str], args: tuple[Any, ...]) -> dict[str, dict[int, str]]:
-    """``batch`` (axis 0) and ``sequence`` (axis 1) for every tensor input of rank >= 1 / >= 2."""
+def _known_dynamic_axes(
+    model: torch.nn.Module, names: Sequence[str], args: tuple[Any, ...], *, batch_everywhere: bool
+) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` for the axes known to vary: ``batch`` (axis 0) and ``sequence`` (axis 1) of every rank-2
+    positional argument whose ``forward`` parameter is in :data:`SEQUENCE_INPUTS`; with ``batch_everywhere``, also
+    axis 0 of every other tensor argument of rank >= 1. ``names`` are the graph input names of ``args``."""
+    parameters = _positional_parameter_names(model, len(args)) or [None] * len(args)
     axes: dict[str, dict[int, str]] = {}
-    for name, arg in zip(names, args, strict=False):
+    for name, parameter, arg in zip(names, parameters, args, strict=False):
         rank = getattr(arg, "ndim", 0)
-        if rank >= 1:
-            axes[name] = {0: "batch", 1: "sequence"} if rank >= 2 else {0: "batch"}
+        if parameter in SEQUENCE_INPUTS and rank == 2:
+            axes[name] = {0: "batch", 1: "sequence"}
+        elif batch_everywhere and rank >= 1:
+            axes[name] = {0: "batch"}
     return axes
 
 
@@ -156,37 +166,70 @@ def _torch_export(
     opset_version: int | None,
     input_names: Sequence[str] | None,
     output_names: Sequence[str] | None,
-    dynamic_axes: Mapping[str, Any] | bool,
+    dynamic_axes: Mapping[str, Any] | bool | None,
+    dynamic_shapes: Any,
 ) -> None:
+    """``torch.onnx.export`` to ``path`` with the dynamic dimensions that :func:`export` documents.
+
+    With the default ``dynamic_axes=None``, a dynamo export that fails because the model fixes a dimension marked
+    dynamic (say a sequence length) is repeated with static shapes, with a warning: the default never fails where
+    ``torch.onnx.export``'s own default (static shapes) succeeds.
+    """
     import torch
 
-    names = list(input_names) if input_names is not None else _default_input_names(model, args)
-    if dynamic_axes is True:
-        axes: Mapping[str, Any] | None = _default_dynamic_axes(names, args)
-    elif dynamic_axes is False:
-        axes = None
+    names = list(input_names) if input_names is not None else _positional_parameter_names(model, len(args))
+    names = names or [f"input_{i}" for i in range(len(args))]
+    if dynamic_shapes is not None and not dynamo:
+        raise ValueError("dynamic_shapes needs the dynamo exporter (dynamo=True); use dynamic_axes with dynamo=False")
+    if dynamic_shapes is not None and dynamic_axes not in (None, False):
+        raise ValueError("give dynamic_axes or dynamic_shapes, not both")
+    if dynamic_shapes is not None or dynamic_axes is False:
+        axes: Mapping[str, Any] = {}
+    elif dynamic_axes is None or dynamic_axes is True:
+        axes = _known_dynamic_axes(model, names, args, batch_everywhere=dynamic_axes is True)
     else:
         axes = dict(dynamic_axes)
     options: dict[str, Any] = {
         "kwargs": dict(kwargs) if kwargs else None,
         "input_names": names,
         "output_names": list(output_names) if output_names is not None else None,
-        "dynamic_axes": axes or None,
         "dynamo": dynamo,
     }
+    if dynamic_shapes is not None:
+        options["dynamic_shapes"] = dynamic_shapes
     if opset_version is not None:
         options["opset_version"] = opset_version
     if dynamo:
         options.update(verbose=False, external_data=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        # dynamic_axes is the documented way to name dynamic dims for both exporters; the dynamo exporter converts
-        # it to dynamic_shapes and warns about that conversion.
-        warnings.filterwarnings("ignore", message=".*dynamic_axes.*", category=UserWarning)
-        warnings.filterwarnings(
-            "ignore", message=".*from_dynamic_axes_to_dynamic_shapes.*", category=DeprecationWarning
+
+    def run(dynamic: Mapping[str, Any]) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            # dynamic_axes is the documented way to name dynamic dims for both exporters; the dynamo exporter
+            # converts it to dynamic_shapes and warns about that conversion.
+            warnings.filterwarnings("ignore", message=".*dynamic_axes.*", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*from_dynamic_axes_to_dynamic_shapes.*", category=DeprecationWarning
+            )
+            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used", category=UserWarning)
+            torch.onnx.export(model, args, str(path), dynamic_axes=dict(dynamic) or None, **options)
+
+    try:
+        run(axes)
+    except torch.onnx.errors.OnnxExporterError as err:
+        if not (dynamo and dynamic_axes is None and axes):
+            raise
+        dims = "; ".join(f"{name}: {', '.join(map(str, marked.values()))}" for name, marked in axes.items())
+        # torch.export's own error (the cause) ends with the dimension it found fixed
+        lines = [line.strip(" -") for line in str(err.__cause__ or err).splitlines() if line.strip(" -")]
+        reason = lines[-1] if lines else type(err).__name__
+        warnings.warn(
+            f"the model does not export with dynamic {dims} ({reason}); exported with static shapes instead. "
+            "Pass dynamic_axes=False for static shapes without this attempt, or dynamic_axes / dynamic_shapes to "
+            "choose the dynamic dimensions.",
+            UserWarning,
+            stacklevel=3,
         )
-        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used", category=UserWarning)
-        torch.onnx.export(model, args, str(path), **options)
+        run({})
 
 
 def _lora_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -205,19 +248,21 @@ def export(
     args: Any,
     path: str | os.PathLike[str],
     *,
-    block_size: int = 64,
-    double_quant: bool = False,
-    format: str = "onnx_nf4",
+    options: QuantizeOptions | None = None,
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    format: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     dynamo: bool = True,
     opset_version: int | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
-    dynamic_axes: Mapping[str, Any] | bool = True,
+    dynamic_axes: Mapping[str, Any] | bool | None = None,
+    dynamic_shapes: Any = None,
     quantize_float: bool | None = None,
     quantize_lora: bool = False,
-    exclude: Iterable[str] = (),
-    min_elements: int = DEFAULT_MIN_ELEMENTS,
+    exclude: Iterable[str] | None = None,
+    min_elements: int | None = None,
     external_data: bool | None = None,
 ) -> QuantizationReport:
     """Export ``model`` with ``torch.onnx.export`` and write it to ``path`` with NF4 weights.
@@ -232,7 +277,7 @@ def export(
         model: the module to export (put it in ``eval()`` mode first); it is left as it was.
         args: the example positional inputs (a tensor or a tuple), as for ``torch.onnx.export``.
         path: the ``.onnx`` file to write.
-        block_size, double_quant, format, exclude, min_elements, external_data: as for
+        options, block_size, double_quant, format, exclude, min_elements, external_data: as for
             :func:`onnx_nf4.quantize_model`, for the float weights that are quantized (``external_data=None``
             writes ``<file name>.data`` only above 2 GB). ``exclude`` also applies to ``Linear4bit`` layers (an
             excluded one stays a float ``MatMul`` holding its decoded weight).
@@ -242,9 +287,16 @@ def export(
         opset_version: ONNX opset of the export (the exporter's default when ``None``).
         input_names: names of the graph inputs (default: the names of ``forward``'s positional parameters).
         output_names: names of the graph outputs (default: the exporter's).
-        dynamic_axes: ``True`` (default): axis 0 (``batch``) and axis 1 (``sequence``) of every input of rank >= 2,
-            axis 0 of every rank-1 input; ``False``: static shapes; or an explicit ``torch.onnx.export``
-            ``dynamic_axes`` mapping.
+        dynamic_axes: which input dimensions stay dynamic in the graph.
+            ``None`` (default): only those known to vary: ``batch`` (axis 0) and ``sequence`` (axis 1) of the rank-2
+            positional inputs whose ``forward`` parameter is a transformers token input (:data:`SEQUENCE_INPUTS`:
+            ``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``); every other dimension is
+            static, as with ``torch.onnx.export``'s defaults. Should the model fix one of those dimensions, the
+            dynamo export is repeated with static shapes, with a ``UserWarning``.
+            ``True``: the same, plus axis 0 (``batch``) of every other tensor input of rank >= 1.
+            ``False``: static shapes. A mapping: ``torch.onnx.export``'s ``dynamic_axes``, passed as given.
+        dynamic_shapes: ``torch.onnx.export``'s ``dynamic_shapes`` (``torch.export.Dim`` specs; dynamo exporter
+            only), passed as given, instead of ``dynamic_axes``.
         quantize_float: quantize the float ``MatMul`` / ``Gemm`` weights; default: ``True`` for a model without
             ``Linear4bit`` layers, ``False`` for a model with them.
         quantize_lora: also quantize peft's LoRA adapter weights when float weights are quantized (default: they
@@ -262,9 +314,8 @@ def export(
     """
     import torch
 
-    check_block_size(block_size)
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    settings = {"block_size": block_size, "double_quant": double_quant, "format": format, "exclude": exclude}
+    options = QuantizeOptions.build(options, **settings, min_elements=min_elements, external_data=external_data)
     args = args if isinstance(args, tuple) else (args,)
     bnb_layers = find_linear4bit(model)
     quantized = {name: to_quantized_weight(bnb_weight(name, module)) for name, module in bnb_layers.items()}
@@ -283,16 +334,6 @@ def export(
             layer_keys.setdefault(key, name)
     lora_keys = {key for module in lora.values() for key in _torch_digests(module.weight)}
 
-    # For the float weights that are quantized (quantize_model's and quantize_with_prequantized's keywords).
-    settings: dict[str, Any] = {
-        "block_size": block_size,
-        "double_quant": double_quant,
-        "format": format,
-        "exclude": exclude,
-        "min_elements": min_elements,
-        "external_data": external_data,
-    }
-
     target = Path(path)
     if not target.absolute().parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: directory {target.absolute().parent} does not exist")
@@ -309,11 +350,12 @@ def export(
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
+                dynamic_shapes=dynamic_shapes,
             )
         if not bnb_layers and not lora:
             from ..api import quantize_model
 
-            _, report = quantize_model(float_path, target, **settings)
+            _, report = quantize_model(float_path, target, options)
             return report
         ir_model = load_model(float_path)
         prequantized = {}
@@ -350,5 +392,5 @@ def export(
             prequantized,
             keep_float=() if quantize_lora else lora_weights,
             quantize_float=quantize_float,
-            **settings,
+            options=options,
         )

@@ -14,12 +14,14 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import onnx_ir as ir
 
 from ..api import quantize_model
+from ..contract import ONNX_DOMAINS
 from ..layout import QuantizedWeight
-from ..passes import DEFAULT_MIN_ELEMENTS
+from ..options import QuantizeOptions
 from ..report import QuantizationReport
 
 __all__ = ["GraphWeight", "graph_weights", "quantize_with_prequantized"]
@@ -68,7 +70,7 @@ def graph_weights(model: ir.Model) -> list[GraphWeight]:
     """Every ``MatMul`` / ``Gemm`` (subgraphs included) whose B input is a 2-D initializer, in node order."""
     found = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
             continue
         value = node.inputs[1]
         if value is None or not value.is_initializer() or value.const_value is None or value.is_graph_input():
@@ -89,44 +91,35 @@ def quantize_with_prequantized(
     *,
     keep_float: Iterable[str] = (),
     quantize_float: bool = False,
-    block_size: int = 64,
-    double_quant: bool = False,
-    format: str = "onnx_nf4",
-    exclude: Iterable[str] = (),
-    min_elements: int = DEFAULT_MIN_ELEMENTS,
-    external_data: bool | None = None,
+    options: QuantizeOptions | None = None,
+    **settings: Any,
 ) -> QuantizationReport:
     """Write ``model`` to ``output_path`` with the ``prequantized`` weights as NF4 (rewritten in place).
 
+    ``options`` (default ``QuantizeOptions()``) with ``settings`` (its field names, e.g. ``block_size=128``)
+    applied as by :meth:`~onnx_nf4.options.QuantizeOptions.build`.
+
     The ``prequantized`` weights (keyed by initializer name) are inserted whatever their size. Every other float
     ``MatMul`` / ``Gemm`` weight stays float unless ``quantize_float`` is set; then it is quantized with
-    ``block_size`` / ``double_quant`` when it has at least ``min_elements`` elements and is not in ``keep_float``.
-    ``exclude`` (regular expressions on node and weight names) applies to every weight, prequantized ones
-    included; ``external_data`` is as for :func:`onnx_nf4.quantize_model`. Without ``quantize_float`` the report
-    states the most common block size of the prequantized weights and whether any is double-quantized.
+    ``options.block_size`` / ``options.double_quant`` when it has at least ``options.min_elements`` elements and is
+    not in ``keep_float``. ``options.exclude`` (regular expressions on node and weight names) applies to every
+    weight, prequantized ones included. Without ``quantize_float`` the report states the most common block size of
+    the prequantized weights and whether any is double-quantized.
     """
+    options = QuantizeOptions.build(options, **settings)
     if not quantize_float and prequantized:
         # Nothing else is quantized: report the settings of the inserted weights (the most common block size).
         sizes = Counter(q.block_size for q in prequantized.values())
-        block_size = sizes.most_common(1)[0][0]
         double_quant = any(q.nested is not None for q in prequantized.values())
-    patterns = list(exclude)
+        options = options.replace(block_size=sizes.most_common(1)[0][0], double_quant=double_quant)
+    patterns = list(options.exclude)
     keep = set(keep_float)
     for weight in graph_weights(model):
         if weight.name in prequantized:
             continue
         elements = weight.tensor.shape[0] * weight.tensor.shape[1]
-        if not quantize_float or weight.name in keep or elements < min_elements:
+        if not quantize_float or weight.name in keep or elements < options.min_elements:
             patterns.append(f"^{re.escape(weight.name)}$")
-    _, report = quantize_model(
-        model,
-        output_path,
-        block_size=block_size,
-        double_quant=double_quant,
-        format=format,
-        exclude=patterns,
-        min_elements=0,
-        prequantized=prequantized,
-        external_data=external_data,
-    )
+    options = options.replace(exclude=tuple(patterns), min_elements=0)
+    _, report = quantize_model(model, output_path, options, prequantized=prequantized)
     return report

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from ..double_quant import NestedAbsmax
-from ..layout import QuantizedWeight, dequantize_weight
+from ..layout import QuantizedWeight
+from ..metrics import nf4_rel_rms_error
 from ..model_io import ModelLike, load_model
-from ..passes import DEFAULT_MIN_ELEMENTS
+from ..options import QuantizeOptions
 from ..report import QuantizationReport
 from .bnb_layout import BnbFormatError, BnbWeight, to_quantized_weight
 from .graph_weights import GraphWeight, graph_weights, quantize_with_prequantized
@@ -171,14 +172,12 @@ def _check_weight(layer: str, q: QuantizedWeight, weight: GraphWeight, max_rel_e
         )
     if max_rel_error is None:
         return
-    w = np.asarray(weight.tensor.numpy(), dtype=np.float32)
-    w = w.T if weight.transposed else w
-    rms = float(np.sqrt(np.mean(np.square(w, dtype=np.float64))))
-    err = float(np.sqrt(np.mean(np.square(w - dequantize_weight(q), dtype=np.float64))))
-    if err > max_rel_error * rms:
+    w = weight.tensor.numpy()
+    error = nf4_rel_rms_error(w.T if weight.transposed else w, q)
+    if error > max_rel_error:
         raise ValueError(
             f"layer {layer!r}: graph weight {weight.name!r} (node {weight.node!r}) is not close to the state "
-            f"dict's NF4 weight (relative RMS difference {err / rms if rms else float('inf'):.3f} > {max_rel_error});"
+            f"dict's NF4 weight (relative RMS difference {error:.3f} > {max_rel_error});"
             " is the graph exported from the same model?"
         )
 
@@ -189,11 +188,12 @@ def export_bnb_state_dict(
     output_path: str | os.PathLike[str],
     *,
     quantize_float: bool = False,
-    block_size: int = 64,
-    double_quant: bool = False,
-    format: str = "onnx_nf4",
-    exclude: Iterable[str] = (),
-    min_elements: int = DEFAULT_MIN_ELEMENTS,
+    options: QuantizeOptions | None = None,
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    format: str | None = None,
+    exclude: Iterable[str] | None = None,
+    min_elements: int | None = None,
     max_rel_error: float | None = DEFAULT_MAX_REL_ERROR,
     external_data: bool | None = None,
 ) -> QuantizationReport:
@@ -210,7 +210,8 @@ def export_bnb_state_dict(
         state_dict: a ``.safetensors`` file, a ``torch.save`` file, or a mapping of names to tensors / arrays.
         output_path: where to write the NF4 model.
         quantize_float: also quantize the other float weights (``block_size``, ``double_quant``, ``min_elements``).
-        format, exclude, external_data: as for :func:`onnx_nf4.quantize_model`.
+        options, block_size, double_quant, format, exclude, min_elements, external_data: as for
+            :func:`onnx_nf4.quantize_model`.
         max_rel_error: refuse a mapping where ``rms(W_float - W_nf4) > max_rel_error * rms(W_float)`` (a wrong
             layer); ``None`` skips this check.
 
@@ -222,6 +223,8 @@ def export_bnb_state_dict(
         ValueError: no 4-bit layer in the state dict, none found in the graph, an ambiguous name, a shape
             mismatch or a weight too far from the float graph's.
     """
+    settings = {"block_size": block_size, "double_quant": double_quant, "format": format, "exclude": exclude}
+    options = QuantizeOptions.build(options, **settings, min_elements=min_elements, external_data=external_data)
     quantized = bnb_quantized_weights(state_dict)
     if not quantized:
         raise ValueError("the state dict holds no bitsandbytes 4-bit layer (no '*.weight.quant_state.bitsandbytes__*')")
@@ -249,10 +252,5 @@ def export_bnb_state_dict(
         output_path,
         prequantized,
         quantize_float=quantize_float,
-        block_size=block_size,
-        double_quant=double_quant,
-        format=format,
-        exclude=exclude,
-        min_elements=min_elements,
-        external_data=external_data,
+        options=options,
     )

@@ -1,0 +1,78 @@
+"""``onnx-nf4 export-genai HF_DIR OUT_DIR``: a transformers checkpoint to an onnxruntime-genai NF4 folder.
+
+Registered by :mod:`onnx_nf4.cli` through :func:`add_export_genai_parser`; the work is
+:func:`onnx_nf4.genai_export.export_genai` (needs the ``genai`` extra: onnxruntime-genai, torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .cli import CLIError, add_format_options, add_quantize_options, print_folder_reports, quantize_options
+
+__all__ = ["add_export_genai_parser"]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def add_export_genai_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export-genai`` subcommand to the ``onnx-nf4`` sub-parsers."""
+    from .genai_export import EXECUTION_PROVIDERS
+
+    parser = subparsers.add_parser(
+        "export-genai",
+        help="export a transformers checkpoint (float or bitsandbytes NF4) to an onnxruntime-genai NF4 folder",
+        description="Build HF_DIR with onnxruntime-genai's model builder and write OUT_DIR, a folder that "
+        "onnxruntime_genai.Model loads as it is. A float checkpoint is quantized with the options below; a "
+        "bitsandbytes NF4 checkpoint keeps bitsandbytes' own bytes (with or without double quantization), and "
+        "the layers it left float (lm_head) stay float unless --quantize-float is given.",
+    )
+    parser.add_argument("hf_dir", metavar="HF_DIR", type=Path, help="transformers checkpoint folder")
+    parser.add_argument("output", metavar="OUT_DIR", type=Path, help="the genai folder to create (new or empty)")
+    parser.add_argument(
+        "--execution-provider",
+        choices=EXECUTION_PROVIDERS,
+        default="cpu",
+        help="execution provider the model is built for (default cpu)",
+    )
+    parser.add_argument(
+        "--quantize-float",
+        action="store_true",
+        help="bitsandbytes checkpoints: also quantize the layers bitsandbytes left float (with --block-size / "
+        "--double-quant)",
+    )
+    add_quantize_options(parser)
+    add_format_options(parser)
+    parser.add_argument(
+        "--builder-option",
+        metavar="KEY=VALUE",
+        type=_key_value,
+        action="append",
+        help="pass KEY=VALUE to the model builder's --extra_options (e.g. fuse_mlp_gate_up=true); repeatable",
+    )
+    parser.set_defaults(handler=_cmd_export_genai)
+
+
+def _cmd_export_genai(args: argparse.Namespace) -> int:
+    from .genai_export import BuilderError, export_genai
+
+    options = quantize_options(args, format=args.format, accuracy_level=args.accuracy_level)
+    try:
+        reports = export_genai(
+            args.hf_dir,
+            args.output,
+            options,
+            execution_provider=args.execution_provider,
+            quantize_float=args.quantize_float,
+            builder_options=dict(args.builder_option or ()),
+        )
+    except BuilderError as err:
+        raise CLIError(str(err)) from None
+    print_folder_reports(reports, None, args.output)
+    return 0

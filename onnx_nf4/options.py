@@ -1,0 +1,114 @@
+"""``QuantizeOptions``: every setting of a quantization run, validated once.
+
+One frozen object travels from the command line (or the keyword arguments of :func:`onnx_nf4.quantize_model`
+and the torch exporters) through :class:`onnx_nf4.passes.QuantizeNF4Pass` to the per-weight encoder
+(:func:`onnx_nf4.passes.encoding.encode_weight`). Building it checks every rule; whoever receives one never
+checks again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import check_block_size
+from .contract import DOMAIN, MS_DOMAIN
+
+__all__ = ["ACCURACY_LEVELS", "DEFAULT_MIN_ELEMENTS", "FORMATS", "METHODS", "QuantizeOptions"]
+
+#: Weights with fewer elements are kept in float. 4096 elements (e.g. 64 x 64) is 16 KiB of float32: below it
+#: NF4 saves less than 14 KiB per weight, while such small matrices (classifier heads, gates, projections to a
+#: handful of outputs) are where the 4-bit error is least diluted; an extra custom op also costs more than the
+#: bytes it saves. Every MatMul of a transformer layer is far above it.
+DEFAULT_MIN_ELEMENTS = 4096
+
+#: Output formats: ``onnx_nf4::MatMulNF4`` and onnxruntime's ``com.microsoft::MatMulBnb4``.
+FORMATS = (DOMAIN, MS_DOMAIN)
+
+#: How codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same for all): ``"rtn"``,
+#: each element to its nearest code with the block's absmax as scale (byte for byte onnxruntime's quantizer);
+#: ``"mse"``, per block the scale minimizing the block's squared error (data-free); ``"gptq"``, codes with error
+#: feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
+METHODS = ("rtn", "mse", "gptq")
+
+#: The ``accuracy_level`` values a quantized model may ask for: 0 (float32 compute, exact) or 4 (the CPU kernels
+#: may quantize the activations to int8 per block, as onnxruntime's ``MatMulNBits`` does at level 4).
+ACCURACY_LEVELS = (0, 4)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """The settings of a quantization run (immutable; invalid values raise ``ValueError`` on construction).
+
+    Attributes:
+        block_size: weights per absmax block along K, a power of two in [16, 4096].
+        double_quant: also quantize the absmax to 8 bits (bitsandbytes' ``compress_statistics``; ``onnx_nf4``
+            format only).
+        format: ``"onnx_nf4"`` (``onnx_nf4::MatMulNF4``) or ``"com.microsoft"`` (``MatMulBnb4``).
+        exclude: regular expressions; a node whose name or weight name matches one (``re.search``) stays float.
+            A single string is one pattern.
+        min_elements: weights with fewer elements stay float (>= 0).
+        external_data: for a written model: ``True`` writes the tensors to ``<file name>.data``, ``False`` keeps
+            them in the protobuf, ``None`` decides by size (above 2 GB: external).
+        accuracy_level: the ``MatMulNF4`` attribute written on every node, one of :data:`ACCURACY_LEVELS`
+            (``onnx_nf4`` format only: ``MatMulBnb4`` has no such attribute).
+        method: how codes and block scales are chosen, one of :data:`METHODS` (``"gptq"`` needs calibration
+            data, given to :func:`onnx_nf4.quantize_model`; weights it has no statistics for get ``"mse"``).
+    """
+
+    block_size: int = 64
+    double_quant: bool = False
+    format: str = "onnx_nf4"
+    exclude: tuple[str, ...] = ()
+    min_elements: int = DEFAULT_MIN_ELEMENTS
+    external_data: bool | None = None
+    accuracy_level: int = 0
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalizing the fields of a frozen instance, once
+        set_(self, "block_size", check_block_size(self.block_size))
+        set_(self, "double_quant", bool(self.double_quant))
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.double_quant and self.format == MS_DOMAIN:
+            raise ValueError("double_quant is not supported by com.microsoft::MatMulBnb4; use format='onnx_nf4'")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        for pattern in exclude:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"invalid exclude pattern {pattern!r}: {err}") from None
+        set_(self, "exclude", exclude)
+        if int(self.min_elements) < 0:
+            raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
+        set_(self, "min_elements", int(self.min_elements))
+        if self.external_data is not None:
+            set_(self, "external_data", bool(self.external_data))
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
+        set_(self, "accuracy_level", int(self.accuracy_level))
+        if self.accuracy_level and self.format == MS_DOMAIN:
+            raise ValueError("accuracy_level is not supported by com.microsoft::MatMulBnb4; use format='onnx_nf4'")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    @property
+    def patterns(self) -> tuple[re.Pattern[str], ...]:
+        """The compiled :attr:`exclude` patterns."""
+        return tuple(re.compile(pattern) for pattern in self.exclude)
+
+    def replace(self, **changes: Any) -> QuantizeOptions:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def build(cls, options: QuantizeOptions | None = None, /, **settings: Any) -> QuantizeOptions:
+        """``options`` (default: ``QuantizeOptions()``) with the ``settings`` that are not ``None`` applied: how the
+        public functions turn their keyword arguments into options (``None`` there means "as in ``options``")."""
+        given = {name: value for name, value in settings.items() if value is not None}
+        if options is None:
+            return cls(**given)
+        return options.replace(**given) if given else options
