@@ -31,7 +31,8 @@ if "--openblas-avx2" in sys.argv:  # OpenBLAS reads these when numpy loads it
 
 import numpy as np
 import onnxruntime as ort
-from bench_cpu import BLOCK_NF4, fp32_model, machine_header, nf4_model
+from bench_cpu import BLOCK_NF4, fp32_model, nf4_model
+from bench_env import machine_header
 
 import onnx_nf4
 from onnx_nf4.runtime import custom_op_library
@@ -81,9 +82,8 @@ def main() -> None:
     parser.add_argument("--openblas-avx2", action="store_true", help="add numpy's OpenBLAS SGEMM on AVX2 (1 thread)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
-    isa = os.environ.get("ONNX_NF4_CPU_ISA", "best available")
     lines = [
-        f"{machine_header()}; MatMulNF4 kernels: ONNX_NF4_CPU_ISA={isa}; {args.rounds} interleaved rounds, medians.",
+        f"{machine_header()}; {args.rounds} interleaved rounds, medians.",
         "",
         "| M | K x N | threads | fp32 ms | nf4 ms | fp32 GFLOP/s | nf4 GFLOP/s | nf4 vs fp32 "
         "| CPU time: fp32 ms | nf4 ms | nf4 vs fp32 | OpenBLAS AVX2 GFLOP/s (CPU time) |",
