@@ -2,8 +2,9 @@
 
 No timing is checked (speed is measured by the benchmarks themselves, never in tests): these keep the scripts working
 between benchmark runs. bench_cpu runs one small case with every peer (OpenVINO's column only where openvino is
-installed), bench_cpu_shapes one small case; bench_models runs the MiniLM part, one round at one thread, on the session's exported MiniLM. The LLM
-part (two onnxruntime-genai builder runs, a minute) is left to ``python tools/bench/bench_models.py --quick``.
+installed), bench_cpu_shapes one small case; bench_models runs the MiniLM part, one round at one thread, on the
+session's exported MiniLM. The LLM part (two onnxruntime-genai builder runs, a minute) is left to
+``python tools/bench/bench_models.py --quick``.
 """
 
 from __future__ import annotations
