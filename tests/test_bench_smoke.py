@@ -2,8 +2,9 @@
 
 No timing is checked (speed is measured by the benchmarks themselves, never in tests): these keep the scripts working
 between benchmark runs. bench_cpu runs one small case with every peer (OpenVINO's column only where openvino is
-installed); bench_models runs the MiniLM part, one round at one thread, on the session's exported MiniLM. The LLM
-part (two onnxruntime-genai builder runs, a minute) is left to ``python tools/bench/bench_models.py --quick``.
+installed), bench_cpu_shapes one small case; bench_models runs the MiniLM part, one round at one thread, on the
+session's exported MiniLM. The LLM part (two onnxruntime-genai builder runs, a minute) is left to
+``python tools/bench/bench_models.py --quick``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def test_bench_cpu_one_small_case(tmp_path):
     out = tmp_path / "results.md"
     bench_cpu.write_markdown(str(out), [run], "python tools/bench/bench_cpu.py", 1)
     assert row in out.read_text()
+
+
+def test_bench_cpu_shapes_one_small_case():
+    import bench_cpu_shapes
+
+    times = bench_cpu_shapes.run_case(50, 64, 40, threads=1, rounds=1, openblas=True)
+    assert set(times) == {"fp32", "nf4", "openblas_avx2"}
+    assert all(wall > 0 and cpu >= 0 for wall, cpu in times.values())
 
 
 @pytest.mark.slow

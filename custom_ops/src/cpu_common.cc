@@ -1,7 +1,4 @@
-// cpu_common.cc: scale decoding, activation quantization and ISA dispatch shared by the CPU kernels.
-//
-// Built with -ffp-contract=off (CMakeLists.txt): the double-quantization decode must round the product and the
-// sum separately, exactly as bitsandbytes does.
+// cpu_common.cc: activation quantization and ISA dispatch shared by the CPU kernels.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -13,14 +10,6 @@
 #endif
 
 namespace onnx_nf4::cpu {
-
-float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
-  const int64_t f = n * w.k_blocks + b;
-  if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] *
-                        w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
-  return product + w.absmax_offset;
-}
 
 void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_blocks, int64_t group, int8_t* q,
                      float* scale, int32_t* qsum) {

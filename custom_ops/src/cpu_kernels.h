@@ -31,8 +31,19 @@ struct Nf4Weight {
   int64_t nested_block_size = 256;
 };
 
-// Decodes the scale of block b of column n (rule 1 of the spec, bit-exact; built with -ffp-contract=off).
-float BlockScale(const Nf4Weight& w, int64_t n, int64_t b);
+namespace {  // NOLINT(build/namespaces): internal linkage, so no copy built with one module's ISA flags is shared
+
+// The scale of block b of column n (rule 1 of the spec, bit-exact: the library is built with -ffp-contract=off,
+// so the double-quantization product and sum round separately).
+inline float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
+  const int64_t f = n * w.k_blocks + b;
+  if (w.absmax != nullptr) return w.absmax[f];
+  const int nested_shift = __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size));
+  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> nested_shift];
+  return product + w.absmax_offset;
+}
+
+}  // namespace
 
 // Runs fn(data, i) for i in [0, total), possibly concurrently; fn must not throw.
 class ParallelRunner {

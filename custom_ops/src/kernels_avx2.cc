@@ -21,6 +21,10 @@ struct Isa {
   static constexpr int64_t kGroup = 16;  // codes per 8-byte step
   static constexpr int kMaxGemvRows = 3;  // 3 rows: 6 accumulators + 3 totals + table fit 16 registers
   static constexpr bool kOutlinedPanel = true;   // 16 registers: the decode's table would crowd the 12 accumulators
+  static constexpr int kGemmMr = 6;   // 6 x 16 tile: 12 accumulators, 2 panel vectors, 1 broadcast
+  static constexpr int kGemmNv = 2;
+  static constexpr int64_t kGemmKc = 256;  // 256 x 16 panel: 16 KiB
+  static constexpr int64_t kGemmTaskGroups = 4;
 
   static Vec Zero() { return _mm256_setzero_ps(); }
   static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
@@ -28,6 +32,7 @@ struct Isa {
   static Vec Set1(float x) { return _mm256_set1_ps(x); }
   static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec And(Vec a, Vec b) { return _mm256_and_ps(a, b); }
   static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float Sum(Vec v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -52,13 +57,15 @@ struct Isa {
   }
 };
 
-constexpr int64_t kTileN = 6;  // GEMM tile: 6 columns x 16 rows (12 accumulators)
+constexpr int64_t kTileN = 6;  // Y^T tile: 6 columns x 16 rows (12 accumulators)
 
 void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   if (p.M < kMinGemmRows) {
     GemvF32<Isa>(p, par, scratch);
+  } else if (p.M < kMinPackedGemmRows) {
+    TileGemmF32<Isa, kTileN, 2>(p, par, scratch);
   } else {
-    GemmF32<Isa, kTileN, 2>(p, par, scratch);
+    GemmF32<Isa>(p, par, scratch);
   }
 }
 

@@ -23,6 +23,10 @@ struct Isa {
   static constexpr int64_t kGroup = 32;  // codes per 16-byte step
   static constexpr int kMaxGemvRows = 8;
   static constexpr bool kOutlinedPanel = false;
+  static constexpr int kGemmMr = 8;   // 8 x 48 tile: 24 accumulators, 3 panel vectors, 1 broadcast
+  static constexpr int kGemmNv = 3;
+  static constexpr int64_t kGemmKc = 128;  // 128 x 48 panel: 24 KiB
+  static constexpr int64_t kGemmTaskGroups = 2;
 
   static Vec Zero() { return _mm512_setzero_ps(); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
@@ -30,6 +34,7 @@ struct Isa {
   static Vec Set1(float x) { return _mm512_set1_ps(x); }
   static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec And(Vec a, Vec b) { return _mm512_and_ps(a, b); }
   static Vec Fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
 
@@ -44,7 +49,7 @@ struct Isa {
   }
 };
 
-constexpr int64_t kTileN = 12;        // GEMM tile: 12 columns x 32 rows (24 accumulators)
+constexpr int64_t kTileN = 12;        // Y^T tile: 12 columns x 32 rows (24 accumulators)
 constexpr int64_t kTileNNarrow = 24;  // columns of the 16-row tile (M <= 16: a 32-row tile would be half padding)
 
 void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
@@ -53,9 +58,11 @@ void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   } else if (p.M < kMinGemmRows) {
     GemvF32<Isa>(p, par, scratch);
   } else if (p.M <= 16) {
-    GemmF32<Isa, kTileNNarrow, 1>(p, par, scratch);
+    TileGemmF32<Isa, kTileNNarrow, 1>(p, par, scratch);
+  } else if (p.M < kMinPackedGemmRows) {
+    TileGemmF32<Isa, kTileN, 2>(p, par, scratch);
   } else {
-    GemmF32<Isa, kTileN, 2>(p, par, scratch);
+    GemmF32<Isa>(p, par, scratch);
   }
 }
 

@@ -164,7 +164,7 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
     if (w.absmax != nullptr && nb == nv) {
       std::memcpy(sw, w.absmax + n * kb + b0, sizeof(float) * static_cast<size_t>(nb));
     } else {
-      for (int64_t j = 0; j < nv; ++j) sw[j] = j < nb ? Scale(w, n, b0 + j) : 0.0f;
+      for (int64_t j = 0; j < nv; ++j) sw[j] = j < nb ? BlockScale(w, n, b0 + j) : 0.0f;
     }
     for (int m = 0; m < MR; ++m) {
       const int64_t row = (m0 + m) * kb + b0;
@@ -301,7 +301,7 @@ __attribute__((noinline)) void I8DecodePanel(const I8GemmArgs& g, int64_t n0, in
       for (int64_t b = 0; b < nb; ++b) sw[b * TN + j] = 0.0f;
       continue;
     }
-    for (int64_t b = 0; b < nb; ++b) sw[b * TN + j] = Scale(w, n, b0 + b);
+    for (int64_t b = 0; b < nb; ++b) sw[b * TN + j] = BlockScale(w, n, b0 + b);
     const uint8_t* codes = w.packed + n * row_bytes + k0 / 2;
     // The TN columns are interleaved streams, which the hardware prefetchers serve poorly: request the codes
     // that this column's slot decodes next now, the next chunk or, after the last one, the first chunk of the
