@@ -28,10 +28,10 @@
 namespace onnx_nf4::cpu {
 namespace {  // NOLINT(build/namespaces): see above
 
-constexpr int64_t kGemvCols = 16;          // columns per weight-streaming task
-constexpr int64_t kMinGemmRows = 16;       // float32: rows from which the Y^T tiles beat weight streaming
-constexpr int64_t kMinPackedGemmRows = 48; // float32: rows from which the packed GEMM beats the Y^T tiles
-constexpr int64_t kTileKc = 64;            // K per Y^T tile panel (TN x 64 floats, + the 64 x M_tile of A^T: L1)
+constexpr int64_t kGemvCols = 16;           // columns per weight-streaming task
+constexpr int64_t kMinGemmRows = 16;        // float32: rows from which the Y^T tiles beat weight streaming
+constexpr int64_t kMinPackedGemmRows = 48;  // float32: rows from which the packed GEMM beats the Y^T tiles
+constexpr int64_t kTileKc = 64;             // K per Y^T tile panel (TN x 64 floats, + the 64 x M_tile of A^T: L1)
 
 // ---------------------------------------------------------------- float32, small M (weight streaming)
 
@@ -51,7 +51,8 @@ struct GemvArgs {
 // running totals alternate between blocks to halve their dependency chain. Not inlined: a function of its own
 // gets the registers to itself (inlined into the row dispatch, it measured slower).
 template <class Isa, int MR, int U>
-__attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end, bool prefetch_next) {
+__attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end,
+                                          bool prefetch_next) {
   using Vec = typename Isa::Vec;
   constexpr int64_t kGroup = Isa::kGroup;
   const Problem& p = *g.p;
@@ -63,7 +64,7 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
   Vec tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = Isa::Zero();
   // One block: its sums, times its scale s, into tot (a lambda: the two totals stay in registers).
-  auto block = [&](int64_t b, Vec (&tot)[MR], Vec s) {
+  auto block = [&](int64_t b, Vec(&tot)[MR], Vec s) {
     Vec acc[MR][2 * U];
     for (int m = 0; m < MR; ++m)
       for (int u = 0; u < 2 * U; ++u) acc[m][u] = Isa::Zero();
@@ -144,9 +145,8 @@ template <class Isa>
 void GemvTask(void* data, size_t task) {
   const GemvArgs& g = *static_cast<const GemvArgs*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * kGemvCols, n1 = MinI64(n0 + kGemvCols, g.p->w.N);
-  ForRowGroups<Isa::kMaxGemvRows>(g.p->M, [&](auto rows, int64_t m0) {
-    GemvRows<Isa, decltype(rows)::kValue>(g, m0, n0, n1);
-  });
+  ForRowGroups<Isa::kMaxGemvRows>(g.p->M,
+                                  [&](auto rows, int64_t m0) { GemvRows<Isa, decltype(rows)::kValue>(g, m0, n0, n1); });
 }
 
 // Y = A @ W (+ bias) for few rows: A packed once in code order, then tasks of kGemvCols columns stream W.
@@ -165,9 +165,9 @@ void GemvF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
 // ---------------------------------------------------------------- float32, medium M (Y^T tiles)
 //
 // For kMinGemmRows <= M < kMinPackedGemmRows, where the decode is a large part of the work and the column-wise
-// decode below (no transpose) pays off. Computes Y^T tile by tile: a task owns TN columns; per chunk of K it decodes their exact weights
-// W[k, n] = NF4 * scale into a TN x kc panel (L1), then every (kLanes * V)-row tile of A^T (packed once per
-// call, in code order) accumulates TN x (kLanes * V) outputs in TN * V registers. Y^T lives in a per-call
+// decode below (no transpose) pays off. Computes Y^T tile by tile: a task owns TN columns; per chunk of K it decodes
+// their exact weights W[k, n] = NF4 * scale into a TN x kc panel (L1), then every (kLanes * V)-row tile of A^T (packed
+// once per call, in code order) accumulates TN x (kLanes * V) outputs in TN * V registers. Y^T lives in a per-call
 // buffer and is transposed into Y (+ bias) by the task at the end.
 
 struct TileArgs {
@@ -221,8 +221,8 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
 // DecodePanel out of line, for Isa::kOutlinedPanel: with 16 vector registers, the table registers of the decode
 // must not compete with the accumulators of the tile loop.
 template <class Isa, int TN>
-__attribute__((noinline)) void DecodePanelOutlined(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0,
-                                                   int64_t kc, int64_t kpad, float* panel) {
+__attribute__((noinline)) void DecodePanelOutlined(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                                                   int64_t kpad, float* panel) {
   DecodePanel<Isa, TN>(w, n0, nc, k0, kc, kpad, panel);
 }
 
@@ -313,8 +313,8 @@ struct GemmShape {
 
 struct PackedGemmArgs {
   const Problem* p;
-  const float* ap;       // [slivers][K][kMr]
-  const float* bias;     // [groups * kNr], zero past N; nullptr without bias
+  const float* ap;    // [slivers][K][kMr]
+  const float* bias;  // [groups * kNr], zero past N; nullptr without bias
   int64_t slivers, groups;
   int64_t task_groups;   // column groups per task
   int64_t task_slivers;  // slivers per task
