@@ -23,7 +23,7 @@ struct Isa {
   static constexpr int64_t kGroup = 32;  // codes per 16-byte step
   static constexpr int kMaxGemvRows = 8;
   static constexpr bool kOutlinedPanel = false;
-  static constexpr int kGemmMr = 8;   // 8 x 48 tile: 24 accumulators, 3 panel vectors, 1 broadcast
+  static constexpr int kGemmMr = 8;  // 8 x 48 tile: 24 accumulators, 3 panel vectors, 1 broadcast
   static constexpr int kGemmNv = 3;
   static constexpr int64_t kGemmKc = 128;  // 128 x 48 panel: 24 KiB
   static constexpr int64_t kGemmTaskGroups = 2;

@@ -19,6 +19,9 @@
 #ifndef ONNX_NF4_NF4_CODEBOOK_H_
 #define ONNX_NF4_NF4_CODEBOOK_H_
 
+/* The generator lays this file out: */
+/* clang-format off */
+
 #define ONNX_NF4_NUM_CODES 16
 #define ONNX_NF4_NUM_THRESHOLDS 15
 #define ONNX_NF4_ZERO_CODE 7
@@ -114,5 +117,7 @@
 #define ONNX_NF4_THRESHOLD_12 (0x1.00da06p-1f)
 #define ONNX_NF4_THRESHOLD_13 (0x1.491b5ep-1f)
 #define ONNX_NF4_THRESHOLD_14 (0x1.b913b2p-1f)
+
+/* clang-format on */
 
 #endif /* ONNX_NF4_NF4_CODEBOOK_H_ */
