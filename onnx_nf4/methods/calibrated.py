@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..calibration import ActivationCollector, CalibrationData, Hessian
+from ..contract import ONNX_DOMAINS
 from ..layout import QuantizedWeight, dequantize_weight
 from ..passes.graph import node_label
 from . import encode_weight
@@ -75,7 +76,6 @@ class CalibratedWeight:
     rows: int
 
 
-_ONNX_DOMAINS = ("", "ai.onnx")
 
 
 def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[CalibratedLayer]:
@@ -89,7 +89,7 @@ def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[Calib
     found: dict[tuple[str, bool], list[tuple[str, bool]]] = {}
     first_node: dict[tuple[str, bool], str] = {}
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in _ONNX_DOMAINS or len(node.inputs) < 2:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
             continue
         a, b = node.inputs[0], node.inputs[1]
         if a is None or b is None or not a.name or not b.name:
