@@ -76,8 +76,6 @@ class CalibratedWeight:
     rows: int
 
 
-
-
 def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[CalibratedLayer]:
     """The :class:`CalibratedLayer` of each ``(weight name, transpose)`` in ``keys`` used by main-graph nodes.
 
