@@ -17,6 +17,7 @@ from .passes import DequantizeNF4Pass, QuantizeNF4Pass
 from .reference import REFERENCE_OPS, MatMulNF4
 from .report import QuantizationReport
 from .runtime import custom_op_library, session_options
+from .sysinfo import SystemInfo, info
 
 schema.register()
 
@@ -32,12 +33,14 @@ __all__ = [
     "QuantizeNF4Pass",
     "QuantizeOptions",
     "QuantizedWeight",
+    "SystemInfo",
     "__version__",
     "custom_op_library",
     "dequantize_blockwise",
     "dequantize_model",
     "dequantize_weight",
     "export_genai",
+    "info",
     "quantize_blockwise",
     "quantize_genai_folder",
     "quantize_model",

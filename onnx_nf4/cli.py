@@ -6,6 +6,7 @@ Subcommands:
   ``com.microsoft::MatMulBnb4``), with a progress bar on stderr and a per-layer report on stdout.
 * ``inspect MODEL``: what is quantized, block sizes, bits per weight (either format, or a float model).
 * ``dequantize IN OUT``: back to float ``MatMul`` (for debugging).
+* ``info``: versions, the custom-op library, the CPU kernel set chosen, CUDA support (:mod:`onnx_nf4.sysinfo`).
 
 Every expected failure (unreadable or invalid model, bad option, write error) is reported as one line
 ``onnx-nf4: error: ...`` on stderr with exit status 1, or 2 for a usage error (an unknown option, a bad value,
@@ -65,6 +66,7 @@ PROG = "onnx-nf4"
 SUBCOMMAND_PROVIDERS: list[str] = [
     "onnx_nf4.torch.cli:add_export_bnb_parser",
     "onnx_nf4.genai_cli:add_export_genai_parser",
+    "onnx_nf4.sysinfo:add_info_parser",
 ]
 
 # What a command may raise for a failure the user can fix; anything else is a bug and keeps its traceback.

@@ -10,13 +10,15 @@ this module by ``tools/gen_codebook_header.py`` and checked against it by the te
   ``#{t in NF4_THRESHOLDS : s > t}``: a tie goes to the lower code. This is the default rounding.
 * ``NF4_MIDPOINTS_BNB``: float32[15], ``(NF4_CODE[i] + NF4_CODE[i+1]) / 2`` computed in float32, the bounds of
   bitsandbytes' CPU kernel. They differ from ``NF4_THRESHOLDS`` by one ulp at four places.
+* ``NF4_CODE_I8``: int8[16], ``round(NF4_CODE * NF4_I8_LEVELS)`` (``NF4_I8_LEVELS = 127``), the 8-bit image
+  of the table used by the CPU kernels at ``accuracy_level = 4``: ``NF4_CODE[c] ~= NF4_CODE_I8[c] / 127``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NF4_CODE", "NF4_MIDPOINTS_BNB", "NF4_THRESHOLDS", "NF4_ZERO_CODE"]
+__all__ = ["NF4_CODE", "NF4_CODE_I8", "NF4_I8_LEVELS", "NF4_MIDPOINTS_BNB", "NF4_THRESHOLDS", "NF4_ZERO_CODE"]
 
 NF4_CODE: np.ndarray = np.array(
     [
@@ -45,5 +47,11 @@ NF4_MIDPOINTS_BNB: np.ndarray = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2))
 #: The code of 0.0 (and of padding elements).
 NF4_ZERO_CODE: int = 7
 
-for _table in (NF4_CODE, NF4_THRESHOLDS, NF4_MIDPOINTS_BNB):
+#: Levels of the 8-bit image of the table: the largest magnitude of ``NF4_CODE_I8``.
+NF4_I8_LEVELS: int = 127
+
+#: ``round(NF4_CODE * NF4_I8_LEVELS)`` (no value is a tie), the int8 table of ``accuracy_level = 4``.
+NF4_CODE_I8: np.ndarray = np.rint(NF4_CODE.astype(np.float64) * NF4_I8_LEVELS).astype(np.int8)
+
+for _table in (NF4_CODE, NF4_THRESHOLDS, NF4_MIDPOINTS_BNB, NF4_CODE_I8):
     _table.setflags(write=False)

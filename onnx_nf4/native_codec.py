@@ -139,7 +139,10 @@ def _dtype_code(w: np.ndarray) -> int:
 
 
 def _native_byte_order(w: np.ndarray) -> np.ndarray:
-    return w if w.dtype.isnative else w.astype(w.dtype.newbyteorder("="))
+    """``w`` in the machine's byte order and aligned to its element size (as the C code reads it)."""
+    if not w.dtype.isnative:
+        return w.astype(w.dtype.newbyteorder("="))
+    return w if w.flags.aligned else w.copy()
 
 
 def _check(status: int, w: np.ndarray, name: str) -> None:

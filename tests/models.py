@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_nf4.layout import QuantizedWeight
+from onnx_nf4.layout import QuantizedWeight, dequantize_weight
 
 OPSET = 18
 IR_VERSION = 10
@@ -293,3 +293,20 @@ def reference_matmul(q: QuantizedWeight, a: np.ndarray, bias: np.ndarray | None 
         block_size=q.block_size,
         nested_block_size=256 if nested is None else nested.block_size,
     )
+
+
+F32_EPS = 2.0**-23  # float32 machine epsilon
+F32_TINY = 2.0**-149  # float32's smallest subnormal: the step of its grid below 2^-126
+
+
+def float32_tolerance(q: QuantizedWeight, a: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """The bound of ``docs/MatMulNF4.md`` on ``|Y - Y_ref|`` for float32 compute, in float64, shaped like ``Y``:
+    ``2 K 2^-23 (|A| @ |W| + |bias|) + K 2^-149 (1 + max_b |s[n, b]|)`` (reordered float32 sums; products that
+    fall below float32's normal range keep only their 2^-149 grid, and a kernel that scales a block's sum of
+    ``A * NF4[q]`` multiplies that rounding by the block's scale)."""
+    w = np.abs(dequantize_weight(q).astype(np.float64))
+    bound = np.abs(a.astype(np.float64)).reshape(-1, q.K) @ w
+    if bias is not None:
+        bound = bound + np.abs(bias.astype(np.float64))
+    scale = np.abs(q.float_absmax().astype(np.float64)).max(axis=1)
+    return (2 * q.K * F32_EPS * bound + q.K * F32_TINY * (1 + scale)).reshape(*a.shape[:-1], q.N)

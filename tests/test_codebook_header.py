@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_nf4.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE
+from onnx_nf4.codebook import NF4_CODE, NF4_CODE_I8, NF4_I8_LEVELS, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEADER = REPO_ROOT / "custom_ops" / "include" / "onnx_nf4" / "nf4_codebook.h"
@@ -83,6 +83,18 @@ def test_count_macros():
     assert re.search(rf"^#define ONNX_NF4_ZERO_CODE {NF4_ZERO_CODE}$", text, flags=re.M)
 
 
+def test_int8_table():
+    """The int8 table of accuracy_level 4: round(NF4 * 127) in codebook.py, copied exactly into the header."""
+    assert NF4_I8_LEVELS == 127 and NF4_CODE_I8.dtype == np.int8
+    scaled = NF4_CODE.astype(np.float64) * NF4_I8_LEVELS
+    assert np.all(np.abs(scaled - np.round(scaled)) < 0.49)  # no tie: rounding is unambiguous
+    np.testing.assert_array_equal(NF4_CODE_I8, np.round(scaled).astype(np.int8))
+    text = HEADER.read_text()
+    assert re.search(rf"^#define ONNX_NF4_I8_LEVELS {NF4_I8_LEVELS}$", text, flags=re.M)
+    items = [int(v) for v in _macro_body(text, "ONNX_NF4_CODEBOOK_I8_VALUES").split(",")]
+    assert items == NF4_CODE_I8.tolist()
+
+
 def test_float_literal_roundtrip():
     gen = _load_generator()
     for v in np.array([0.0, -0.0, 1.0, 2.0**-149, 3.4028235e38, -0.1], dtype=np.float32):
@@ -98,6 +110,7 @@ _PROGRAM = r"""
 static const float kCode[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};
 static const float kThr[ONNX_NF4_NUM_THRESHOLDS] = {ONNX_NF4_THRESHOLD_VALUES};
 static const float kMid[ONNX_NF4_NUM_THRESHOLDS] = {ONNX_NF4_BNB_MIDPOINT_VALUES};
+static const signed char kI8[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_I8_VALUES};
 static void dump(const float* v, int n) {
   for (int i = 0; i < n; ++i) { unsigned u; memcpy(&u, &v[i], 4); printf("%u ", u); }
   printf("\n");
@@ -106,6 +119,8 @@ int main(void) {
   const float scalar[2] = {ONNX_NF4_CODE_13, ONNX_NF4_THRESHOLD_8};
   dump(kCode, ONNX_NF4_NUM_CODES); dump(kThr, ONNX_NF4_NUM_THRESHOLDS); dump(kMid, ONNX_NF4_NUM_THRESHOLDS);
   dump(scalar, 2);
+  for (int i = 0; i < ONNX_NF4_NUM_CODES; ++i) printf("%d ", kI8[i] * (ONNX_NF4_I8_LEVELS / 127));
+  printf("\n");
   return 0;
 }
 """
@@ -141,4 +156,5 @@ def test_header_compiles_to_same_bits(compiler, flags, tmp_path):
         _bits(NF4_THRESHOLDS),
         _bits(NF4_MIDPOINTS_BNB),
         _bits([NF4_CODE[13], NF4_THRESHOLDS[8]]),
+        NF4_CODE_I8.tolist(),
     ]

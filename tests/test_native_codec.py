@@ -120,7 +120,9 @@ def test_input_dtypes(dtype, rounding):
 def test_strided_views(rounding):
     """Row-major, nn.Linear-ordered, reversed, sliced and byte-swapped weights are read in place or converted."""
     w = np.random.default_rng(3).standard_normal((300, 260)).astype(np.float32)
-    views = [w, w.T.copy().T, w[::-1], w[:, ::-1], w[::2, 1::3], w.T[::3].T, w.astype(">f4")]
+    unaligned = np.frombuffer(b"\0" + w.tobytes(), np.float32, count=w.size, offset=1).reshape(w.shape)
+    assert not unaligned.flags.aligned
+    views = [w, w.T.copy().T, w[::-1], w[:, ::-1], w[::2, 1::3], w.T[::3].T, w.astype(">f4"), unaligned]
     for view in views:
         assert_weight_equal(view, 64, rounding)
         assert_flat_equal(view, 64, rounding)
@@ -439,6 +441,7 @@ def test_every_instruction_set_gives_the_same_bytes_and_sums():
     if best[0] != "portable":
         avx2 = _isa_run("avx2")
         assert avx2[0] == "avx2" and avx2[1:] == best[1:]
+        assert _isa_run("avx2vnni")[0] == "avx2"  # the kernels' cap value; the encoder has no VNNI code
 
 
 def test_isa_name():

@@ -25,7 +25,14 @@ HEADER_PATH = REPO_ROOT / "custom_ops" / "include" / "onnx_nf4" / "nf4_codebook.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from onnx_nf4.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE  # noqa: E402
+from onnx_nf4.codebook import (  # noqa: E402
+    NF4_CODE,
+    NF4_CODE_I8,
+    NF4_I8_LEVELS,
+    NF4_MIDPOINTS_BNB,
+    NF4_THRESHOLDS,
+    NF4_ZERO_CODE,
+)
 
 
 def float_literal(value: np.float32) -> str:
@@ -49,6 +56,11 @@ def _list_macro(name: str, values: np.ndarray) -> list[str]:
     return lines
 
 
+def _int_list_macro(name: str, values: np.ndarray) -> list[str]:
+    """``#define NAME`` and the integers on one line (an initializer list, like the float lists)."""
+    return [f"#define {name} {', '.join(str(int(v)) for v in values)}"]
+
+
 def _scalar_macros(prefix: str, values: np.ndarray) -> list[str]:
     return [f"#define {prefix}_{i} ({float_literal(v)})" for i, v in enumerate(values)]
 
@@ -66,6 +78,8 @@ def render_header() -> str:
         " *   static const float kNF4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};",
         " *   __constant__ float c_nf4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};",
         " * and the scalar macros (ONNX_NF4_CODE_i, ONNX_NF4_THRESHOLD_i) suit broadcasts and compare trees.",
+        " * ONNX_NF4_CODEBOOK_I8_VALUES is the 8-bit image of the table, round(NF4 * ONNX_NF4_I8_LEVELS), used by",
+        " * the int8 CPU kernels (accuracy_level 4).",
         " *",
         " * Encoding of a scaled value s = x * (1 / absmax): code = #{i : s > ONNX_NF4_THRESHOLD_i}",
         " * (a tie goes to the lower code). Decoding: ONNX_NF4_CODE_code * absmax, in float32.",
@@ -74,6 +88,9 @@ def render_header() -> str:
         " */",
         "#ifndef ONNX_NF4_NF4_CODEBOOK_H_",
         "#define ONNX_NF4_NF4_CODEBOOK_H_",
+        "",
+        "/* The generator lays this file out: */",
+        "/* clang-format off */",
         "",
         f"#define ONNX_NF4_NUM_CODES {NF4_CODE.size}",
         f"#define ONNX_NF4_NUM_THRESHOLDS {NF4_THRESHOLDS.size}",
@@ -88,9 +105,15 @@ def render_header() -> str:
         "/* The 15 decision bounds of bitsandbytes' CPU kernel: fl32((NF4[i] + NF4[i+1]) / 2). */",
         *_list_macro("ONNX_NF4_BNB_MIDPOINT_VALUES", NF4_MIDPOINTS_BNB),
         "",
+        f"/* round(NF4 * {NF4_I8_LEVELS}): the int8 table of accuracy_level 4 (NF4 ~= value / {NF4_I8_LEVELS}). */",
+        f"#define ONNX_NF4_I8_LEVELS {NF4_I8_LEVELS}",
+        *_int_list_macro("ONNX_NF4_CODEBOOK_I8_VALUES", NF4_CODE_I8),
+        "",
         *_scalar_macros("ONNX_NF4_CODE", NF4_CODE),
         "",
         *_scalar_macros("ONNX_NF4_THRESHOLD", NF4_THRESHOLDS),
+        "",
+        "/* clang-format on */",
         "",
         "#endif /* ONNX_NF4_NF4_CODEBOOK_H_ */",
         "",

@@ -138,12 +138,12 @@ __device__ __forceinline__ void load_codes(const u8* row, i64 off, i64 row_bytes
 
 // The float32 scale of block f = n * k_blocks + b (rule 1 of docs/MatMulNF4.md).
 struct Scales {
-  const float* absmax;       // float32 [N * k_blocks], or null when absmax_codes is set
-  const u8* absmax_codes;    // uint8 [N * k_blocks] (double quantization)
+  const float* absmax;     // float32 [N * k_blocks], or null when absmax_codes is set
+  const u8* absmax_codes;  // uint8 [N * k_blocks] (double quantization)
   const float* nested_absmax;
   const float* nested_code;
   const float* absmax_offset;
-  int nested_shift;          // log2(nested_block_size)
+  int nested_shift;  // log2(nested_block_size)
 };
 
 __device__ __forceinline__ float block_scale(const Scales& s, i64 f) {
@@ -227,9 +227,9 @@ constexpr int kFlagActVec16 = 2;    // A rows can be read with 16-byte loads
 template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads)
     nf4_gemv_simt(const T* __restrict__ A, const u8* __restrict__ B, const float* absmax, const u8* absmax_codes,
-                  const float* nested_absmax, const float* nested_code, const float* absmax_offset,
-                  const T* bias, T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks,
-                  int nested_shift, int k_split, int flags) {
+                  const float* nested_absmax, const float* nested_code, const float* absmax_offset, const T* bias,
+                  T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift, int k_split,
+                  int flags) {
   __shared__ float partial[kWarps][MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cols_per_cta = kWarps / k_split;
@@ -351,9 +351,8 @@ __device__ __forceinline__ void decode_byte(u32 table, u32 w, int sh, u32& hi, u
 // Lanes with t >> (2 - log2 G) == gi share one block; the mma of group gi sees only their activations, so
 // its product can be scaled by that block's scale (held by lane t = gi << gshift of the same g).
 template <typename T, int NT8, int G, int S0, int NS>
-__device__ __forceinline__ void mma_steps(u32 table, const u32 (&qa)[4], const u32 (&qb)[4],
-                                          const u32 (&act)[NT8][16], float scale_a, float scale_b, int lane,
-                                          float (&d)[NT8][4]) {
+__device__ __forceinline__ void mma_steps(u32 table, const u32 (&qa)[4], const u32 (&qb)[4], const u32 (&act)[NT8][16],
+                                          float scale_a, float scale_b, int lane, float (&d)[NT8][4]) {
   constexpr int gshift = G == 1 ? 2 : (G == 2 ? 1 : 0);
   const int t = lane & 3;
   float c[G][NT8][4];
@@ -408,8 +407,8 @@ template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, 2)
     nf4_gemv_mma(const T* __restrict__ A, const u8* __restrict__ B, const float* absmax, const u8* absmax_codes,
                  const float* nested_absmax, const float* nested_code, const float* absmax_offset, const T* bias,
-                 T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift,
-                 int k_split, int flags) {
+                 T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift, int k_split,
+                 int flags) {
   constexpr int NT8 = MT / 8;
   __shared__ float partial[kWarps][16][MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -478,15 +477,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma_steps<T, NT8, 4, 0, 4>(table, qa, qb, act, sa_lo, sb_lo, lane, d);
           mma_steps<T, NT8, 4, 4, 4>(table, qa, qb, act, sa_hi, sb_hi, lane, d);
           break;
-        case 5:
-          mma_steps<T, NT8, 4, 0, 8>(table, qa, qb, act, sa_lo, sb_lo, lane, d);
-          break;
-        case 6:
-          mma_steps<T, NT8, 2, 0, 8>(table, qa, qb, act, sa_lo, sb_lo, lane, d);
-          break;
-        default:
-          mma_steps<T, NT8, 1, 0, 8>(table, qa, qb, act, sa_lo, sb_lo, lane, d);
-          break;
+        case 5: mma_steps<T, NT8, 4, 0, 8>(table, qa, qb, act, sa_lo, sb_lo, lane, d); break;
+        case 6: mma_steps<T, NT8, 2, 0, 8>(table, qa, qb, act, sa_lo, sb_lo, lane, d); break;
+        default: mma_steps<T, NT8, 1, 0, 8>(table, qa, qb, act, sa_lo, sb_lo, lane, d); break;
       }
     }
   }
@@ -518,19 +511,17 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Tensor-core GEMM for large M
 // ---------------------------------------------------------------------------------------------------------
 
-constexpr int kTileN = 128;         // output columns per CTA (rows of the mma)
-constexpr int kTileM = 64;          // activation rows per CTA
-constexpr int kTileK = 64;          // k per stage
-constexpr int kLd = kTileK + 8;     // shared row length in 16-bit elements (144 bytes: conflict-free ldmatrix)
-constexpr int kMaxTileBlocks = 4;   // absmax blocks per stage (block_size 16)
+constexpr int kTileN = 128;        // output columns per CTA (rows of the mma)
+constexpr int kTileM = 64;         // activation rows per CTA
+constexpr int kTileK = 64;         // k per stage
+constexpr int kLd = kTileK + 8;    // shared row length in 16-bit elements (144 bytes: conflict-free ldmatrix)
+constexpr int kMaxTileBlocks = 4;  // absmax blocks per stage (block_size 16)
 
 struct alignas(16) U32x4 {
   u32 x, y, z, w;
 };
 
-__device__ __forceinline__ u32 shared_address(const void* p) {
-  return static_cast<u32>(__cvta_generic_to_shared(p));
-}
+__device__ __forceinline__ u32 shared_address(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
 
 // Four 8x8 matrices of 16-bit elements; lane l addresses one row of matrix l / 8.
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row) {
@@ -548,8 +539,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     nf4_gemm_mma(const T* __restrict__ A, const u8* __restrict__ B, const float* absmax, const u8* absmax_codes,
                  const float* nested_absmax, const float* nested_code, const float* absmax_offset, const T* bias,
-                 T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift,
-                 int k_split, int flags) {
+                 T* __restrict__ Y, int M, int K, int N, int block_shift, int k_blocks, int nested_shift, int k_split,
+                 int flags) {
   static_assert(sizeof(T) == 2, "16-bit activations only");
   __shared__ __align__(16) u16 s_whi[kTileN][kLd];
   __shared__ __align__(16) u16 s_wlo[kTileN][kLd];
@@ -736,9 +727,9 @@ template <typename T, typename KernelFn>
 void Run(KernelFn kernel, dim3 grid, cudaStream_t stream, const LaunchArgs<T>& x) {
   const Problem& p = *x.p;
   kernel<<<grid, kThreads, 0, stream>>>(x.a, p.B, p.absmax, p.absmax_codes, p.nested_absmax, p.nested_code,
-                                        p.absmax_offset, static_cast<const T*>(p.bias), x.y, x.m,
-                                        static_cast<int>(p.K), static_cast<int>(p.N), x.block_shift, x.k_blocks,
-                                        x.nested_shift, x.k_split, x.flags);
+                                        p.absmax_offset, static_cast<const T*>(p.bias), x.y, x.m, static_cast<int>(p.K),
+                                        static_cast<int>(p.N), x.block_shift, x.k_blocks, x.nested_shift, x.k_split,
+                                        x.flags);
 }
 
 template <typename T>
@@ -782,8 +773,15 @@ std::string LaunchTyped(const Problem& p, bool mma, cudaStream_t stream, int sm_
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(tiles));
     const void* a_part = a + row * p.K * static_cast<int64_t>(sizeof(T));
     void* y_part = y + row * p.N * static_cast<int64_t>(sizeof(T));
-    const LaunchArgs<T> x = {static_cast<const T*>(a_part), &p, static_cast<T*>(y_part), static_cast<int>(rows),
-                             block_shift, static_cast<int>(k_blocks), nested_shift, k_split, flags};
+    const LaunchArgs<T> x = {static_cast<const T*>(a_part),
+                             &p,
+                             static_cast<T*>(y_part),
+                             static_cast<int>(rows),
+                             block_shift,
+                             static_cast<int>(k_blocks),
+                             nested_shift,
+                             k_split,
+                             flags};
     if constexpr (sizeof(T) == 2) {
       if (tiled) {
         Run(nf4_gemm_mma<T>, grid, stream, x);

@@ -24,19 +24,19 @@ enum class Algo : int { kAuto = 0, kSimt = 1, kMma = 2 };
 struct Problem {
   DType dtype = DType::kFloat32;
   const void* A = nullptr;
-  const uint8_t* B = nullptr;                // [N, k_blocks, block_size / 2], 8-byte aligned
-  const float* absmax = nullptr;             // set exactly when absmax_codes is null
+  const uint8_t* B = nullptr;     // [N, k_blocks, block_size / 2], 8-byte aligned
+  const float* absmax = nullptr;  // set exactly when absmax_codes is null
   const uint8_t* absmax_codes = nullptr;
   const float* nested_absmax = nullptr;
   const float* nested_code = nullptr;
   const float* absmax_offset = nullptr;
-  const void* bias = nullptr;                // [N] or null
+  const void* bias = nullptr;  // [N] or null
   void* Y = nullptr;
   int64_t M = 0;
   int64_t K = 0;
   int64_t N = 0;
-  int64_t block_size = 0;                    // power of two in [16, 4096]
-  int64_t nested_block_size = 256;           // power of two >= 16 (double quantization only)
+  int64_t block_size = 0;           // power of two in [16, 4096]
+  int64_t nested_block_size = 256;  // power of two >= 16 (double quantization only)
 };
 
 // Queues the kernels of one call on `stream`. Checks the scalars, the pointers' presence and alignment (not

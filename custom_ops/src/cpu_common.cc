@@ -1,23 +1,15 @@
-// cpu_common.cc: scale decoding, activation quantization and ISA dispatch shared by the CPU kernels.
-//
-// Built with -ffp-contract=off (CMakeLists.txt): the double-quantization decode must round the product and the
-// sum separately, exactly as bitsandbytes does.
+// cpu_common.cc: activation quantization and ISA dispatch shared by the CPU kernels.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
 #include "cpu_kernels.h"
 
+#if defined(ONNX_NF4_HAVE_AVX2)
+#include <cpuid.h>
+#endif
+
 namespace onnx_nf4::cpu {
-
-const int8_t kNF4I8[ONNX_NF4_NUM_CODES] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
-
-float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
-  const int64_t f = n * w.k_blocks + b;
-  if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
-  return product + w.absmax_offset;
-}
 
 void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_blocks, int64_t group, int8_t* q,
                      float* scale, int32_t* qsum) {
@@ -27,7 +19,7 @@ void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_bl
     float amax = 0.0f;
     for (int64_t k = k0; k < k1; ++k) amax = std::fmax(amax, std::fabs(a[k]));
     const float s = amax / kInt8Levels;
-    const float inv = s > 0.0f ? kInt8Levels / amax : 0.0f;
+    const float inv = QuantizeFactor(amax);
     int32_t sum = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const int32_t v = static_cast<int32_t>(std::nearbyint(a[k] * inv));
@@ -56,29 +48,50 @@ Int8Activations QuantizeActivationsInt8(const Problem& p, int64_t group, bool su
 
 namespace {
 
-const KernelSet& Best() {
-#if defined(ONNX_NF4_HAVE_AVX512)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vnni")) {
-    return Avx512Kernels();
-  }
-#endif
+// The kernel sets from the most capable down, each with whether this CPU runs it.
+struct Candidate {
+  const char* name;
+  bool runs;
+  const KernelSet& (*set)();
+};
+
 #if defined(ONNX_NF4_HAVE_AVX2)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Avx2Kernels();
-#endif
-  return PortableKernels();
+bool RunsAvx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// AVX-VNNI: CPUID leaf 7, sub-leaf 1, EAX bit 4 (read directly: not every compiler's __builtin_cpu_supports
+// knows it). The OS saves the ymm state when AVX2 runs at all.
+bool RunsAvxVnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 4)) != 0;
 }
+#endif
 
 const KernelSet& Select() {
-  const KernelSet& best = Best();
-  const char* cap = std::getenv("ONNX_NF4_CPU_ISA");
-  if (cap == nullptr) return best;
-  if (std::strcmp(cap, "portable") == 0) return PortableKernels();
-#if defined(ONNX_NF4_HAVE_AVX2)
-  if (std::strcmp(cap, "avx2") == 0 && std::strcmp(best.name, "portable") != 0) return Avx2Kernels();
+  const Candidate candidates[] = {
+#if defined(ONNX_NF4_HAVE_AVX512)
+      {"avx512",
+       RunsAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni"),
+       Avx512Kernels},
 #endif
-  return best;
+#if defined(ONNX_NF4_HAVE_AVX2)
+      {"avx2vnni", RunsAvx2() && RunsAvxVnni(), Avx2VnniKernels},
+      {"avx2", RunsAvx2(), Avx2Kernels},
+#endif
+      {"portable", true, PortableKernels},
+  };
+  const char* cap = std::getenv("ONNX_NF4_CPU_ISA");
+  bool capped = false;  // whether the cap names a known set: candidates above it are skipped
+  if (cap != nullptr) {
+    for (const Candidate& c : candidates) capped = capped || std::strcmp(c.name, cap) == 0;
+  }
+  bool reached = !capped;
+  for (const Candidate& c : candidates) {
+    reached = reached || std::strcmp(c.name, cap) == 0;
+    if (reached && c.runs) return c.set();
+  }
+  return PortableKernels();
 }
 
 }  // namespace

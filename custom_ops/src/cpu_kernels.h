@@ -4,8 +4,8 @@
 // float32 and C-contiguous here; the op converts float16 / bfloat16 at its boundary. Sizes were validated
 // before (matmul_nf4_args.h), so the kernels trust them.
 //
-// Every ISA module (portable C++, AVX2+FMA, AVX-512) implements the same KernelSet; Dispatch()
-// picks one at run time from the CPU's features. docs/cpu_kernel.md describes the algorithms.
+// Every kernel set (portable C++, AVX2+FMA, AVX2+FMA+AVX-VNNI, AVX-512) implements the same KernelSet;
+// Dispatch() picks one at run time from the CPU's features. docs/cpu_kernel.md describes the algorithms.
 #ifndef ONNX_NF4_CPU_KERNELS_H_
 #define ONNX_NF4_CPU_KERNELS_H_
 
@@ -31,8 +31,19 @@ struct Nf4Weight {
   int64_t nested_block_size = 256;
 };
 
-// Decodes the scale of block b of column n (rule 1 of the spec, bit-exact; built with -ffp-contract=off).
-float BlockScale(const Nf4Weight& w, int64_t n, int64_t b);
+namespace {  // NOLINT(build/namespaces): internal linkage, so no copy built with one module's ISA flags is shared
+
+// The scale of block b of column n (rule 1 of the spec, bit-exact: the library is built with -ffp-contract=off,
+// so the double-quantization product and sum round separately).
+inline float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
+  const int64_t f = n * w.k_blocks + b;
+  if (w.absmax != nullptr) return w.absmax[f];
+  const int nested_shift = __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size));
+  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> nested_shift];
+  return product + w.absmax_offset;
+}
+
+}  // namespace
 
 // Runs fn(data, i) for i in [0, total), possibly concurrently; fn must not throw.
 class ParallelRunner {
@@ -55,10 +66,10 @@ class Scratch {
 // One call of the op in float32.
 struct Problem {
   int64_t M = 0;
-  const float* A = nullptr;     // [M, K]
+  const float* A = nullptr;  // [M, K]
   Nf4Weight w;
-  const float* bias = nullptr;  // [N] or nullptr
-  float* Y = nullptr;           // [M, N]
+  const float* bias = nullptr;    // [N] or nullptr
+  float* Y = nullptr;             // [M, N]
   bool int8_activations = false;  // accuracy_level 4
 };
 
@@ -73,14 +84,20 @@ struct KernelSet {
 
 const KernelSet& PortableKernels();
 #if defined(ONNX_NF4_HAVE_AVX2)
-const KernelSet& Avx2Kernels();
+const KernelSet& Avx2Kernels();      // "avx2": AVX2 + FMA (+ F16C)
+const KernelSet& Avx2VnniKernels();  // "avx2vnni": the AVX2 set with AVX-VNNI (vpdpbusd on ymm) for int8
+// accuracy_level 4 of the AVX2 and AVX-512 sets (kernels_i8_*.cc).
+void Avx2MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch);
 #endif
 #if defined(ONNX_NF4_HAVE_AVX512)
-const KernelSet& Avx512Kernels();
+const KernelSet& Avx512Kernels();  // "avx512": AVX-512 F, BW, VL, DQ, VNNI
+void Avx512MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch);
 #endif
 
-// The best kernel set this CPU runs. ONNX_NF4_CPU_ISA=portable|avx2|avx512 in the environment caps it
-// (for tests and benchmarks); an unknown or unsupported value falls back to the best one.
+// The best kernel set this CPU runs, chosen once. ONNX_NF4_CPU_ISA=portable|avx2|avx2vnni|avx512 in the
+// environment caps it (for tests and benchmarks): the chosen set is the best one that the CPU runs among
+// the named one and those below it in that order (so avx2vnni on a CPU without AVX-VNNI gives avx2). An
+// unknown value is ignored.
 const KernelSet& Dispatch();
 
 // --- helpers shared by the ISA modules ---
@@ -92,8 +109,20 @@ inline constexpr int64_t CodeOrderPos(int64_t k, int64_t group) {
   return (k / group) * group + (k % group) / 2 + (k & 1) * (group / 2);
 }
 
+// The int8 image of the NF4 table used by accuracy_level 4 (generated from onnx_nf4/codebook.py):
+// kNF4I8[c] = round(NF4[c] * 127), so that W ~= kNF4I8[c] * scale / 127.
+inline constexpr float kInt8Levels = ONNX_NF4_I8_LEVELS;
+inline constexpr int8_t kNF4I8[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_I8_VALUES};
+
+// The factor 127 / amax that maps a block of activations to int8; 0 for an all-zero block and for one whose
+// maximum is so small (below about 3.7e-37) that the factor would overflow: such a block quantizes to zeros.
+inline float QuantizeFactor(float amax) {
+  const float inv = amax > 0.0f ? kInt8Levels / amax : 0.0f;
+  return inv <= 3.4028234663852886e38f ? inv : 0.0f;
+}
+
 // Int8 quantization of one activation row, per block of `block_size` along K (K_pad = k_blocks * block_size):
-// scale[b] = max|a| / 127 over the block, q = round_half_even(a * 127 / max|a|) (0 for an all-zero block),
+// scale[b] = max|a| / 127 over the block, q = round_half_even(a * QuantizeFactor(max|a|)),
 // written at CodeOrderPos(k, group) of q[K_pad] (the padding k in [K, K_pad) stays as given: zero it), and
 // qsum[b] = sum of q over the block (unless qsum is nullptr).
 void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_blocks, int64_t group, int8_t* q,
@@ -102,20 +131,15 @@ void QuantizeRowInt8(const float* a, int64_t K, int64_t block_size, int64_t k_bl
 // The activations of one call quantized for accuracy_level 4 (QuantizeActivationsInt8), in scratch memory.
 struct Int8Activations {
   const Problem* p = nullptr;
-  const int8_t* qa = nullptr;      // [M][K_pad] in code order of the kernel's group
-  const float* ascale = nullptr;   // [M][k_blocks]
-  const int32_t* qsum = nullptr;   // [M][k_blocks], or nullptr when not asked for
-  int64_t kpad = 0;                // K_pad = k_blocks * block_size
+  const int8_t* qa = nullptr;     // [M][K_pad] in code order of the kernel's group
+  const float* ascale = nullptr;  // [M][k_blocks]
+  const int32_t* qsum = nullptr;  // [M][k_blocks], or nullptr when not asked for
+  int64_t kpad = 0;               // K_pad = k_blocks * block_size
 };
 
 // Quantizes every row of p.A by QuantizeRowInt8 in code order of `group` into zeroed scratch buffers, with the
 // per-block sums when `sums`. Throws std::bad_alloc.
 Int8Activations QuantizeActivationsInt8(const Problem& p, int64_t group, bool sums, Scratch& scratch);
-
-// The int8 image of the NF4 table used by accuracy_level 4: kNF4I8[c] = round(NF4[c] * 127), so that
-// W ~= kNF4I8[c] * scale / 127.
-inline constexpr float kInt8Levels = 127.0f;
-extern const int8_t kNF4I8[ONNX_NF4_NUM_CODES];
 
 // Ceil-divides a by b (a >= 0, b > 0).
 inline constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -73,13 +73,10 @@ void RegisterCudaOps(Ort::CustomOpDomain& domain) {
 // cudaStream_t). dtype: 0 float32, 1 float16, 2 bfloat16; algo: 0 auto, 1 CUDA cores, 2 tensor cores.
 // absmax_is_codes: absmax is uint8 codes (then nested_absmax, nested_code and absmax_offset are required).
 // Checks scalars and alignment, not extents. Returns 0, or 1 with a message in err (NUL-terminated).
-extern "C" ONNX_NF4_CUDA_EXPORT int onnx_nf4_cuda_matmul(int dtype, int algo, const void* A, const void* B,
-                                                         const void* absmax, int absmax_is_codes,
-                                                         const void* nested_absmax, const void* nested_code,
-                                                         const void* absmax_offset, const void* bias, void* Y,
-                                                         int64_t M, int64_t K, int64_t N, int64_t block_size,
-                                                         int64_t nested_block_size, void* stream, char* err,
-                                                         size_t err_len) {
+extern "C" ONNX_NF4_CUDA_EXPORT int onnx_nf4_cuda_matmul(
+    int dtype, int algo, const void* A, const void* B, const void* absmax, int absmax_is_codes,
+    const void* nested_absmax, const void* nested_code, const void* absmax_offset, const void* bias, void* Y, int64_t M,
+    int64_t K, int64_t N, int64_t block_size, int64_t nested_block_size, void* stream, char* err, size_t err_len) {
   std::string error;
   if (dtype < 0 || dtype > 2) {
     error = "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)";

@@ -123,11 +123,12 @@ MatMulNF4Shapes ValidateMatMulNF4Inputs(const MatMulNF4Attrs& attrs, const Ort::
 
   const InputMeta b = GetInputMeta(ctx, kInputB);
   if (!b.present) fail("input B is missing");
-  if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail(std::string("input B must be uint8, got ") + TypeName(b.type));
+  if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    fail(std::string("input B must be uint8, got ") + TypeName(b.type));
   const std::vector<int64_t> b_expected{N, kb, bs / 2};
   if (b.shape != b_expected) {
-    fail("input B has shape " + ShapeString(b.shape) + ", expected [N, k_blocks, block_size / 2] = " +
-         ShapeString(b_expected));
+    fail("input B has shape " + ShapeString(b.shape) +
+         ", expected [N, k_blocks, block_size / 2] = " + ShapeString(b_expected));
   }
 
   const InputMeta absmax = GetInputMeta(ctx, kInputAbsmax);
@@ -137,8 +138,8 @@ MatMulNF4Shapes ValidateMatMulNF4Inputs(const MatMulNF4Attrs& attrs, const Ort::
   }
   const std::vector<int64_t> absmax_expected{N, kb};
   if (absmax.shape != absmax_expected) {
-    fail("input absmax has shape " + ShapeString(absmax.shape) + ", expected [N, k_blocks] = " +
-         ShapeString(absmax_expected));
+    fail("input absmax has shape " + ShapeString(absmax.shape) +
+         ", expected [N, k_blocks] = " + ShapeString(absmax_expected));
   }
 
   const InputMeta nested_absmax = GetInputMeta(ctx, kInputNestedAbsmax);

@@ -42,11 +42,11 @@ struct MatMulNF4Attrs {
 // Sizes of one MatMulNF4 call, derived from the attributes and the input metadata (all checked).
 struct MatMulNF4Shapes {
   ONNXTensorElementDataType a_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float, float16 or bfloat16
-  int64_t M = 0;                  // rows of A: product of its leading dimensions (0 for an empty A)
-  std::vector<int64_t> y_shape;   // leading dimensions of A, then N
-  bool double_quant = false;      // absmax is uint8 and inputs 3..5 are present
-  bool has_bias = false;          // input 6 is present
-  int64_t nested_blocks = 0;      // ceil(N * k_blocks / nested_block_size) when double_quant, else 0
+  int64_t M = 0;                 // rows of A: product of its leading dimensions (0 for an empty A)
+  std::vector<int64_t> y_shape;  // leading dimensions of A, then N
+  bool double_quant = false;     // absmax is uint8 and inputs 3..5 are present
+  bool has_bias = false;         // input 6 is present
+  int64_t nested_blocks = 0;     // ceil(N * k_blocks / nested_block_size) when double_quant, else 0
 };
 
 // Reads and validates the attributes of a MatMulNF4 node (K, N, block_size required; nested_block_size and

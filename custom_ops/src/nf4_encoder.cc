@@ -56,14 +56,16 @@ const EncoderKernels& Best() {
   return PortableEncoder();
 }
 
-// ONNX_NF4_CPU_ISA=portable|avx2|avx512 caps the choice, as for the MatMulNF4 kernels.
+// ONNX_NF4_CPU_ISA=portable|avx2|avx2vnni|avx512 caps the choice, as for the MatMulNF4 kernels (the encoder has
+// no VNNI code: avx2vnni caps it at avx2).
 const EncoderKernels& Select() {
   const EncoderKernels& best = Best();
   const char* cap = std::getenv("ONNX_NF4_CPU_ISA");
   if (cap == nullptr) return best;
   if (std::strcmp(cap, "portable") == 0) return PortableEncoder();
 #if defined(ONNX_NF4_HAVE_AVX2)
-  if (std::strcmp(cap, "avx2") == 0 && std::strcmp(best.name, "portable") != 0) return Avx2Encoder();
+  const bool avx2_cap = std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "avx2vnni") == 0;
+  if (avx2_cap && std::strcmp(best.name, "portable") != 0) return Avx2Encoder();
 #endif
   return best;
 }

@@ -1,10 +1,12 @@
-// register.cc: RegisterCustomOps, onnxruntime's custom-op entry point (cmake/exports.map lists every exported symbol).
+// register.cc: the library's C entry points (cmake/exports.map lists every exported symbol): RegisterCustomOps
+// (onnxruntime's custom-op entry point) and OnnxNF4CpuKernelSet (the name of the CPU kernel set in use).
 //
-// Registers domain "onnx_nf4" (opset 1) with MatMulNF4 on the CPU execution provider and, when the library
-// was built with CUDA, on the CUDA execution provider.
+// RegisterCustomOps registers domain "onnx_nf4" (opset 1) with MatMulNF4 on the CPU execution provider and,
+// when the library was built with CUDA, on the CUDA execution provider.
 #include <exception>
 #include <mutex>
 
+#include "cpu_kernels.h"
 #include "matmul_nf4_cpu_op.h"
 #include "ort_api.h"
 #ifdef ONNX_NF4_WITH_CUDA
@@ -54,3 +56,8 @@ extern "C" ONNX_NF4_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
     return api->CreateStatus(ORT_FAIL, e.what());
   }
 }
+
+// The name of the CPU kernel set that MatMulNF4 runs in this process ("avx512", "avx2vnni", "avx2" or
+// "portable"; docs/cpu_kernel.md): the best one the CPU runs, capped by ONNX_NF4_CPU_ISA. Chosen at the first
+// call of this function or of the op, then fixed. A static string: the caller must not free it.
+extern "C" ONNX_NF4_EXPORT const char* OnnxNF4CpuKernelSet(void) { return onnx_nf4::cpu::Dispatch().name; }

@@ -4,6 +4,8 @@
 #ifndef ONNX_NF4_SIMD_COMMON_H_
 #define ONNX_NF4_SIMD_COMMON_H_
 
+#include <immintrin.h>
+
 #include <cstdint>
 
 #include "cpu_kernels.h"
@@ -23,13 +25,6 @@ inline void PrefetchScales(const Nf4Weight& w, int64_t n) {
   for (int64_t i = 0; i < w.k_blocks; i += 16) __builtin_prefetch(row + i, 0, 3);
 }
 
-// BlockScale inlined for the hot loops (same arithmetic; the target is built with -ffp-contract=off).
-inline float Scale(const Nf4Weight& w, int64_t n, int64_t b) {
-  const int64_t f = n * w.k_blocks + b;
-  if (w.absmax != nullptr) return w.absmax[f];
-  const float product = w.nested_code[w.absmax_codes[f]] * w.nested_absmax[f >> __builtin_ctzll(static_cast<unsigned long long>(w.nested_block_size))];
-  return product + w.absmax_offset;
-}
 inline int64_t MaxI64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // dst[K_pad] (zeroed) <- row a[K] in code order of `group`.
@@ -47,6 +42,25 @@ inline void PackTransposedCodeOrder(const float* A, int64_t M, int64_t K, int64_
       const float* a = A + m * K;
       for (int64_t k = k0; k < k1; ++k) at[CodeOrderPos(k, group) * mpad + m] = a[k];
     }
+  }
+}
+
+// r[i][j] <- r[j][i] for 8 x 8 floats.
+inline void Transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    u[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
 }
 

@@ -4,16 +4,21 @@
 //
 // The traits struct Isa provides:
 //   Vec, kLanes                     a float32 vector of kLanes lanes;
-//   Zero, Load, Store, Set1, Add, Mul, Fmadd(a, b, c) = a * b + c, Sum (horizontal);
+//   Zero, Load, Store, Set1, Add, Mul, And (bitwise), Fmadd(a, b, c) = a * b + c, Sum (horizontal);
 //   kGroup = 2 * kLanes             codes decoded per step (kGroup / 2 bytes of B);
 //   Table, LoadTable(), Decode(bytes, table, &even, &odd)
 //                                   the NF4 values of the kLanes even k and the kLanes odd k of a group;
 //   ScaleTable(table, s)            the table times the vector s (a block's exact weights, for Decode);
 //   kMaxGemvRows                    rows of A per weight-streaming pass;
-//   kOutlinedPanel                  whether the GEMM tiles call the panel decode out of line.
+//   kOutlinedPanel                  whether the Y^T tiles call the panel decode out of line;
+//   kGemmMr, kGemmNv, kGemmKc       GEMM register tile (kGemmMr rows x kGemmNv vectors of columns) and the K per
+//                                   decoded panel;
+//   kGemmTaskGroups                 most column groups per GEMM task.
 // docs/cpu_kernel.md explains the algorithms.
 #ifndef ONNX_NF4_SIMD_F32_KERNELS_H_
 #define ONNX_NF4_SIMD_F32_KERNELS_H_
+
+#include <immintrin.h>
 
 #include <cstring>
 
@@ -23,10 +28,10 @@
 namespace onnx_nf4::cpu {
 namespace {  // NOLINT(build/namespaces): see above
 
-constexpr int64_t kGemvCols = 16;          // columns per weight-streaming task
-constexpr int64_t kGemmKc = 64;            // K per decoded panel (TN x 64 floats, + the 64 x M_tile of A^T: L1)
-constexpr int64_t kMinGemmRows = 16;       // float32: rows from which the tiles beat weight streaming
-constexpr int64_t kMinInt8GemmRows = 32;   // accuracy_level 4: rows from which the float32 tiles are faster
+constexpr int64_t kGemvCols = 16;           // columns per weight-streaming task
+constexpr int64_t kMinGemmRows = 16;        // float32: rows from which the Y^T tiles beat weight streaming
+constexpr int64_t kMinPackedGemmRows = 48;  // float32: rows from which the packed GEMM beats the Y^T tiles
+constexpr int64_t kTileKc = 64;             // K per Y^T tile panel (TN x 64 floats, + the 64 x M_tile of A^T: L1)
 
 // ---------------------------------------------------------------- float32, small M (weight streaming)
 
@@ -34,6 +39,10 @@ struct GemvArgs {
   const Problem* p;
   const float* ap;  // [M][K_pad] in code order
   int64_t kpad;
+  // Per lane of a block's reduced sum, whether it holds a real k of the last block (all bits set) or only padding
+  // (zero): lane l sums k = (k_blocks - 1) * block_size + 2l + {0, 1} + multiples of kGroup, so it holds a real
+  // k iff the first of them is < K.
+  alignas(64) uint32_t last_block_lanes[16];
 };
 
 // MR rows of A against one column, U code groups per step (U independent accumulator pairs per row).
@@ -42,7 +51,8 @@ struct GemvArgs {
 // running totals alternate between blocks to halve their dependency chain. Not inlined: a function of its own
 // gets the registers to itself (inlined into the row dispatch, it measured slower).
 template <class Isa, int MR, int U>
-__attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end, bool prefetch_next) {
+__attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t n, int64_t b_begin, int64_t b_end,
+                                          bool prefetch_next) {
   using Vec = typename Isa::Vec;
   constexpr int64_t kGroup = Isa::kGroup;
   const Problem& p = *g.p;
@@ -53,8 +63,8 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
   if (b_begin == 0) PrefetchScales(w, n + kScaleLookahead);
   Vec tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = Isa::Zero();
-  // One block: its sums, times its scale, into tot (a lambda: the two totals stay in registers).
-  auto block = [&](int64_t b, Vec (&tot)[MR]) {
+  // One block: its sums, times its scale s, into tot (a lambda: the two totals stay in registers).
+  auto block = [&](int64_t b, Vec(&tot)[MR], Vec s) {
     Vec acc[MR][2 * U];
     for (int m = 0; m < MR; ++m)
       for (int u = 0; u < 2 * U; ++u) acc[m][u] = Isa::Zero();
@@ -78,22 +88,29 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
       c += U * (kGroup / 2);
       a += U * kGroup;
     } while (c < c_end);
-    const Vec s = Isa::Set1(Scale(w, n, b));
     for (int m = 0; m < MR; ++m) {
       for (int u = 2 * U; u > 1; u /= 2)
         for (int v = 0; v < u / 2; ++v) acc[m][v] = Isa::Add(acc[m][v], acc[m][v + u / 2]);
       tot[m] = Isa::Fmadd(acc[m][0], s, tot[m]);
     }
   };
+  auto scale = [&](int64_t b) { return Isa::Set1(BlockScale(w, n, b)); };
+  // A last block with padding goes last, on its own: its padding-only lanes (A's zero padding times table values)
+  // get scale 0, so that an infinite scale never meets them (0 * Inf = NaN) and padding never reaches the result.
+  const bool padded_last = b_end == kb && w.K < g.kpad;
+  const int64_t b_full = padded_last ? b_end - 1 : b_end;
   if constexpr (MR <= 2) {  // few rows: alternate two totals to halve their dependency chains
     int64_t b = b_begin;
-    for (; b + 1 < b_end; b += 2) {
-      block(b, tot0);
-      block(b + 1, tot1);
+    for (; b + 1 < b_full; b += 2) {
+      block(b, tot0, scale(b));
+      block(b + 1, tot1, scale(b + 1));
     }
-    if (b < b_end) block(b, tot0);
+    if (b < b_full) block(b, tot0, scale(b));
   } else {  // MR independent chains already; a second set of totals would spill registers
-    for (int64_t b = b_begin; b < b_end; ++b) block(b, tot0);
+    for (int64_t b = b_begin; b < b_full; ++b) block(b, tot0, scale(b));
+  }
+  if (padded_last) {
+    block(kb - 1, tot1, Isa::And(scale(kb - 1), Isa::Load(reinterpret_cast<const float*>(g.last_block_lanes))));
   }
   for (int m = 0; m < MR; ++m) {
     float& y = p.Y[(m0 + m) * w.N + n];
@@ -128,9 +145,8 @@ template <class Isa>
 void GemvTask(void* data, size_t task) {
   const GemvArgs& g = *static_cast<const GemvArgs*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * kGemvCols, n1 = MinI64(n0 + kGemvCols, g.p->w.N);
-  ForRowGroups<Isa::kMaxGemvRows>(g.p->M, [&](auto rows, int64_t m0) {
-    GemvRows<Isa, decltype(rows)::kValue>(g, m0, n0, n1);
-  });
+  ForRowGroups<Isa::kMaxGemvRows>(g.p->M,
+                                  [&](auto rows, int64_t m0) { GemvRows<Isa, decltype(rows)::kValue>(g, m0, n0, n1); });
 }
 
 // Y = A @ W (+ bias) for few rows: A packed once in code order, then tasks of kGemvCols columns stream W.
@@ -140,26 +156,29 @@ void GemvF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const int64_t kpad = w.k_blocks * w.block_size;
   auto* ap = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kpad)));
   for (int64_t m = 0; m < p.M; ++m) PackRowCodeOrder(p.A + m * w.K, w.K, Isa::kGroup, ap + m * kpad);
-  GemvArgs g{&p, ap, kpad};
+  GemvArgs g{&p, ap, kpad, {}};
+  const int64_t last_real = w.K - (w.k_blocks - 1) * w.block_size;  // real k in the last block, >= 1
+  for (int64_t l = 0; l < Isa::kLanes; ++l) g.last_block_lanes[l] = 2 * l < last_real ? ~0u : 0u;
   par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), GemvTask<Isa>, &g);
 }
 
-// ---------------------------------------------------------------- float32, large M (tiles)
+// ---------------------------------------------------------------- float32, medium M (Y^T tiles)
 //
-// Computes Y^T tile by tile: a task owns TN columns; per chunk of K it decodes their exact weights
-// W[k, n] = NF4 * scale into a TN x kc panel (L1), then every (kLanes * V)-row tile of A^T (packed once per
-// call, in code order) accumulates TN x (kLanes * V) outputs in TN * V registers. Y^T lives in a per-call
+// For kMinGemmRows <= M < kMinPackedGemmRows, where the decode is a large part of the work and the column-wise
+// decode below (no transpose) pays off. Computes Y^T tile by tile: a task owns TN columns; per chunk of K it decodes
+// their exact weights W[k, n] = NF4 * scale into a TN x kc panel (L1), then every (kLanes * V)-row tile of A^T (packed
+// once per call, in code order) accumulates TN x (kLanes * V) outputs in TN * V registers. Y^T lives in a per-call
 // buffer and is transposed into Y (+ bias) by the task at the end.
 
-struct GemmArgs {
+struct TileArgs {
   const Problem* p;
   const float* at;  // [K_pad][M_pad] in code order along K
   float* yt;        // [N_pad][M_pad]
   int64_t kpad, mpad;
 };
 
-// Decodes the exact weights W[k0 + j, n0 + c] (j < kc, c < TN; zero for c >= nc) into
-// panel[c * kGemmKc + j], in code order. The column stride is the constant kGemmKc even for a shorter last
+// Decodes the exact weights W[k0 + j, n0 + c] (j < kc, c < TN; zero for c >= nc or k0 + j >= K) into
+// panel[c * kTileKc + j], in code order. The column stride is the constant kTileKc even for a shorter last
 // chunk: the tile loop then addresses the TN weights of a k as one pointer plus constant offsets (with the
 // stride kc, the TN offsets would need TN registers and spill).
 template <class Isa, int TN>
@@ -170,7 +189,7 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
   const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(bs));
   const typename Isa::Table table = Isa::LoadTable();
   for (int64_t c = 0; c < TN; ++c) {
-    float* dst = panel + c * kGemmKc;
+    float* dst = panel + c * kTileKc;
     if (c >= nc) {
       std::memset(dst, 0, sizeof(float) * kc);
       continue;
@@ -184,7 +203,7 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
     for (int64_t j = 0; j < kc;) {  // block by block (block_size and kc are powers of two)
       const int64_t b = (k0 + j) >> bs_log2;
       // The block's 16 exact weights NF4[code] * scale, once: the lookup then yields them directly.
-      const typename Isa::Table scaled = Isa::ScaleTable(table, Isa::Set1(Scale(w, n0 + c, b)));
+      const typename Isa::Table scaled = Isa::ScaleTable(table, Isa::Set1(BlockScale(w, n0 + c, b)));
       const int64_t j_end = MinI64(kc, (b + 1) * bs - k0);
       for (; j < j_end; j += Isa::kGroup) {
         Vec we, wo;
@@ -193,30 +212,33 @@ __attribute__((always_inline)) inline void DecodePanel(const Nf4Weight& w, int64
         Isa::Store(dst + j + Isa::kLanes, wo);
       }
     }
+    // The padding k >= K decode to NF4[q] * scale, which may be infinite: zero them, so that they never reach the
+    // products (the padded rows of A^T are zero, and 0 * Inf would be NaN).
+    for (int64_t k = MaxI64(k0, w.K); k < k0 + kc; ++k) dst[CodeOrderPos(k, Isa::kGroup) - k0] = 0.0f;
   }
 }
 
 // DecodePanel out of line, for Isa::kOutlinedPanel: with 16 vector registers, the table registers of the decode
 // must not compete with the accumulators of the tile loop.
 template <class Isa, int TN>
-__attribute__((noinline)) void DecodePanelOutlined(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0,
-                                                   int64_t kc, int64_t kpad, float* panel) {
+__attribute__((noinline)) void DecodePanelOutlined(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                                                   int64_t kpad, float* panel) {
   DecodePanel<Isa, TN>(w, n0, nc, k0, kc, kpad, panel);
 }
 
 // TN columns x (kLanes * V) rows per register tile.
 template <class Isa, int TN, int V>
-void GemmTask(void* data, size_t task) {
+void TileTask(void* data, size_t task) {
   using Vec = typename Isa::Vec;
   constexpr int64_t kL = Isa::kLanes;
-  const GemmArgs& g = *static_cast<const GemmArgs*>(data);
+  const TileArgs& g = *static_cast<const TileArgs*>(data);
   const Problem& p = *g.p;
   const Nf4Weight& w = p.w;
   const int64_t n0 = static_cast<int64_t>(task) * TN, nc = MinI64(TN, w.N - n0);
-  alignas(64) float panel[TN * kGemmKc];
+  alignas(64) float panel[TN * kTileKc];
   float* yt = g.yt + n0 * g.mpad;
-  for (int64_t k0 = 0; k0 < g.kpad; k0 += kGemmKc) {
-    const int64_t kc = MinI64(kGemmKc, g.kpad - k0);
+  for (int64_t k0 = 0; k0 < g.kpad; k0 += kTileKc) {
+    const int64_t kc = MinI64(kTileKc, g.kpad - k0);
     if constexpr (Isa::kOutlinedPanel) {
       DecodePanelOutlined<Isa, TN>(w, n0, nc, k0, kc, g.kpad, panel);
     } else {
@@ -239,7 +261,7 @@ void GemmTask(void* data, size_t task) {
         for (int v = 0; v < V; ++v) a[v] = Isa::Load(at + k * g.mpad + kL * v);
 #pragma GCC unroll 24
         for (int c = 0; c < TN; ++c) {
-          const Vec wv = Isa::Set1(panel[c * kGemmKc + k]);
+          const Vec wv = Isa::Set1(panel[c * kTileKc + k]);
           for (int v = 0; v < V; ++v) acc[c][v] = Isa::Fmadd(a[v], wv, acc[c][v]);
         }
       }
@@ -255,9 +277,9 @@ void GemmTask(void* data, size_t task) {
   }
 }
 
-// Y = A @ W (+ bias) for many rows: A^T packed once in code order, then one task per TN columns.
+// Y = A @ W (+ bias) for medium M: A^T packed once in code order, then one task per TN columns.
 template <class Isa, int TN, int V>
-void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
+void TileGemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const Nf4Weight& w = p.w;
   const int64_t kpad = w.k_blocks * w.block_size, tile_m = Isa::kLanes * V;
   const int64_t mpad = CeilDiv(p.M, tile_m) * tile_m;
@@ -265,8 +287,254 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   PackTransposedCodeOrder(p.A, p.M, w.K, mpad, Isa::kGroup, at);
   const int64_t tiles = CeilDiv(w.N, TN);
   auto* yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(tiles * TN * mpad)));
-  GemmArgs g{&p, at, yt, kpad, mpad};
-  par.For(static_cast<size_t>(tiles), GemmTask<Isa, TN, V>, &g);
+  TileArgs g{&p, at, yt, kpad, mpad};
+  par.For(static_cast<size_t>(tiles), TileTask<Isa, TN, V>, &g);
+}
+
+// ---------------------------------------------------------------- float32, large M (packed GEMM)
+//
+// BLIS-style. A is packed once per call into slivers of Isa::kGemmMr rows, [sliver][k][kGemmMr] (natural k order,
+// rows past M zero). A task owns a range of column groups (kGemmNr = kLanes * Isa::kGemmNv columns each) and a
+// range of slivers. Per chunk of Isa::kGemmKc rows of K and per column group, it decodes the exact weights
+// W[k, n] = fl32(NF4[q] * s) (rule 2 of the spec) into a kGemmKc x kGemmNr panel ([k][column], L1), then sweeps
+// its slivers through the panel with a kGemmMr x kGemmNr register tile: per k, kGemmNv vector loads of the panel,
+// kGemmMr broadcasts of A, kGemmMr * kGemmNv FMAs. Partial sums live in Y between chunks (float32 stores and loads
+// are exact); the bias is added to the complete sum. Only k < K is ever read from the panel, so the padding codes
+// never reach the arithmetic. Each weight is decoded once per task (once per call unless the rows are split).
+
+template <class Isa>
+struct GemmShape {
+  static constexpr int kMr = Isa::kGemmMr;
+  static constexpr int kNv = Isa::kGemmNv;
+  static constexpr int64_t kNr = Isa::kLanes * Isa::kGemmNv;
+  static constexpr int64_t kKc = Isa::kGemmKc;
+  static_assert(kNr % 16 == 0 && kKc % 16 == 0, "the panel decode works on 16 columns x 16 k");
+};
+
+struct PackedGemmArgs {
+  const Problem* p;
+  const float* ap;    // [slivers][K][kMr]
+  const float* bias;  // [groups * kNr], zero past N; nullptr without bias
+  int64_t slivers, groups;
+  int64_t task_groups;   // column groups per task
+  int64_t task_slivers;  // slivers per task
+  int64_t col_tasks;
+};
+
+// The 8-byte runs rows[i] of 16 columns -> out[j * stride + i] = byte j of column i (j < 8).
+inline void TransposeBytes16x8(const __m128i (&rows)[16], uint8_t* out, int64_t stride) {
+  __m128i s1[8], s2[8], s3[8];
+  for (int i = 0; i < 8; ++i) s1[i] = _mm_unpacklo_epi8(rows[2 * i], rows[2 * i + 1]);  // words: columns 2i, 2i+1
+  for (int i = 0; i < 4; ++i) {
+    s2[i] = _mm_unpacklo_epi16(s1[2 * i], s1[2 * i + 1]);      // dwords of columns 4i..4i+3, bytes 0-3
+    s2[i + 4] = _mm_unpackhi_epi16(s1[2 * i], s1[2 * i + 1]);  // bytes 4-7
+  }
+  // s3[4h + 2i + p]: bytes 4h + 2p and 4h + 2p + 1 of columns 8i..8i+7, one qword each.
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 2; ++i) {
+      s3[4 * h + 2 * i] = _mm_unpacklo_epi32(s2[4 * h + 2 * i], s2[4 * h + 2 * i + 1]);
+      s3[4 * h + 2 * i + 1] = _mm_unpackhi_epi32(s2[4 * h + 2 * i], s2[4 * h + 2 * i + 1]);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int q = 0; q < 2; ++q) {
+      uint8_t* o = out + (4 * h + 2 * q) * stride;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi64(s3[4 * h + q], s3[4 * h + 2 + q]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + stride), _mm_unpackhi_epi64(s3[4 * h + q], s3[4 * h + 2 + q]));
+    }
+  }
+}
+
+// Decodes the exact weights W[k0 + j, n0 + c] (c < kNr; j < kc rounded up to 16) into panel[j * kNr + c]; columns
+// c >= nc get code 0 and scale 0. Per 16 k, the 16 columns' 8-byte runs are transposed to one byte (k pair) per
+// column, decoded kLanes columns at a time and multiplied by the vector of the columns' block scales.
+template <class Isa>
+__attribute__((noinline)) void DecodeGemmPanel(const Nf4Weight& w, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                                               float* panel) {
+  using Vec = typename Isa::Vec;
+  using S = GemmShape<Isa>;
+  constexpr int64_t kL = Isa::kLanes, kNr = S::kNr;
+  const int64_t kb = w.k_blocks, row_bytes = kb * w.block_size / 2, kpad = kb * w.block_size;
+  const int bs_log2 = __builtin_ctzll(static_cast<unsigned long long>(w.block_size));
+  const typename Isa::Table table = Isa::LoadTable();
+  const bool prefetch = k0 + kc < kpad;
+  alignas(64) float scales[kNr] = {};
+  alignas(64) uint8_t tb[8][kNr];
+  Vec svec[S::kNv];
+  const uint8_t* first = w.packed + n0 * row_bytes + k0 / 2;  // column n0's codes of this chunk
+  for (int64_t j0 = 0; j0 < kc; j0 += 16) {
+    const int64_t k = k0 + j0;
+    if (j0 == 0 || (k & (w.block_size - 1)) == 0) {
+      const int64_t b = k >> bs_log2;
+      if (w.absmax != nullptr) {
+        for (int64_t c = 0; c < nc; ++c) scales[c] = w.absmax[(n0 + c) * kb + b];
+      } else {
+        for (int64_t c = 0; c < nc; ++c) scales[c] = BlockScale(w, n0 + c, b);
+      }
+      for (int v = 0; v < S::kNv; ++v) svec[v] = Isa::Load(scales + v * kL);
+    }
+    for (int64_t c0 = 0; c0 < kNr; c0 += 16) {
+      __m128i rows[16];
+      const uint8_t* codes = first + c0 * row_bytes + j0 / 2;
+      if (c0 + 16 <= nc) {
+        for (int64_t i = 0; i < 16; ++i) {
+          rows[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i * row_bytes));
+        }
+        // The panel's columns are kNr interleaved streams, which the hardware prefetchers serve poorly: request
+        // the next chunk's codes (one cache line per 128 k) while decoding this one.
+        if (prefetch && j0 % 128 == 0) {
+          for (int64_t i = 0; i < 16; ++i) __builtin_prefetch(codes + i * row_bytes + kc / 2, 0, 3);
+        }
+      } else {
+        for (int64_t i = 0; i < 16; ++i) {
+          rows[i] = c0 + i < nc ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i * row_bytes))
+                                : _mm_setzero_si128();
+        }
+      }
+      TransposeBytes16x8(rows, tb[0] + c0, kNr);
+    }
+    for (int j = 0; j < 8; ++j) {
+      float* even = panel + (j0 + 2 * j) * kNr;
+      for (int v = 0; v < S::kNv; ++v) {
+        Vec we, wo;
+        Isa::Decode(tb[j] + v * kL, table, &we, &wo);
+        Isa::Store(even + v * kL, Isa::Mul(we, svec[v]));
+        Isa::Store(even + kNr + v * kL, Isa::Mul(wo, svec[v]));
+      }
+    }
+  }
+}
+
+// One kMr x kNr tile of C (row stride ldc) += the sliver ap ([k][kMr]) times the panel ([k][kNr]) over kc k;
+// starts from zero unless `accumulate`; adds `bias` ([kNr]) at the end when given.
+template <class Isa>
+__attribute__((noinline)) void GemmMicroTile(const float* ap, const float* panel, int64_t kc, float* c, int64_t ldc,
+                                             bool accumulate, const float* bias) {
+  using Vec = typename Isa::Vec;
+  using S = GemmShape<Isa>;
+  constexpr int kMr = S::kMr, kNv = S::kNv;
+  constexpr int64_t kL = Isa::kLanes, kNr = S::kNr;
+  Vec acc[kMr][kNv];
+  if (accumulate) {
+    for (int m = 0; m < kMr; ++m)
+      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Load(c + m * ldc + v * kL);
+  } else {
+    for (int m = 0; m < kMr; ++m)
+      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Zero();
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec b[kNv];
+    for (int v = 0; v < kNv; ++v) b[v] = Isa::Load(panel + k * kNr + v * kL);
+    for (int m = 0; m < kMr; ++m) {
+      const Vec a = Isa::Set1(ap[k * kMr + m]);
+      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Fmadd(a, b[v], acc[m][v]);
+    }
+  }
+  if (bias != nullptr) {
+    for (int v = 0; v < kNv; ++v) {
+      const Vec bv = Isa::Load(bias + v * kL);
+      for (int m = 0; m < kMr; ++m) acc[m][v] = Isa::Add(acc[m][v], bv);
+    }
+  }
+  for (int m = 0; m < kMr; ++m)
+    for (int v = 0; v < kNv; ++v) Isa::Store(c + m * ldc + v * kL, acc[m][v]);
+}
+
+template <class Isa>
+void PackedGemmTask(void* data, size_t task) {
+  using S = GemmShape<Isa>;
+  constexpr int64_t kMr = S::kMr, kNr = S::kNr, kKc = S::kKc;
+  const PackedGemmArgs& g = *static_cast<const PackedGemmArgs*>(data);
+  const Problem& p = *g.p;
+  const int64_t K = p.w.K, N = p.w.N;
+  const int64_t tc = static_cast<int64_t>(task) % g.col_tasks, tr = static_cast<int64_t>(task) / g.col_tasks;
+  const int64_t g0 = tc * g.task_groups, g1 = MinI64(g.groups, g0 + g.task_groups);
+  const int64_t s0 = tr * g.task_slivers, s1 = MinI64(g.slivers, s0 + g.task_slivers);
+  alignas(64) float panel[kKc * kNr];
+  alignas(64) float edge[kMr * kNr];  // a tile that overhangs Y (last rows or columns)
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = MinI64(kKc, K - k0);
+    const bool accumulate = k0 > 0, last = k0 + kc == K;
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t n0 = grp * kNr, nc = MinI64(kNr, N - n0);
+      DecodeGemmPanel<Isa>(p.w, n0, nc, k0, kc, panel);
+      const float* bias = last && g.bias != nullptr ? g.bias + n0 : nullptr;
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t m0 = s * kMr, mc = MinI64(kMr, p.M - m0);
+        const float* ap = g.ap + s * kMr * K + k0 * kMr;
+        float* y = p.Y + m0 * N + n0;
+        if (mc == kMr && nc == kNr) {
+          GemmMicroTile<Isa>(ap, panel, kc, y, N, accumulate, bias);
+          continue;
+        }
+        for (int64_t m = 0; m < mc; ++m) {
+          if (accumulate) std::memcpy(edge + m * kNr, y + m * N, sizeof(float) * nc);
+        }
+        GemmMicroTile<Isa>(ap, panel, kc, edge, kNr, accumulate, bias);
+        for (int64_t m = 0; m < mc; ++m) std::memcpy(y + m * N, edge + m * kNr, sizeof(float) * nc);
+      }
+    }
+  }
+}
+
+// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k], zero for rows past M. Per 8 k and 8 rows, the rows are
+// transposed in registers and each k's values stored with a mask (no write past the sliver's row range).
+template <class Isa>
+void PackSliver(const Problem& p, int64_t s, float* ap) {
+  constexpr int64_t kMr = GemmShape<Isa>::kMr;
+  const int64_t K = p.w.K, rows = MinI64(kMr, p.M - s * kMr);
+  float* dst = ap + s * kMr * K;
+  const float* a = p.A + s * kMr * K;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t m0 = 0; m0 < kMr; m0 += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(MinI64(8, kMr - m0))), lane);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      __m256 r[8];
+      for (int64_t m = 0; m < 8; ++m) {
+        r[m] = m0 + m < rows ? _mm256_loadu_ps(a + (m0 + m) * K + k) : _mm256_setzero_ps();
+      }
+      Transpose8x8(r);
+      for (int64_t j = 0; j < 8; ++j) _mm256_maskstore_ps(dst + (k + j) * kMr + m0, mask, r[j]);
+    }
+    for (; k < K; ++k) {
+      for (int64_t m = m0; m < MinI64(kMr, m0 + 8); ++m) dst[k * kMr + m] = m < rows ? a[m * K + k] : 0.0f;
+    }
+  }
+}
+
+template <class Isa>
+void PackSliversTask(void* data, size_t task) {
+  const PackedGemmArgs& g = *static_cast<const PackedGemmArgs*>(data);
+  PackSliver<Isa>(*g.p, static_cast<int64_t>(task), const_cast<float*>(g.ap));
+}
+
+constexpr int64_t kGemmMinTasks = 16;  // tasks per call when the shape allows (load balance over threads)
+
+// Y = A @ W (+ bias) for many rows: A packed once (in parallel), then tasks of column groups x slivers.
+template <class Isa>
+void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
+  using S = GemmShape<Isa>;
+  const Nf4Weight& w = p.w;
+  PackedGemmArgs g{};
+  g.p = &p;
+  g.slivers = CeilDiv(p.M, S::kMr);
+  g.groups = CeilDiv(w.N, S::kNr);
+  auto* ap = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(g.slivers * S::kMr * w.K)));
+  g.ap = ap;
+  if (p.bias != nullptr) {
+    auto* bias = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(g.groups * S::kNr)));
+    std::memcpy(bias, p.bias, sizeof(float) * static_cast<size_t>(w.N));
+    g.bias = bias;
+  }
+  // Columns first: each weight is then decoded once. Rows are split only when there are too few column groups.
+  g.task_groups = MaxI64(1, MinI64(Isa::kGemmTaskGroups, g.groups / kGemmMinTasks));
+  g.col_tasks = CeilDiv(g.groups, g.task_groups);
+  const int64_t row_tasks = MinI64(CeilDiv(kGemmMinTasks, g.col_tasks), MaxI64(1, g.slivers / 4));
+  g.task_slivers = CeilDiv(g.slivers, row_tasks);
+  par.For(static_cast<size_t>(g.slivers), PackSliversTask<Isa>, &g);
+  par.For(static_cast<size_t>(g.col_tasks * CeilDiv(g.slivers, g.task_slivers)), PackedGemmTask<Isa>, &g);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import onnx_ir as ir
 
@@ -91,8 +92,12 @@ def quantize_with_prequantized(
     keep_float: Iterable[str] = (),
     quantize_float: bool = False,
     options: QuantizeOptions | None = None,
+    **settings: Any,
 ) -> QuantizationReport:
     """Write ``model`` to ``output_path`` with the ``prequantized`` weights as NF4 (rewritten in place).
+
+    ``options`` (default ``QuantizeOptions()``) with ``settings`` (its field names, e.g. ``block_size=128``)
+    applied as by :meth:`~onnx_nf4.options.QuantizeOptions.build`.
 
     The ``prequantized`` weights (keyed by initializer name) are inserted whatever their size. Every other float
     ``MatMul`` / ``Gemm`` weight stays float unless ``quantize_float`` is set; then it is quantized with
@@ -101,7 +106,7 @@ def quantize_with_prequantized(
     weight, prequantized ones included. Without ``quantize_float`` the report states the most common block size of
     the prequantized weights and whether any is double-quantized.
     """
-    options = options or QuantizeOptions()
+    options = QuantizeOptions.build(options, **settings)
     if not quantize_float and prequantized:
         # Nothing else is quantized: report the settings of the inserted weights (the most common block size).
         sizes = Counter(q.block_size for q in prequantized.values())

@@ -10,23 +10,33 @@ that load from other processes hits every variant alike), with ``onnxruntime.Inf
 * ``nf4_acc4``: ``MatMulNF4`` (block 64, ``accuracy_level`` 4: int8 activations);
 * ``nf4_b128_acc4``: the same with block 128 (the block size of ``nbits128``);
 * ``bnb4``: ``com.microsoft::MatMulBnb4`` (NF4, block 64, the same codes and scales as ``nf4``);
-* ``nbits{32,128}_acc{0,4}``: ``com.microsoft::MatMulNBits`` (symmetric int4, block 32 / 128).
+* ``nbits{32,128}_acc{0,4}``: ``com.microsoft::MatMulNBits`` (symmetric int4, block 32 / 128);
+* ``openvino_nf4``: OpenVINO's own NF4 (NNCF ``compress_weights(mode=NF4, group_size=64, ratio=1.0,
+  all_layers=True)`` of the fp32 model, compiled for the CPU with the same thread count and a static M; OpenVINO's
+  default precision, bf16 activations on CPUs with AVX512_BF16 / AMX), and ``openvino_nf4_f32`` (float32 activations;
+  only where the default is not already f32). Left out when openvino / nncf are not installed (``bench`` extra).
 
 Prints, per case, the median (and minimum) time in ms, the speed-up of ``nf4`` / ``nf4_acc4`` over each other
 variant, and each variant's relative error against the fp32 MatMul (``||y - y_fp32|| / ||y_fp32||``; the 4-bit error of
 the weight itself dominates). ``--markdown FILE`` also writes the tables.
 
-Usage: ``python tools/bench/bench_cpu.py [--quick] [--rounds 15] [--markdown tools/bench/RESULTS_cpu.md]``.
+Usage: ``python tools/bench/bench_cpu.py [--quick] [--rounds 15] [--isa avx512,avx2] [--markdown
+tools/bench/RESULTS_cpu.md]``. ``--isa`` runs every case once per ``ONNX_NF4_CPU_ISA`` value, each in its own process
+(the kernel set is chosen once per process), and writes one file; without it the environment decides
+(``ONNX_NF4_CPU_ISA=avx2`` measures the AVX2 kernels on an AVX-512 CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import functools
+import json
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,6 +45,10 @@ from onnx import helper, numpy_helper
 
 import onnx_nf4
 from onnx_nf4.runtime import custom_op_library
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_env  # sibling script modules (the path above)
+import openvino_peer
 
 BLOCK_NF4 = 64
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -111,6 +125,15 @@ def nbits_model(w: np.ndarray, block_size: int, accuracy_level: int) -> bytes:
     return _model(node, K, inits, "com.microsoft")
 
 
+@functools.cache
+def openvino_variants() -> list[tuple[str, str | None]]:
+    """``(name, precision)`` of the OpenVINO columns: the default precision, and f32 where that is not the default."""
+    variants: list[tuple[str, str | None]] = [("openvino_nf4", None)]
+    if openvino_peer.default_precision() != "f32":
+        variants.append(("openvino_nf4_f32", "f32"))
+    return variants
+
+
 @dataclass
 class Result:
     name: str
@@ -136,7 +159,7 @@ def run_case(K: int, N: int, M: int, threads: int, rounds: int, seed: int = 0) -
         "nbits128_acc0": nbits_model(w, 128, 0),
         "nbits128_acc4": nbits_model(w, 128, 4),
     }
-    sessions = {}
+    runners: dict[str, Callable[[], np.ndarray]] = {}
     for name, model in models.items():
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -145,14 +168,19 @@ def run_case(K: int, N: int, M: int, threads: int, rounds: int, seed: int = 0) -
         # session needs (2-thread medians of 17 ms instead of 2 ms for fp32 were seen), so no pool spins.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.register_custom_ops_library(custom_op_library())
-        sessions[name] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        runners[name] = lambda session=session: session.run(None, {"A": a})[0]
+    if openvino_peer.openvino_version() is not None:
+        for name, precision in openvino_variants():
+            run_ov = openvino_peer.compile_nf4(models["fp32"], {"A": (M, K)}, threads, precision)
+            runners[name] = lambda run_ov=run_ov: run_ov({"A": a})
     del models
-    outputs = {name: s.run(None, {"A": a})[0] for name, s in sessions.items()}  # also the warm-up
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    outputs = {name: run() for name, run in runners.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
-        for name, s in sessions.items():
+        for name, run in runners.items():
             t0 = time.perf_counter()
-            s.run(None, {"A": a})
+            run()
             times[name].append(time.perf_counter() - t0)
     ref = outputs["fp32"].astype(np.float64)
     norm = float(np.linalg.norm(ref))
@@ -163,7 +191,7 @@ def run_case(K: int, N: int, M: int, threads: int, rounds: int, seed: int = 0) -
             1e3 * min(times[name]),
             float(np.linalg.norm(outputs[name] - ref)) / norm,
         )
-        for name in sessions
+        for name in runners
     ]
 
 
@@ -184,47 +212,35 @@ def format_case(K: int, N: int, M: int, threads: int, results: list[Result]) -> 
 
 
 SUMMARY_HEADER = [
-    "| K x N | M | threads | fp32 ms | nf4 ms | nf4_acc4 ms | nf4 vs fp32 | nf4 vs nbits32_acc0 | "
-    "nf4 vs nbits128_acc0 | nf4 vs bnb4 | nf4_acc4 vs nbits128_acc4 | nf4_b128_acc4 vs nbits128_acc4 |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| K x N | M | threads | fp32 ms | nf4 ms | nf4_acc4 ms | nf4 vs fp32 | nf4_acc4 vs fp32 | nf4 vs nbits32_acc0 | "
+    "nf4 vs nbits128_acc0 | nf4 vs bnb4 | nf4_acc4 vs nbits128_acc4 | nf4_b128_acc4 vs nbits128_acc4 "
+    "| nf4 vs openvino_nf4 | nf4_acc4 vs openvino_nf4 |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
 def summary_row(K: int, N: int, M: int, threads: int, results: list[Result]) -> str:
     """One line of the summary: speed-ups (> 1: MatMulNF4 is faster) against the baselines."""
     by = {r.name: r.ms for r in results}
+
+    def ratio(peer: str, ours: str) -> str:
+        return f"{by[peer] / by[ours]:.2f}x" if peer in by else "n/a"
+
     return (
         f"| {K} x {N} | {M} | {threads} | {by['fp32']:.3f} | {by['nf4']:.3f} | {by['nf4_acc4']:.3f} "
-        f"| {by['fp32'] / by['nf4']:.2f}x | {by['nbits32_acc0'] / by['nf4']:.2f}x "
-        f"| {by['nbits128_acc0'] / by['nf4']:.2f}x | {by['bnb4'] / by['nf4']:.2f}x "
-        f"| {by['nbits128_acc4'] / by['nf4_acc4']:.2f}x | {by['nbits128_acc4'] / by['nf4_b128_acc4']:.2f}x |"
+        f"| {ratio('fp32', 'nf4')} | {ratio('fp32', 'nf4_acc4')} | {ratio('nbits32_acc0', 'nf4')} "
+        f"| {ratio('nbits128_acc0', 'nf4')} | {ratio('bnb4', 'nf4')} | {ratio('nbits128_acc4', 'nf4_acc4')} "
+        f"| {ratio('nbits128_acc4', 'nf4_b128_acc4')} | {ratio('openvino_nf4', 'nf4')} "
+        f"| {ratio('openvino_nf4', 'nf4_acc4')} |"
     )
 
 
-def machine_header() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (
-        f"CPU: {cpu}, {os.cpu_count()} logical cores; Python {platform.python_version()}, onnxruntime "
-        f"{ort.__version__}, numpy {np.__version__}; load average at start {', '.join(f'{x:.2f}' for x in load)}"
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="timed runs of each variant (default 15)")
-    parser.add_argument("--quick", action="store_true", help="only 4096x4096, threads=1")
-    parser.add_argument("--markdown", help="also write the tables to this file")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Every case in this process (kernel set as ``ONNX_NF4_CPU_ISA`` caps it); the tables as they are printed."""
     shapes, threads = (SHAPES[:1], THREADS[:1]) if args.quick else (SHAPES, THREADS)
-    header = machine_header()
-    print(header)
-    sections, summary = [], list(SUMMARY_HEADER)
+    header = bench_env.machine_header()
+    print(header, flush=True)
+    sections, summary = [], []
     for K, N in shapes:
         for M in ROWS:
             for t in threads:
@@ -233,14 +249,49 @@ def main() -> None:
                 print(text + "\n", flush=True)
                 sections.append(text)
                 summary.append(summary_row(K, N, M, t, results))
-    print("\n".join(summary))
+    print("\n".join(SUMMARY_HEADER + summary), flush=True)
+    return {"header": header, "kernel_set": bench_env.kernel_set_label(), "summary": summary, "sections": sections}
+
+
+def write_markdown(path: str, runs: list[dict], command: str, rounds: int) -> None:
+    """One results file: the command, then per kernel set its machine line, summary and every variant's table."""
+    ov = openvino_peer.openvino_version()
+    with open(path, "w") as f:
+        f.write("# CPU benchmark: MatMulNF4 vs onnxruntime MatMul / MatMulBnb4 / MatMulNBits / OpenVINO NF4\n\n")
+        f.write(f"Command: `{command}` (median of {rounds} interleaved runs per variant, all variants in one process; ")
+        f.write(f"NF4 block size {BLOCK_NF4}; weights normal(0, 0.05), A normal(0, 1)). ")
+        f.write(f"OpenVINO peer: {ov or 'not installed'} (see `tools/bench/openvino_peer.py`).\n\n")
+        f.write(bench_env.LOAD_NOTE + "\n\n")
+        for run in runs:
+            f.write(f"## {run['kernel_set']}\n\n{run['header']}.\n\n")
+            f.write("Summary (speed-up > 1: MatMulNF4 is faster):\n\n" + "\n".join(SUMMARY_HEADER + run["summary"]))
+            f.write("\n\n")
+        for run in runs:
+            f.write(f"## Every variant, {run['kernel_set']}\n\n" + "\n\n".join(run["sections"]) + "\n\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, help="timed runs of each variant (default 15, 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: only 4096x4096, threads=1")
+    parser.add_argument(
+        "--isa",
+        help="comma-separated ONNX_NF4_CPU_ISA values, e.g. avx512,avx2: one child process per value "
+        "(default: this process, the environment as it is)",
+    )
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--results-json", help=argparse.SUPPRESS)  # a child of --isa writes its results here
+    args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 15
+    child_argv = [f"--rounds={args.rounds}"] + (["--quick"] if args.quick else [])
+    runs = bench_env.run_per_isa(__file__, child_argv, args.isa.split(",")) if args.isa else [measure(args)]
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(runs[0]))
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("# CPU benchmark: MatMulNF4 vs onnxruntime MatMul / MatMulBnb4 / MatMulNBits\n\n")
-            f.write(f"{header}.\n\nCommand: `python tools/bench/bench_cpu.py --rounds {args.rounds}` ")
-            f.write(f"(median of {args.rounds} interleaved runs per variant; NF4 block size {BLOCK_NF4}).\n\n")
-            f.write("## Summary (speed-up > 1: MatMulNF4 is faster)\n\n" + "\n".join(summary) + "\n\n")
-            f.write("## Every variant\n\n" + "\n\n".join(sections) + "\n")
+        isa = [f"--isa {args.isa}"] if args.isa else []
+        command = " ".join(["python tools/bench/bench_cpu.py", *child_argv, *isa, f"--markdown {args.markdown}"])
+        write_markdown(args.markdown, runs, command, args.rounds)
 
 
 if __name__ == "__main__":

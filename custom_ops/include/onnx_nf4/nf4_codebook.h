@@ -8,6 +8,8 @@
  *   static const float kNF4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};
  *   __constant__ float c_nf4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};
  * and the scalar macros (ONNX_NF4_CODE_i, ONNX_NF4_THRESHOLD_i) suit broadcasts and compare trees.
+ * ONNX_NF4_CODEBOOK_I8_VALUES is the 8-bit image of the table, round(NF4 * ONNX_NF4_I8_LEVELS), used by
+ * the int8 CPU kernels (accuracy_level 4).
  *
  * Encoding of a scaled value s = x * (1 / absmax): code = #{i : s > ONNX_NF4_THRESHOLD_i}
  * (a tie goes to the lower code). Decoding: ONNX_NF4_CODE_code * absmax, in float32.
@@ -16,6 +18,9 @@
  */
 #ifndef ONNX_NF4_NF4_CODEBOOK_H_
 #define ONNX_NF4_NF4_CODEBOOK_H_
+
+/* The generator lays this file out: */
+/* clang-format off */
 
 #define ONNX_NF4_NUM_CODES 16
 #define ONNX_NF4_NUM_THRESHOLDS 15
@@ -76,6 +81,10 @@
     0x1.491b5ep-1f,  /* [13]      0.64278692 */ \
     0x1.b913b4p-1f   /* [14]     0.861478448 */
 
+/* round(NF4 * 127): the int8 table of accuracy_level 4 (NF4 ~= value / 127). */
+#define ONNX_NF4_I8_LEVELS 127
+#define ONNX_NF4_CODEBOOK_I8_VALUES -127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127
+
 #define ONNX_NF4_CODE_0 (-0x1p+0f)
 #define ONNX_NF4_CODE_1 (-0x1.647362p-1f)
 #define ONNX_NF4_CODE_2 (-0x1.0cd66p-1f)
@@ -108,5 +117,7 @@
 #define ONNX_NF4_THRESHOLD_12 (0x1.00da06p-1f)
 #define ONNX_NF4_THRESHOLD_13 (0x1.491b5ep-1f)
 #define ONNX_NF4_THRESHOLD_14 (0x1.b913b2p-1f)
+
+/* clang-format on */
 
 #endif /* ONNX_NF4_NF4_CODEBOOK_H_ */
