@@ -265,6 +265,36 @@ print(json.dumps(out))
 """
 
 
+INFINITE_SCALE_INT8_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests_dir!r})
+import test_cpu_op as t
+out = []
+for K, bs in ((60, 32), (120, 64), (250, 128)):
+    for M in (1, 2, 3, 5, 9, 16, 17, 40):
+        q, a = t.infinite_scale_case(M, K=K, bs=bs)
+        y = t.run_op(t.nf4_node_model(q, ["M", q.K], accuracy_level=4), a)
+        others = np.delete(y, 1, axis=1)
+        out.append([K, M, bool(np.all(y[:, 1] == np.inf)), bool(np.isfinite(others).all())])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2vnni", "avx2", "portable"])
+def test_infinite_scale_gives_inf_with_int8_activations(isa):
+    """``accuracy_level = 4`` on every path (weight streaming and packed panels, with and without the unsigned-weight
+    bias of VNNI): a column whose last block has an infinite scale is +Inf, never NaN (the bias correction stays in
+    the block's integer sum), and padding does not reach the arithmetic."""
+    env = dict(os.environ, ONNX_NF4_CPU_ISA=isa)
+    script = INFINITE_SCALE_INT8_SCRIPT.format(tests_dir=str(Path(__file__).resolve().parent))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for K, M, column_inf, others_finite in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert column_inf, f"K={K} M={M}: column 1 is not +Inf in every row"
+        assert others_finite, f"K={K} M={M}"
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2vnni", "avx2", "portable"])
 def test_padding_never_reaches_the_arithmetic(isa):
     """Every float32 path of every kernel set (rows 1 to 61: weight streaming, Y^T tiles, packed GEMM) gives +Inf,

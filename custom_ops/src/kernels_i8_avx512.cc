@@ -30,6 +30,7 @@ struct I8Avx512 {
   static VecI LoadI(const void* p) { return _mm512_loadu_si512(p); }
   static void StoreI(void* p, VecI v) { _mm512_storeu_si512(p, v); }
   static VecI AddI(VecI a, VecI b) { return _mm512_add_epi32(a, b); }
+  static VecI FirstLaneI(int32_t x) { return _mm512_maskz_set1_epi32(1, x); }  // x, then zeros
   static VecI Broadcast32(const void* p) {
     int32_t x;
     std::memcpy(&x, p, 4);

@@ -10,7 +10,7 @@
 //   kBiased                          whether decoded weights are unsigned bytes kNF4I8 + 128 (vpdpbusd: the
 //                                    unsigned operand), so that every block's integer sum carries
 //                                    128 * sum(q_a), removed through the per-block activation sums;
-//   ZeroI, LoadI, StoreI, AddI, Broadcast32(p) (the 4 bytes at p in every lane);
+//   ZeroI, LoadI, StoreI, AddI, Broadcast32(p) (the 4 bytes at p in every lane), FirstLaneI(x) (x, then zeros);
 //   ZeroF, LoadF, StoreF, Set1F, AddF, MulF, MaxF, AndNotF, FmaddF(a, b, c) = a * b + c, CvtF (int32 to
 //   float32), SumF (horizontal);
 //   DecodeTable(), Decode(bytes, table, out) the kGroup weight bytes of kGroup / 2 code bytes in code order
@@ -112,7 +112,8 @@ struct I8GemvArgs {
 
 // MR rows against column n, U decode steps per iteration (U independent accumulators per row). Per chunk of
 // blocks, f[m][j] = scale_w * scale_a is prepared first, so a block costs its dot products, one convert and one
-// FMA; for biased weights, 128 * sum_b f * qsum is accumulated alongside and subtracted at the end.
+// FMA; for biased weights, -128 * qsum of the block is added to its integer sum before the convert (exact, and
+// an infinite scale then meets only its own block's sum: no Inf - Inf).
 template <class I, int MR, int U>
 __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int64_t n) {
   using VecI = typename I::VecI;
@@ -125,11 +126,11 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
   const auto table = I::DecodeTable();
   alignas(64) float sw[kI8Chunk];
   alignas(64) float f[MR][kI8Chunk];
-  VecF corr[MR];  // sum over blocks of f * qsum (biased weights)
-  for (int m = 0; m < MR; ++m) corr[m] = I::ZeroF();
   PrefetchScales(w, n + kScaleLookahead);
   VecF tot0[MR], tot1[MR];
   for (int m = 0; m < MR; ++m) tot0[m] = tot1[m] = I::ZeroF();
+  const int64_t padded_block = w.K % bs != 0 ? kb - 1 : -1;  // the last block when it runs past K
+  float padded_tot[MR] = {};                                 // its scaled sum, per row
   constexpr int D = I::kDecodeVecs, kBytes = 4 * I::kLanes;  // vectors per decode step, bytes per vector
   auto block = [&](int64_t b, int64_t j, VecF(&tot)[MR]) {
     VecI acc[MR][U * D];
@@ -155,7 +156,12 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
     } while (c < c_end);
     for (int m = 0; m < MR; ++m) {
       for (int u = 1; u < U * D; ++u) acc[m][0] = I::AddI(acc[m][0], acc[m][u]);
-      tot[m] = I::FmaddF(I::CvtF(acc[m][0]), I::Set1F(f[m][j]), tot[m]);
+      if constexpr (I::kBiased) acc[m][0] = I::AddI(acc[m][0], I::FirstLaneI(-128 * g.qsum[(m0 + m) * kb + b]));
+      if (b == padded_block) {  // lanes of padding alone hold 0: scale the block's whole sum (0 * Inf is NaN)
+        padded_tot[m] = I::SumF(I::CvtF(acc[m][0])) * f[m][j];
+      } else {
+        tot[m] = I::FmaddF(I::CvtF(acc[m][0]), I::Set1F(f[m][j]), tot[m]);
+      }
     }
   };
   for (int64_t b0 = 0; b0 < kb; b0 += kI8Chunk) {
@@ -168,10 +174,8 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
     }
     for (int m = 0; m < MR; ++m) {
       const int64_t row = (m0 + m) * kb + b0;
-      for (int64_t j = 0; j < nv; j += I::kLanes) {  // ascale and qsum have kLanes readable entries past kb
-        const VecF fv = I::MulF(I::LoadF(sw + j), I::LoadF(g.ascale + row + j));
-        I::StoreF(f[m] + j, fv);
-        if constexpr (I::kBiased) corr[m] = I::FmaddF(fv, I::CvtF(I::LoadI(g.qsum + row + j)), corr[m]);
+      for (int64_t j = 0; j < nv; j += I::kLanes) {  // ascale has kLanes readable entries past kb
+        I::StoreF(f[m] + j, I::MulF(I::LoadF(sw + j), I::LoadF(g.ascale + row + j)));
       }
     }
     int64_t j = 0;
@@ -184,9 +188,7 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
     for (; j < nb; ++j) block(b0 + j, j, tot0);
   }
   for (int m = 0; m < MR; ++m) {
-    VecF sum = I::AddF(tot0[m], tot1[m]);
-    if constexpr (I::kBiased) sum = I::FmaddF(corr[m], I::Set1F(-128.0f), sum);
-    float y = I::SumF(sum);
+    float y = I::SumF(I::AddF(tot0[m], tot1[m])) + padded_tot[m];
     y *= 1.0f / kInt8Levels;
     if (p.bias != nullptr) y += p.bias[n];
     p.Y[(m0 + m) * w.N + n] = y;

@@ -39,6 +39,7 @@ struct I8Ymm {
   static VecI LoadI(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static void StoreI(void* p, VecI v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   static VecI AddI(VecI a, VecI b) { return _mm256_add_epi32(a, b); }
+  static VecI FirstLaneI(int32_t x) { return _mm256_setr_epi32(x, 0, 0, 0, 0, 0, 0, 0); }  // x, then zeros
   static VecI Broadcast32(const void* p) {
     int32_t x;
     std::memcpy(&x, p, 4);
