@@ -228,7 +228,7 @@ def _machine() -> str:
     commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
     return (
-        f"- machine: {cpu}, {os.cpu_count()} logical CPUs, shared with other jobs (busy: load average "
+        f"- machine: {cpu}, {os.cpu_count()} logical CPUs (load average "
         f"{os.getloadavg()[0]:.1f} at the end), {platform.platform()}\n"
         f"- encoder instruction set: {native_codec.isa()}\n"
         f"- Python {platform.python_version()}, numpy {np.__version__}, onnx {onnx.__version__}, onnxruntime "
@@ -284,7 +284,7 @@ def markdown(rows: list[dict], clis: list[dict]) -> str:
             "The CLI reads the weights one at a time from the memory-mapped input (each unmapped once quantized), "
             "keeps the NF4 tensors (about 1/7 of the float32 size) and writes the output protobuf once at the end, "
             "streaming each tensor from its buffer (`onnx_nf4.proto_writer`); the wall time includes the Python "
-            "start-up and imports (onnx, onnx_ir, ml_dtypes: 1-3 s on the busy machine).\n\n"
+            "start-up and imports (onnx, onnx_ir, ml_dtypes: 0.5-3 s, depending on the machine's load).\n\n"
         )
     for c in clis:
         p = c["phases"]
