@@ -301,12 +301,14 @@ F32_TINY = 2.0**-149  # float32's smallest subnormal: the step of its grid below
 
 def float32_tolerance(q: QuantizedWeight, a: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """The bound of ``docs/MatMulNF4.md`` on ``|Y - Y_ref|`` for float32 compute, in float64, shaped like ``Y``:
-    ``2 K 2^-23 (|A| @ |W| + |bias|) + K 2^-149 (1 + max_b |s[n, b]|)`` (reordered float32 sums; products that
-    fall below float32's normal range keep only their 2^-149 grid, and a kernel that scales a block's sum of
-    ``A * NF4[q]`` multiplies that rounding by the block's scale)."""
-    w = np.abs(dequantize_weight(q).astype(np.float64))
-    bound = np.abs(a.astype(np.float64)).reshape(-1, q.K) @ w
+    ``2 K 2^-23 (|A| @ |W| + |bias|) + 2^-149 (K (1 + max_b |s[n, b]|) + sum_k |A[m, k]|)`` (reordered float32
+    sums; products that fall below float32's normal range keep only their 2^-149 grid, a kernel that scales a
+    block's sum of ``A * NF4[q]`` multiplies that rounding by the block's scale, and a weight ``W = fl32(NF4[q] *
+    s)`` that is itself subnormal carries the reference's rounding of it times ``|A|``)."""
+    a64 = np.abs(a.astype(np.float64)).reshape(-1, q.K)
+    bound = a64 @ np.abs(dequantize_weight(q).astype(np.float64))
     if bias is not None:
         bound = bound + np.abs(bias.astype(np.float64))
     scale = np.abs(q.float_absmax().astype(np.float64)).max(axis=1)
-    return (2 * q.K * F32_EPS * bound + q.K * F32_TINY * (1 + scale)).reshape(*a.shape[:-1], q.N)
+    underflow = q.K * (1 + scale)[None, :] + a64.sum(axis=1, keepdims=True)
+    return (2 * q.K * F32_EPS * bound + F32_TINY * underflow).reshape(*a.shape[:-1], q.N)

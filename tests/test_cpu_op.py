@@ -159,6 +159,22 @@ def test_exact_for_representable_products():
     np.testing.assert_array_equal(y, onnx_nf4.dequantize_weight(q)[[0, 63, 64, 129]])
 
 
+@pytest.mark.parametrize("K", [1, 3, 37])
+@pytest.mark.parametrize("scale", [8e-41, 1e-39, 3e-44])
+def test_subnormal_weights_within_the_bound(K, scale):
+    """Block scales so small that every weight ``fl32(NF4[q] * s)`` is subnormal: the reference rounds each weight
+    to the subnormal grid and multiplies that rounding by ``|A|``, the kernels scale exact sums (a property-test
+    case, K = 1 with a double-quantized scale near 8e-41, differed by two steps of 2^-149); the spec's bound has a
+    ``2^-149 * sum_k |A|`` term for it."""
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        kb = -(-K // 32)
+        packed = rng.integers(0, 256, (1, kb, 16), dtype=np.uint8)
+        q = onnx_nf4.QuantizedWeight(K, 1, 32, packed, np.full((1, kb), scale, np.float32))
+        a = rng.standard_normal((12, K)).astype(np.float32)
+        assert_float32_close(run_op(nf4_node_model(q, ["M", K]), a), reference_matmul(q, a), q, a)
+
+
 def test_float16_activations():
     K, N = 160, 48
     q = make_case(K, N, 32)
