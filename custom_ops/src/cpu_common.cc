@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu_isa.h"
 #include "cpu_kernels.h"
 
 #if defined(ONNX_NF4_HAVE_AVX2)
@@ -48,9 +49,9 @@ Int8Activations QuantizeActivationsInt8(const Problem& p, int64_t group, bool su
 
 namespace {
 
-// The kernel sets from the most capable down, each with whether this CPU runs it.
+// The kernel sets from the most capable down, each with its level and whether this CPU runs it.
 struct Candidate {
-  const char* name;
+  IsaLevel level;
   bool runs;
   const KernelSet& (*set)();
 };
@@ -69,32 +70,42 @@ bool RunsAvxVnni() {
 const KernelSet& Select() {
   const Candidate candidates[] = {
 #if defined(ONNX_NF4_HAVE_AVX512)
-      {"avx512",
+      {IsaLevel::kAvx512,
        RunsAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni"),
        Avx512Kernels},
 #endif
 #if defined(ONNX_NF4_HAVE_AVX2)
-      {"avx2vnni", RunsAvx2() && RunsAvxVnni(), Avx2VnniKernels},
-      {"avx2", RunsAvx2(), Avx2Kernels},
+      {IsaLevel::kAvx2Vnni, RunsAvx2() && RunsAvxVnni(), Avx2VnniKernels},
+      {IsaLevel::kAvx2, RunsAvx2(), Avx2Kernels},
 #endif
-      {"portable", true, PortableKernels},
+      {IsaLevel::kPortable, true, PortableKernels},
   };
-  const char* cap = std::getenv("ONNX_NF4_CPU_ISA");
-  bool capped = false;  // whether the cap names a known set: candidates above it are skipped
-  if (cap != nullptr) {
-    for (const Candidate& c : candidates) capped = capped || std::strcmp(c.name, cap) == 0;
-  }
-  bool reached = !capped;
+  const IsaLevel cap = IsaCap();
   for (const Candidate& c : candidates) {
-    reached = reached || std::strcmp(c.name, cap) == 0;
-    if (reached && c.runs) return c.set();
+    if (c.level <= cap && c.runs) return c.set();
   }
   return PortableKernels();
 }
 
 }  // namespace
+
+IsaLevel IsaCap() {
+  const char* cap = std::getenv("ONNX_NF4_CPU_ISA");
+  if (cap == nullptr) return IsaLevel::kAvx512;
+  const struct {
+    const char* name;
+    IsaLevel level;
+  } levels[] = {{"portable", IsaLevel::kPortable},
+                {"avx2", IsaLevel::kAvx2},
+                {"avx2vnni", IsaLevel::kAvx2Vnni},
+                {"avx512", IsaLevel::kAvx512}};
+  for (const auto& l : levels) {
+    if (std::strcmp(cap, l.name) == 0) return l.level;
+  }
+  return IsaLevel::kAvx512;
+}
 
 const KernelSet& Dispatch() {
   static const KernelSet& selected = Select();

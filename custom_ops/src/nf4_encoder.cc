@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -24,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "onnx_nf4/nf4_encoder_api.h"
 
 #if defined(_WIN32)
@@ -41,33 +41,23 @@ constexpr int64_t kMaxTileColumns = 64;
 constexpr int64_t kOutputLine = 64;  // bytes
 constexpr int32_t kMaxThreads = 1024;
 
-const EncoderKernels& Best() {
+// The best encoder this CPU runs at or below the ONNX_NF4_CPU_ISA cap (cpu_isa.h; the encoder has no VNNI code,
+// so avx2vnni means the AVX2 encoder).
+const EncoderKernels& Select() {
+  [[maybe_unused]] const cpu::IsaLevel cap = cpu::IsaCap();
 #if defined(ONNX_NF4_HAVE_AVX512)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c")) {
+  if (cap >= cpu::IsaLevel::kAvx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c")) {
     return Avx512Encoder();
   }
 #endif
 #if defined(ONNX_NF4_HAVE_AVX2)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+  if (cap >= cpu::IsaLevel::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
     return Avx2Encoder();
   }
 #endif
   return PortableEncoder();
-}
-
-// ONNX_NF4_CPU_ISA=portable|avx2|avx2vnni|avx512 caps the choice, as for the MatMulNF4 kernels (the encoder has
-// no VNNI code: avx2vnni caps it at avx2).
-const EncoderKernels& Select() {
-  const EncoderKernels& best = Best();
-  const char* cap = std::getenv("ONNX_NF4_CPU_ISA");
-  if (cap == nullptr) return best;
-  if (std::strcmp(cap, "portable") == 0) return PortableEncoder();
-#if defined(ONNX_NF4_HAVE_AVX2)
-  const bool avx2_cap = std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "avx2vnni") == 0;
-  if (avx2_cap && std::strcmp(best.name, "portable") != 0) return Avx2Encoder();
-#endif
-  return best;
 }
 
 const EncoderKernels& Kernels() {
