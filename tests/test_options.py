@@ -12,7 +12,7 @@ from models import matmul_model, shared_weight_model
 
 import onnx_nf4
 from onnx_nf4 import DequantizeNF4Pass, QuantizeNF4Pass, QuantizeOptions, quantize_model
-from onnx_nf4.options import DEFAULT_MIN_ELEMENTS, FORMATS, METHODS
+from onnx_nf4.passes.options import DEFAULT_MIN_ELEMENTS, FORMATS, METHODS
 
 
 def test_defaults():
