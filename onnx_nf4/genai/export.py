@@ -18,6 +18,10 @@ external data, the tokenizer):
   builder's q/k/v fusion off (``fuse_qkv=false``): each projection keeps its double-quantized bytes in its own node.
   Weights bitsandbytes left in float (``lm_head`` by default) stay float unless ``quantize_float`` is set.
 
+With ``adapters`` (peft LoRA folders by name), the targeted layers get LoRA graph inputs and each adapter is
+written as ``adapters/<name>.onnx_adapter`` into the folder (:mod:`onnx_nf4.genai.adapters`): one base serves every
+adapter, switched at run time.
+
 Every step writes into temporary folders beside ``out_dir``; ``out_dir`` appears only when complete.
 """
 
@@ -36,6 +40,7 @@ from ..codec.layout import QuantizedWeight, dequantize_weight
 from ..model.io import load_model
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
+from .adapters import PreparedAdapters, builder_options_for_adapters, prepare_adapters
 from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 
@@ -44,6 +49,7 @@ __all__ = ["BUILD_PRECISION", "EXECUTION_PROVIDERS", "BuilderError", "export_gen
 #: The execution providers ``export_genai`` builds for (the builder's ``-e``), and the builder precision of each:
 #: float32 on the CPU; float16 on CUDA, where the builder's GroupQueryAttention needs float16 or bfloat16.
 BUILD_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+_PRECISION_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
 EXECUTION_PROVIDERS = tuple(BUILD_PRECISION)
 _GRAPH_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -209,6 +215,7 @@ def export_genai(
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
     accuracy_level: int | None = None,
+    adapters: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> dict[str, QuantizationReport]:
     """Export a transformers checkpoint folder to an onnxruntime-genai folder with NF4 weights.
 
@@ -225,6 +232,10 @@ def export_genai(
             float checkpoint is always quantized.
         builder_options: extra options for the model builder (its ``--extra_options``, e.g.
             ``{"fuse_mlp_gate_up": True}``).
+        adapters: peft LoRA adapter folders by the name each is activated by: the targeted layers get LoRA graph
+            inputs (rank 0, the base, when no adapter is active) and each adapter is written to
+            ``adapters/<name>.onnx_adapter`` (see :mod:`onnx_nf4.genai.adapters`). The builder's q/k/v fusion is
+            off unless ``builder_options`` sets ``fuse_qkv``.
 
     Returns:
         The quantization report of each model file of the folder.
@@ -236,7 +247,10 @@ def export_genai(
         onnx_nf4.genai.folder.GenaiFolderError: ``out_dir`` exists and is not empty.
         ValueError: invalid options (before any work).
         onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
+        onnx_nf4.torch.adapters.AdapterError: an adapter that is missing, unsupported, or for another base.
     """
+    from ..torch.adapters import read_adapters
+
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
     options = QuantizeOptions.build(
@@ -249,6 +263,7 @@ def export_genai(
         accuracy_level=accuracy_level,
     )
     require_library(options)
+    lora = read_adapters(adapters)
     precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
     out_dir = Path(out_dir)
@@ -261,20 +276,29 @@ def export_genai(
     extra_options = dict(builder_options or {})
     if kind.double_quant:
         extra_options.setdefault("fuse_qkv", False)
+    if lora:
+        extra_options = builder_options_for_adapters(extra_options)
     build = {"precision": precision, "execution_provider": execution_provider, "extra_options": extra_options}
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent) as work:
         built = Path(work) / "genai_float"
+        float_dir = Path(hf_dir) if not kind.bnb_nf4 else Path(work) / "hf_float"
+        layers = write_float_checkpoint(hf_dir, float_dir) if kind.bnb_nf4 else {}
+        lora_inputs = prepare_adapters(lora, float_dir, _PRECISION_DTYPES[precision]) if lora else None
+        run_builder(float_dir, built, **build)
+        if lora_inputs is not None:
+            lora_inputs.write_files(built)
         if not kind.bnb_nf4:
-            run_builder(hf_dir, built, **build)
-            return quantize_genai_folder(built, out_dir, options)
-        layers = write_float_checkpoint(hf_dir, Path(work) / "hf_float")
-        run_builder(Path(work) / "hf_float", built, **build)
+            if lora_inputs is None:
+                return quantize_genai_folder(built, out_dir, options)
+            return write_genai_folder(built, out_dir, _float_quantize_file(options, lora_inputs))
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
             from ..torch.graph_weights import quantize_with_prequantized
 
             model = load_model(source)
             prequantized, _ = map_fused_weights(_float_matmul_weights(model), layers)
+            if lora_inputs is not None:
+                lora_inputs.add_inputs(model)
             file_options = (
                 options if options.external_data is not None else options.replace(external_data=external_data)
             )
@@ -283,3 +307,17 @@ def export_genai(
             )
 
         return write_genai_folder(built, out_dir, quantize_file)
+
+
+def _float_quantize_file(options: QuantizeOptions, lora_inputs: PreparedAdapters):
+    """The ``quantize_file`` of a float build with LoRA inputs: add them, then quantize as ``quantize_genai_folder``."""
+    from ..api import quantize_model
+
+    def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
+        model = load_model(source)
+        lora_inputs.add_inputs(model)
+        file_options = options if options.external_data is not None else options.replace(external_data=external_data)
+        _, report = quantize_model(model, target, file_options)
+        return report
+
+    return quantize_file
