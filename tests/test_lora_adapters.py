@@ -8,6 +8,8 @@ models are tiny and seeded (``tools/llm_models.py``, ``tests/bnb_models.py``); n
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import sys
@@ -163,14 +165,25 @@ def _folder_bytes(folder: Path) -> int:
 double_quant_cases = pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
 
 
+@pytest.fixture(scope="module")
+def genai_folders(bnb_checkpoints, llama_adapters, library, tmp_path_factory) -> dict[bool, tuple[Path, str]]:
+    """``onnx-nf4 export-genai HF_DIR OUT_DIR --adapter one=... --adapter two=...`` of each checkpoint, with what
+    it printed."""
+    folders = {}
+    for double_quant, hf_dir in bnb_checkpoints.items():
+        out = tmp_path_factory.mktemp("genai") / "both"
+        argv = ["export-genai", str(hf_dir), str(out), *(f"--adapter={n}={p}" for n, p in llama_adapters.items())]
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert main(argv) == 0
+        folders[double_quant] = (out, printed.getvalue())
+    return folders
+
+
 @pytest.mark.slow
 @double_quant_cases
-def test_genai_adapters_match_peft(bnb_checkpoints, llama_adapters, double_quant, library, tmp_path, capsys):
+def test_genai_adapters_match_peft(bnb_checkpoints, llama_adapters, genai_folders, double_quant):
     hf_dir = bnb_checkpoints[double_quant]
-    out = tmp_path / "genai"
-    argv = ["export-genai", str(hf_dir), str(out)]
-    assert main([*argv, *(f"--adapter={name}={path}" for name, path in llama_adapters.items())]) == 0
-    printed = capsys.readouterr().out
+    out, printed = genai_folders[double_quant]
     files = {name: out / "adapters" / f"{name}.onnx_adapter" for name in llama_adapters}
     for name, path in files.items():
         assert f"adapter {name}: {path}" in printed and path.is_file()
@@ -195,19 +208,18 @@ def test_genai_adapters_match_peft(bnb_checkpoints, llama_adapters, double_quant
 
 
 @pytest.mark.slow
-def test_genai_one_folder_serves_every_adapter(bnb_checkpoints, llama_adapters, library, tmp_path):
+def test_genai_one_folder_serves_every_adapter(bnb_checkpoints, llama_adapters, genai_folders, tmp_path):
     from onnx_nf4.genai.export import export_genai
 
-    hf_dir = bnb_checkpoints[False]
-    export_genai(hf_dir, tmp_path / "both", adapters=llama_adapters)
+    hf_dir, (both_dir, _) = bnb_checkpoints[False], genai_folders[False]
     singles = [tmp_path / name for name in llama_adapters]
     for folder, (name, path) in zip(singles, llama_adapters.items(), strict=True):
         export_genai(hf_dir, folder, adapters={name: path})
-    both = _folder_bytes(tmp_path / "both")
-    base = _model_bytes(tmp_path / "both")
+    both = _folder_bytes(both_dir)
+    base = _model_bytes(both_dir)
     assert sum(_folder_bytes(folder) for folder in singles) - both >= base
     # an adapter file holds the LoRA weights, not the base: a small fraction of the model
-    assert all((tmp_path / "both" / "adapters" / f"{n}.onnx_adapter").stat().st_size < base / 4 for n in ADAPTERS)
+    assert all((both_dir / "adapters" / f"{n}.onnx_adapter").stat().st_size < base / 4 for n in ADAPTERS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +329,7 @@ BAD_ADAPTERS = {
         r"has rank 0",
     ),
     "modules-to-save": ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save .* is not supported"),
+    "pissa": ({"init_lora_weights": "pissa"}, None, r"init_lora_weights='pissa' also changed the base weights"),
     "embedding": (
         {},
         {

@@ -22,7 +22,9 @@ scaling instead. Both are exact when the scaling is a power of two (``lora_alpha
 Supported: peft's ``LORA`` type on ``Linear`` layers (and on bitsandbytes ``Linear4bit`` layers, QLoRA), saved as
 ``adapter_config.json`` + ``adapter_model.safetensors``. Refused, with the reason: other peft types (LoHa, LoKr,
 AdaLoRA, IA3, ...), DoRA (``use_dora``), LoRA on embeddings or convolutions, ``lora_bias``, ``fan_in_fan_out``,
-``modules_to_save`` / ``trainable_token_indices`` (whole trained modules, not low-rank terms), rank 0.
+``modules_to_save`` / ``trainable_token_indices`` (whole trained modules, not low-rank terms), trained base biases
+(``bias`` other than ``"none"``), initializations that change the base (PiSSA, OLoRA, CorDA, LoftQ; convert them
+with peft first), rank 0.
 Reading adapters needs numpy only; writing adapter files needs onnxruntime >= 1.20.
 """
 
@@ -78,7 +80,11 @@ _REFUSED_OPTIONS = (
     ("layer_replication", None, "layer_replication"),
     ("use_qalora", False, "QA-LoRA (use_qalora=True)"),
     ("alora_invocation_tokens", None, "activated LoRA (alora_invocation_tokens)"),
+    ("bias", "none", "bias='all' / 'lora_only' (trained biases of the base layers)"),
 )
+#: ``init_lora_weights`` methods that also change the base weights: the adapter fits only that changed base
+#: (peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` converts it to a plain LoRA adapter).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 class AdapterError(ValueError):
@@ -150,6 +156,13 @@ def _check_config(name: str, folder: Path, config: dict) -> None:
         value = config.get(key, default)
         if value not in (default, None, False, [], {}):
             raise AdapterError(f"adapter {name!r} ({folder}): {what} is not supported; supported: {SUPPORTED}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterError(
+            f"adapter {name!r} ({folder}): init_lora_weights={init!r} also changed the base weights, so the adapter "
+            "does not fit the original base; save it with peft's path_initial_model_for_weight_conversion to "
+            "convert it to a plain LoRA adapter"
+        )
     rank = config.get("r")
     if not isinstance(rank, int) or rank <= 0:
         raise AdapterError(f"adapter {name!r} ({folder}): rank r={rank!r}; a LoRA adapter needs r >= 1")
