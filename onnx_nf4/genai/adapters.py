@@ -4,7 +4,7 @@
 
 1. reads and checks every adapter (:func:`onnx_nf4.torch.adapters.read_peft_adapter`) before any work, and,
    once the float checkpoint the builder reads is known, that each targeted layer exists there with the shape the
-   adapter was trained for (:func:`prepare_adapters`);
+   adapter was trained for (:class:`PreparedAdapters`);
 2. builds with the builder's q/k/v fusion off (``fuse_qkv=false``, as the builder does for its own LoRA models),
    so that every projection is a ``MatMul`` of its own;
 3. finds each targeted layer's ``MatMul`` in the built graph **by value** (its weight ``[K, N]`` equals the
@@ -41,7 +41,7 @@ from ..torch.adapters import (
 )
 from ..torch.safetensors_io import read_safetensors
 
-__all__ = ["ADAPTER_FOLDER", "PreparedAdapters", "adapter_path", "builder_options_for_adapters", "prepare_adapters"]
+__all__ = ["ADAPTER_FOLDER", "PreparedAdapters", "adapter_path", "builder_options_for_adapters"]
 
 #: The folder, inside a genai folder, that holds the adapter files.
 ADAPTER_FOLDER = "adapters"
@@ -69,7 +69,10 @@ def _digest(array: np.ndarray) -> tuple[tuple[int, ...], str, str]:
 
 
 class PreparedAdapters:
-    """The adapters of one export, checked against its float checkpoint.
+    """The adapters of one export, checked against the float checkpoint ``float_dir`` the builder reads.
+
+    Raises (on construction):
+        AdapterError: an adapter targets a layer the checkpoint does not have, or one of another shape.
 
     Attributes:
         adapters: the adapters, in the order given.
@@ -135,15 +138,6 @@ def _to_graph_dtype(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if weight.dtype == np.uint16:  # bfloat16 bit patterns (read_safetensors)
         weight = (weight.astype(np.uint32) << 16).view(np.float32)
     return np.asarray(weight, dtype=np.float32).astype(dtype)
-
-
-def prepare_adapters(adapters: list[LoraAdapter], float_dir: Path, dtype: np.dtype) -> PreparedAdapters:
-    """Check ``adapters`` against the float checkpoint ``float_dir`` the builder reads (see the module docstring).
-
-    Raises:
-        AdapterError: an adapter targets a layer the checkpoint does not have, or one of another shape.
-    """
-    return PreparedAdapters(adapters, float_dir, dtype)
 
 
 def builder_options_for_adapters(options: Mapping[str, object]) -> dict[str, object]:

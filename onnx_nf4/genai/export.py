@@ -40,7 +40,7 @@ from ..codec.layout import QuantizedWeight, dequantize_weight
 from ..model.io import load_model
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
-from .adapters import PreparedAdapters, builder_options_for_adapters, prepare_adapters
+from .adapters import PreparedAdapters, builder_options_for_adapters
 from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 
@@ -283,7 +283,7 @@ def export_genai(
         built = Path(work) / "genai_float"
         float_dir = Path(hf_dir) if not kind.bnb_nf4 else Path(work) / "hf_float"
         layers = write_float_checkpoint(hf_dir, float_dir) if kind.bnb_nf4 else {}
-        lora_inputs = prepare_adapters(lora, float_dir, _PRECISION_DTYPES[precision]) if lora else None
+        lora_inputs = PreparedAdapters(lora, float_dir, _PRECISION_DTYPES[precision]) if lora else None
         run_builder(float_dir, built, **build)
         if lora_inputs is not None:
             lora_inputs.write_files(built)

@@ -283,7 +283,7 @@ def _adapter_modules(model: torch.nn.Module, adapters: list[LoraAdapter]) -> dic
         if not found:
             continue  # check_base_shapes names it
         layer = names[found[0]]
-        if not isinstance(layer, torch.nn.Linear) and type(layer).__name__ != "Linear4bit":
+        if not isinstance(layer, torch.nn.Linear):  # bitsandbytes' Linear4bit is one too
             raise AdapterError(f"LoRA layer {module!r} is a {type(layer).__name__}; supported: LoRA on Linear layers")
         paths[module] = found[0]
         shapes[module] = (int(layer.in_features), int(layer.out_features))
