@@ -391,3 +391,21 @@ def test_cli_refuses_an_adapter_name_given_twice(float_checkpoint, tmp_path, cap
     argv = ["export-genai", str(float_checkpoint), str(tmp_path / "out"), "--adapter", f"x={adapter}"]
     assert main([*argv, "--adapter", f"x={adapter}"]) == 1
     assert "the name 'x' is given twice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_genai_refuses_a_fused_targeted_layer(float_checkpoint, library, tmp_path):
+    from onnx_nf4.genai.export import export_genai
+
+    gate = "base_model.model.model.layers.0.mlp.gate_proj"
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"{gate}.lora_A.weight": rng.standard_normal((4, 64), dtype=np.float32),
+        f"{gate}.lora_B.weight": rng.standard_normal((128, 4), dtype=np.float32),
+    }
+    adapter = _write_adapter(tmp_path / "adapter", tensors, target_modules=["gate_proj"])
+    with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.gate_proj': no MatMul of the built model has its"):
+        export_genai(
+            float_checkpoint, tmp_path / "out", adapters={"x": adapter}, builder_options={"fuse_mlp_gate_up": True}
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

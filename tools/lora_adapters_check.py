@@ -7,8 +7,8 @@ and with each alone, and compares greedy tokens of onnxruntime-genai (``og.Adapt
 ``set_active_adapter``) with peft's ``generate()`` (bitsandbytes' float32 path) for each adapter and for none.
 Prints the folder sizes, the export times and a JSON summary.
 
-Command: ``python tools/lora_adapters_check.py HF_DIR WORK_DIR [--double-quant] [--tokens 32]`` (needs onnx_nf4
-importable, e.g. ``PYTHONPATH`` set to the repository, and the op library built).
+Command: ``python tools/lora_adapters_check.py HF_DIR WORK_DIR [--double-quant] [--tokens 32] [--scale 0.02]``
+(needs onnx_nf4 importable, e.g. ``PYTHONPATH`` set to the repository, and the op library built).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def quantize_checkpoint(hf_dir: Path, out_dir: Path, double_quant: bool) -> Path
     return out_dir
 
 
-def make_adapter(bnb_dir: Path, folder: Path, spec: dict) -> Path:
+def make_adapter(bnb_dir: Path, folder: Path, spec: dict, scale: float) -> Path:
     import peft
     import torch
 
@@ -57,7 +57,7 @@ def make_adapter(bnb_dir: Path, folder: Path, spec: dict) -> Path:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     model.save_pretrained(str(folder))
     return folder
 
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("work_dir", type=Path, help="folder for the checkpoints and exports (replaced)")
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--scale", type=float, default=0.02, help="standard deviation of the random A and B")
     args = parser.parse_args()
     from onnx_nf4.genai.adapters import adapter_path
     from onnx_nf4.genai.export import export_genai
@@ -114,7 +115,10 @@ def main() -> None:
     shutil.rmtree(args.work_dir, ignore_errors=True)
     args.work_dir.mkdir(parents=True)
     bnb_dir = quantize_checkpoint(args.hf_dir, args.work_dir / "bnb", args.double_quant)
-    adapters = {name: make_adapter(bnb_dir, args.work_dir / f"adapter_{name}", spec) for name, spec in ADAPTERS.items()}
+    adapters = {
+        name: make_adapter(bnb_dir, args.work_dir / f"adapter_{name}", spec, args.scale)
+        for name, spec in ADAPTERS.items()
+    }
     timings, sizes = {}, {}
     for label, chosen in (("both", adapters), *((name, {name: path}) for name, path in adapters.items())):
         start = time.perf_counter()
@@ -140,6 +144,7 @@ def main() -> None:
     summary = {
         "double_quant": args.double_quant,
         "tokens": args.tokens,
+        "scale": args.scale,
         "results": results,
         "export_seconds": timings,
         "folder_bytes": sizes,
