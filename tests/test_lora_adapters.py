@@ -393,19 +393,50 @@ def test_cli_refuses_an_adapter_name_given_twice(float_checkpoint, tmp_path, cap
     assert "the name 'x' is given twice" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_export_genai_refuses_a_fused_targeted_layer(float_checkpoint, library, tmp_path):
-    from onnx_nf4.genai.export import export_genai
+def test_a_targeted_layer_fused_with_another_is_refused(tmp_path):
+    """A builder fusion that merges a targeted layer (``fuse_mlp_gate_up``): its weight is no MatMul of its own."""
+    import onnx_ir as ir
 
-    gate = "base_model.model.model.layers.0.mlp.gate_proj"
+    from onnx_nf4.genai.adapters import PreparedAdapters
+    from onnx_nf4.torch.adapters import read_adapters
+
     rng = np.random.default_rng(0)
+    prefix = "model.layers.0.mlp"
+    gate, up = (rng.standard_normal((128, 64), dtype=np.float32) for _ in range(2))
+    (tmp_path / "hf").mkdir()
+    save_file(
+        {f"{prefix}.gate_proj.weight": gate, f"{prefix}.up_proj.weight": up}, str(tmp_path / "hf" / "x.safetensors")
+    )
+    a, b = rng.standard_normal((4, 64), dtype=np.float32), rng.standard_normal((128, 4), dtype=np.float32)
     tensors = {
-        f"{gate}.lora_A.weight": rng.standard_normal((4, 64), dtype=np.float32),
-        f"{gate}.lora_B.weight": rng.standard_normal((128, 4), dtype=np.float32),
+        f"base_model.model.{prefix}.gate_proj.lora_A.weight": a,
+        f"base_model.model.{prefix}.gate_proj.lora_B.weight": b,
     }
-    adapter = _write_adapter(tmp_path / "adapter", tensors, target_modules=["gate_proj"])
-    with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.gate_proj': no MatMul of the built model has its"):
-        export_genai(
-            float_checkpoint, tmp_path / "out", adapters={"x": adapter}, builder_options={"fuse_mlp_gate_up": True}
+    adapters = read_adapters({"x": _write_adapter(tmp_path / "adapter", tensors, target_modules=["gate_proj"])})
+    prepared = PreparedAdapters(adapters, tmp_path / "hf", np.dtype(np.float32))
+
+    def graph(weight: np.ndarray) -> ir.Model:
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, weight.shape[1]])
+        node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="/mlp/MatMul")
+        initializer = onnx.numpy_helper.from_array(weight, "w")
+        return ir.serde.deserialize_model(
+            onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [y], [initializer]))
         )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    fused = graph(np.concatenate([gate.T, up.T], axis=1))
+    with pytest.raises(AdapterError, match=r"'model.layers.0.mlp.gate_proj': no MatMul of the built model has its"):
+        prepared.add_inputs(fused)
+    alone = graph(np.ascontiguousarray(gate.T))
+    base = ort.InferenceSession(ir.serde.serialize_model(alone).SerializeToString(), providers=["CPUExecutionProvider"])
+    prepared.add_inputs(alone)
+    names = [f"{prefix}.gate_proj.lora_A.weight", f"{prefix}.gate_proj.lora_B.weight"]
+    assert [v.name for v in alone.graph.inputs] == ["x", *names] and alone.graph.outputs[0].name == "y"
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(alone).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = rng.standard_normal((1, 64), dtype=np.float32)
+    (expected,) = base.run(None, {"x": x})
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)  # the base: an empty LoRA term
+    (with_lora,) = session.run(None, {"x": x, names[0]: a.T.copy(), names[1]: 2 * b.T})
+    np.testing.assert_allclose(with_lora, x @ gate.T + (x @ a.T) @ (2 * b.T), rtol=1e-5, atol=1e-5)
