@@ -222,6 +222,22 @@ def test_genai_one_folder_serves_every_adapter(bnb_checkpoints, llama_adapters, 
     assert all((both_dir / "adapters" / f"{n}.onnx_adapter").stat().st_size < base / 4 for n in ADAPTERS)
 
 
+@pytest.mark.slow
+def test_genai_adapters_on_a_float_checkpoint(float_checkpoint, llama_adapters, library, tmp_path):
+    """A float checkpoint is quantized as without adapters; with none active it generates what that folder does."""
+    from onnx_nf4.genai.export import export_genai
+
+    export_genai(float_checkpoint, tmp_path / "plain", builder_options={"fuse_qkv": False})  # as with adapters
+    export_genai(float_checkpoint, tmp_path / "lora", adapters=llama_adapters)
+    plain = _nf4_node_tensors(tmp_path / "plain" / "model.onnx")
+    assert len(plain) == 14 + 1 and _nf4_node_tensors(tmp_path / "lora" / "model.onnx") == plain  # + lm_head
+    prompt = llm_models.prompt_ids(float_checkpoint)
+    files = {name: tmp_path / "lora" / "adapters" / f"{name}.onnx_adapter" for name in llama_adapters}
+    base = llm_models.greedy_genai(tmp_path / "plain", prompt, NEW_TOKENS)
+    assert _greedy_genai(tmp_path / "lora", prompt, None, files) == base
+    assert all(_greedy_genai(tmp_path / "lora", prompt, name, files) != base for name in files)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # onnx_nf4.torch.export(..., adapters=...) and plain onnxruntime (LoraAdapter + RunOptions)
 
