@@ -61,21 +61,33 @@ __constant__ float c_nf4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(f16 v) {
+#ifdef ONNX_NF4_CUDA_EMU
+  return cuda_emu::ptx::cvt_f32_f16(v.bits);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
   return f;
+#endif
 }
 __device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(static_cast<u32>(v.bits) << 16); }
 
 __device__ __forceinline__ u16 f32_to_f16_bits(float v) {
+#ifdef ONNX_NF4_CUDA_EMU
+  return cuda_emu::ptx::cvt_rn_f16_f32(v);
+#else
   u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return h;
+#endif
 }
 __device__ __forceinline__ u16 f32_to_bf16_bits(float v) {
+#ifdef ONNX_NF4_CUDA_EMU
+  return cuda_emu::ptx::cvt_rn_bf16_f32(v);
+#else
   u16 h;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return h;
+#endif
 }
 
 template <typename T>
@@ -112,16 +124,28 @@ __device__ __forceinline__ u32 split_pair(float v) {
 
 // Streaming 128-bit load of packed codes: read once, so not kept in L1.
 __device__ __forceinline__ void ld_stream_v4(const void* p, u32 (&q)[4]) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ld_global_nc_v4(p, q);
+#else
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3])
                : "l"(p));
+#endif
 }
 __device__ __forceinline__ void ld_stream_v2(const void* p, u32& a, u32& b) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ld_global_nc_v2(p, a, b);
+#else
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+#endif
 }
 // Cached 128-bit read-only load (activations, reused by every warp of the SM).
 __device__ __forceinline__ void ld_v4(const void* p, u32 (&q)[4]) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ld_global_nc_v4(p, q);
+#else
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3]) : "l"(p));
+#endif
 }
 
 // Bytes [off, off + 16) of a packed row of row_bytes bytes (off % 8 == 0, row_bytes % 8 == 0); bytes past the
@@ -322,18 +346,26 @@ __global__ void __launch_bounds__(kThreads)
 
 // D[16 x 8] += A[16 x 16] * B[16 x 8], T inputs, float32 accumulators (PTX fragment layouts).
 __device__ __forceinline__ void mma16816(f16*, float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::mma_m16n8k16(false, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 __device__ __forceinline__ void mma16816(bf16*, float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::mma_m16n8k16(true, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Decodes the byte at bits [sh, sh + 8) of w (high nibble: even k, low nibble: odd k) into the hi and lo
@@ -525,9 +557,13 @@ __device__ __forceinline__ u32 shared_address(const void* p) { return static_cas
 
 // Four 8x8 matrices of 16-bit elements; lane l addresses one row of matrix l / 8.
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ldmatrix_x4(r, row);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(row)));
+#endif
 }
 
 // Grid: x = ceil(N / kTileN), y = ceil(M / kTileM); kThreads threads (k_split must be 1). Per stage of kTileK k,
@@ -723,13 +759,19 @@ struct LaunchArgs {
   int flags;
 };
 
+#ifdef ONNX_NF4_CUDA_EMU  // custom_ops/cuda/emu: the kernel runs on the CPU, now
+#define ONNX_NF4_LAUNCH(kernel, grid, block, stream) cuda_emu::MakeLaunch(kernel, grid, block, stream)
+#else
+#define ONNX_NF4_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 template <typename T, typename KernelFn>
 void Run(KernelFn kernel, dim3 grid, cudaStream_t stream, const LaunchArgs<T>& x) {
   const Problem& p = *x.p;
-  kernel<<<grid, kThreads, 0, stream>>>(x.a, p.B, p.absmax, p.absmax_codes, p.nested_absmax, p.nested_code,
-                                        p.absmax_offset, static_cast<const T*>(p.bias), x.y, x.m, static_cast<int>(p.K),
-                                        static_cast<int>(p.N), x.block_shift, x.k_blocks, x.nested_shift, x.k_split,
-                                        x.flags);
+  ONNX_NF4_LAUNCH(kernel, grid, kThreads, stream)(x.a, p.B, p.absmax, p.absmax_codes, p.nested_absmax, p.nested_code,
+                                                  p.absmax_offset, static_cast<const T*>(p.bias), x.y, x.m,
+                                                  static_cast<int>(p.K), static_cast<int>(p.N), x.block_shift,
+                                                  x.k_blocks, x.nested_shift, x.k_split, x.flags);
 }
 
 template <typename T>
