@@ -35,7 +35,7 @@ KERNEL_FILE = "matmul_nf4.cu"
 CXXFLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-DONNX_NF4_CUDA_EMU", "-Wall",
             "-Wno-unknown-pragmas")  # fmt: skip
 SHARED_PREFIX = "_ZZN8onnx_nf43gpu"  # mangled prefix of the function-local statics (__shared__) of onnx_nf4::gpu
-DATA_SYMBOL_TYPES = frozenset("uBbVvDd")  # nm's letters for objects (function-local statics are "u")
+DATA_SYMBOL_TYPES = frozenset("uBbVvDd")  # nm's letters for objects (function-local statics: "u" or "b")
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ALGO_CODES = {"auto": 0, "simt": 1, "mma": 2}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -124,20 +124,22 @@ class Emulator:
 
     def _register_shared(self) -> dict[str, int]:
         """Registers every ``__shared__`` variable of the kernels (function-local statics in ``onnx_nf4::gpu``,
-        found in the library's dynamic symbol table); returns their mangled names and sizes."""
+        found in the library's symbol table); returns their mangled names and sizes."""
         nm = shutil.which("nm")
         if nm is None:
             raise EmulationBuildError("nm (binutils) not found: the emulator needs it to find __shared__ variables")
-        out = subprocess.run([nm, "-D", "--defined-only", "-S", str(self.path)], capture_output=True, text=True,
+        out = subprocess.run([nm, "--defined-only", "-S", str(self.path)], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
+        symbols = [line.split() for line in out.splitlines()]
+        # The load address: where the exported emu_reset is, less its offset in the file.
+        (reset,) = [int(f[0], 16) for f in symbols if f[-1] == "emu_reset"]
+        base = ctypes.cast(self.lib.emu_reset, ctypes.c_void_p).value - reset
         shared = {}
-        for line in out.splitlines():
-            fields = line.split()
+        for fields in symbols:
             # Data symbols only: the local lambdas of the kernels share the prefix.
             if len(fields) == 4 and fields[2] in DATA_SYMBOL_TYPES and fields[3].startswith(SHARED_PREFIX):
                 name, nbytes = fields[3], int(fields[1], 16)
-                address = ctypes.addressof(ctypes.c_char.in_dll(self.lib, name))
-                self.lib.emu_add_shared(address, nbytes)
+                self.lib.emu_add_shared(base + int(fields[0], 16), nbytes)
                 shared[name] = nbytes
         return shared
 
@@ -266,3 +268,29 @@ def run_matmul(
     mem.check_guards()
     y = mem.read(y_ptr, a.dtype, y_shape) if rc == 0 else None
     return MatmulRun(y, err.value.decode(errors="replace"), emu.launches(), a_ptr, b_ptr, y_ptr)
+
+
+def record_launches(
+    emu: Emulator,
+    dtype: str,
+    algo: str,
+    *,
+    M: int,
+    K: int,
+    N: int,
+    block_size: int,
+    sm_count: int,
+    a_ptr: int,
+    b_ptr: int,
+    double_quant: bool = False,
+) -> list[RecordedLaunch]:
+    """The launches ``LaunchMatMulNF4`` makes for these sizes and (fake, never read) addresses, without running
+    them (the emulator's dry run): any M, however large."""
+    emu.reset(sm_count=sm_count, dry_run=True)
+    fake = 1 << 20  # 256-byte aligned, never dereferenced
+    err = ctypes.create_string_buffer(1024)
+    nested = (fake, fake, fake) if double_quant else (None, None, None)
+    rc = emu.lib.onnx_nf4_cuda_matmul(DTYPE_CODES[dtype], ALGO_CODES[algo], a_ptr, b_ptr, fake, int(double_quant),
+                                      *nested, None, fake, M, K, N, block_size, 256, None, err, len(err))  # fmt: skip
+    assert rc == 0, err.value.decode()
+    return emu.launches()

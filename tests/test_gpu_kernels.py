@@ -18,9 +18,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from gpu_cases import CASES, DTYPES, KERNELS, assert_close, attrs, case_id, problem, weight_arrays
+from onnx import TensorProto, helper, numpy_helper
 
 import onnx_nf4
 from onnx_nf4 import cupy_backend as cb

@@ -11,8 +11,9 @@
 //     barrier and collective differs between the two;
 //   * a warp collective completes when all 32 lanes have arrived at the same call site with the full mask; a
 //     barrier when every live thread of the block has arrived at the same __syncthreads. A partial mask, lanes at
-//     different collectives, a lane that exits while its warp waits, a thread that exits while the block waits at
-//     a barrier, and a block where no fiber can run are errors of the launch (reported by cudaGetLastError), never
+//     different collectives, a lane that exits while its warp waits (or before its warp's next collective), a
+//     thread that exits while the block waits at a barrier (or before the block's next barrier), threads at different
+//     __syncthreads, and a block where no fiber can run are errors of the launch (reported by cudaGetLastError), never
 //     hangs;
 //   * __shared__ variables are function-local statics (one block runs at a time); the host registers their
 //     extents (emu_add_shared) so that they are filled with 0xff bytes (NaN) before every block and ldmatrix
@@ -530,6 +531,12 @@ inline void Collective(Op op, uint32_t mask, const void* site, LanePayload& p) {
   if (w.arrived == 0) {
     w.op = op;
     w.site = site;
+    for (int i = 0; i < kWarpSize; ++i) {
+      if (s.fibers[f->linear - lane + i].status == Fiber::kDone) {
+        Fail(std::string("mismatched warp collective: ") + Where(f) + " reached " + OpName(op) + " after lane " +
+             std::to_string(i) + " of its warp exited");
+      }
+    }
   } else if (w.op != op || w.site != site) {
     Fail(std::string("mismatched warp collective: ") + Where(f) + " reached " + OpName(op) +
          " while its warp waits at " + OpName(w.op) + " of another call site");
@@ -684,6 +691,10 @@ __attribute__((noinline)) inline void __syncthreads() {
   EmuState& s = State();
   Fiber* f = CurrentThread();
   const void* site = __builtin_return_address(0);
+  if (s.done > 0) {
+    Fail("divergent __syncthreads: " + Where(f) + " reached a barrier after " + std::to_string(s.done) +
+         " threads of its block exited");
+  }
   if (s.at_barrier == 0) {
     s.barrier_site = site;
   } else if (site != s.barrier_site) {

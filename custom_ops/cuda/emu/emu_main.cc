@@ -67,8 +67,10 @@ __global__ void emu_probe_misuse(int kind, const u32* global, u32* out) {
     case 4:  // two different barriers
       if (t < 32) {
         __syncthreads();
+        v += 1;
       } else {
         __syncthreads();
+        v *= 3;
       }
       break;
     case 5: {  // a 16-byte load one byte past the start of a buffer (misaligned)
@@ -86,6 +88,13 @@ __global__ void emu_probe_misuse(int kind, const u32* global, u32* out) {
     case 7:  // a shared-memory race: the value read depends on the order threads run in
       s_val[t] = v;
       v = s_val[(t + 37) % 256] + (v << 16);
+      break;
+    case 8:  // lane 0 of every warp waits at a barrier, the other lanes at a shuffle: nothing can proceed
+      if (lane == 0) {
+        __syncthreads();
+      } else {
+        v = __shfl_sync(kFullMask, v, 0);
+      }
       break;
     default: break;
   }
