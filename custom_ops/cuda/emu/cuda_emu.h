@@ -6,9 +6,11 @@
 //   * a launch runs its blocks one at a time (in order, or reversed); every thread of a block is a fiber with a
 //     stack of its own, all on the calling OS thread, so a run is deterministic for a given schedule;
 //   * a fiber runs until it reaches a warp collective (shuffle, mma, ldmatrix), __syncthreads or its end, then
-//     the scheduler resumes the next ready fiber. Rounds visit the fibers in thread order (schedule 0) or in a
-//     fresh pseudo-random permutation per round (schedule 1), so the order in which lanes resume after every
-//     barrier and collective differs between the two;
+//     the scheduler resumes the next ready fiber. Schedule 0 (lockstep) visits every ready fiber once per round in
+//     thread order: the warps advance together, one collective per round. Schedule 1 (warp-serial) runs the blocks
+//     in reverse order and one warp at a time as far as it can go (to a barrier), the warps in a fresh
+//     pseudo-random order at every barrier and the lanes in a fresh order at every collective: a warp runs far
+//     ahead of the others, so a missing barrier or a read of another warp's unwritten data shows;
 //   * a warp collective completes when all 32 lanes have arrived at the same call site with the full mask; a
 //     barrier when every live thread of the block has arrived at the same __syncthreads. A partial mask, lanes at
 //     different collectives, a lane that exits while its warp waits (or before its warp's next collective), a
@@ -33,6 +35,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -133,7 +136,7 @@ struct WarpState {
 struct EmuState {
   // Configuration (set by the host between launches).
   int sm_count = 108;
-  int schedule = 0;  // 0: forward; 1: blocks reversed, a fresh permutation of the fibers every round
+  int schedule = 0;  // 0: lockstep, blocks in order; 1: warp-serial, blocks reversed (see the top of this file)
   bool dry_run = false;
   std::vector<Extent> buffers;  // global memory of the launch
   std::vector<Extent> shared;   // the __shared__ variables of the kernels
@@ -327,6 +330,10 @@ inline uint64_t NextRandom(uint64_t& x) {  // xorshift64*
   return x * 0x2545F4914F6CDD1DULL;
 }
 
+inline void Shuffle(int* v, int n, uint64_t& rng) {
+  for (int i = n - 1; i > 0; --i) std::swap(v[i], v[NextRandom(rng) % (i + 1)]);
+}
+
 inline std::string DeadlockReport() {
   EmuState& s = State();
   int at_warp = 0;
@@ -353,18 +360,36 @@ inline void RunBlock(uint64_t& rng) {
   for (int w = 0; w < (s.threads + kWarpSize - 1) / kWarpSize; ++w) s.warps[w].arrived = 0;
   s.done = 0;
   s.at_barrier = 0;
-  int order[kMaxThreads];
-  for (int i = 0; i < s.threads; ++i) order[i] = i;
+  const int warps = (s.threads + kWarpSize - 1) / kWarpSize;
+  int warp_order[kMaxThreads / kWarpSize], lane_order[kWarpSize];
+  for (int w = 0; w < warps; ++w) warp_order[w] = w;
+  for (int l = 0; l < kWarpSize; ++l) lane_order[l] = l;
   while (s.done < s.threads && !s.aborted) {
-    if (s.schedule != 0) {
-      for (int i = s.threads - 1; i > 0; --i) std::swap(order[i], order[NextRandom(rng) % (i + 1)]);
-    }
     bool ran = false;
-    for (int i = 0; i < s.threads && !s.aborted; ++i) {
-      Fiber* f = &s.fibers[order[i]];
-      if (f->status != Fiber::kReady) continue;
-      ran = true;
-      SwitchToFiber(f);
+    if (s.schedule == 0) {  // lockstep: every ready fiber once per round, in thread order
+      for (int i = 0; i < s.threads && !s.aborted; ++i) {
+        Fiber* f = &s.fibers[i];
+        if (f->status != Fiber::kReady) continue;
+        ran = true;
+        SwitchToFiber(f);
+      }
+    } else {  // warp-serial: one warp at a time up to its next barrier, warps and lanes in a fresh order each time
+      Shuffle(warp_order, warps, rng);
+      for (int k = 0; k < warps && !s.aborted; ++k) {
+        const int w = warp_order[k];
+        const int lanes = std::min(kWarpSize, s.threads - w * kWarpSize);
+        for (bool progress = true; progress && !s.aborted;) {
+          progress = false;
+          Shuffle(lane_order, kWarpSize, rng);
+          for (int l = 0; l < kWarpSize && !s.aborted; ++l) {
+            if (lane_order[l] >= lanes) continue;
+            Fiber* f = &s.fibers[w * kWarpSize + lane_order[l]];
+            if (f->status != Fiber::kReady) continue;
+            ran = progress = true;
+            SwitchToFiber(f);
+          }
+        }
+      }
     }
     if (!ran && !s.aborted) Fail(DeadlockReport());
   }

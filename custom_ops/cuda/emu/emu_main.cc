@@ -127,8 +127,8 @@ std::string LastError() { return cudaGetLastError() == cudaSuccess ? "" : cudaGe
 // Forgets the registered buffers, the recorded launches and any pending error.
 EMU_API void emu_reset() { cuda_emu::Reset(); }
 
-// sm_count: what cudaDeviceGetAttribute reports; schedule: 0 (forward) or 1 (blocks reversed, lanes permuted every
-// round); dry_run: record launches without running them.
+// sm_count: what cudaDeviceGetAttribute reports; schedule: 0 (lockstep) or 1 (warp-serial, blocks reversed; see
+// cuda_emu.h); dry_run: record launches without running them.
 EMU_API void emu_configure(int sm_count, int schedule, int dry_run) {
   cuda_emu::detail::EmuState& s = cuda_emu::detail::State();
   s.sm_count = sm_count;
