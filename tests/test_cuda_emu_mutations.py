@@ -80,7 +80,7 @@ MUTANTS = [
                 "const int m = m_base + wm + 8 * j + 2 * t + (r & 1);",
                 "const int m = m_base + wm + 8 * j + 2 * t + (r >> 1);",
             ),
-        ),  # fmt: skip
+        ),
         TILED_CASE,
         "float16",
         "mma",
