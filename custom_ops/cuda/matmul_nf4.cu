@@ -294,24 +294,22 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {  // word j: bytes 4j..4j+3, k = k0 + 8j .. k0 + 8j + 7
         const float s = j < 2 ? s_lo : s_hi;
-        float a[MT][8];
+        // The word's 8 weights (byte i: high nibble k0 + 8j + 2i, low nibble the next k), then per row 8
+        // activations and 8 FMAs: few registers live at once for any MT (the float32 sums are those of one row
+        // at a time either way).
+        float w[8];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m0 + m < M) {
-            load_act8(A + static_cast<i64>(m0 + m) * K, k0 + 8 * j, K, act_vec, a[m]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) a[m][e] = 0.0f;
-          }
+        for (int i = 0; i < 4; ++i) {
+          w[2 * i] = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i + 4))), s);
+          w[2 * i + 1] = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i))), s);
         }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {  // byte i: high nibble k0 + 8j + 2i, low nibble the next k
-          const float w_even = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i + 4))), s);
-          const float w_odd = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i))), s);
+        for (int m = 0; m < MT; ++m) {
+          if (m0 + m < M) {  // uniform
+            float a[8];
+            load_act8(A + static_cast<i64>(m0 + m) * K, k0 + 8 * j, K, act_vec, a);
 #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            acc[m] = fmaf(a[m][2 * i], w_even, acc[m]);
-            acc[m] = fmaf(a[m][2 * i + 1], w_odd, acc[m]);
+            for (int e = 0; e < 8; ++e) acc[m] = fmaf(a[e], w[e], acc[m]);
           }
         }
       }
