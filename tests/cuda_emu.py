@@ -34,6 +34,9 @@ KERNEL_FILE = "matmul_nf4.cu"
 #: seconds. -ffp-contract=off: float32 expressions round as written (nvcc's own contraction is not emulated).
 CXXFLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-DONNX_NF4_CUDA_EMU", "-Wall",
             "-Wno-unknown-pragmas")  # fmt: skip
+#: The undefined-behaviour sanitizer (array bounds of local and __shared__ arrays, misaligned vector accesses,
+#: signed overflow, shifts); reports go to stderr and the run goes on (the tests read stderr).
+UBSAN_FLAGS = ("-fsanitize=undefined", "-fno-omit-frame-pointer")
 SHARED_PREFIX = "_ZZN8onnx_nf43gpu"  # mangled prefix of the function-local statics (__shared__) of onnx_nf4::gpu
 DATA_SYMBOL_TYPES = frozenset("uBbVvDd")  # nm's letters for objects (function-local statics: "u" or "b")
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -66,11 +69,13 @@ def _sources(kernel_dir: Path) -> list[Path]:
     ]
 
 
-def build(kernel_dir: Path = CUDA_DIR) -> Path:
-    """Compiles the emulator with ``kernel_dir/matmul_nf4.cu`` (cached by content); returns the shared library."""
+def build(kernel_dir: Path = CUDA_DIR, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles the emulator with ``kernel_dir/matmul_nf4.cu`` and ``extra_flags`` (e.g. :data:`UBSAN_FLAGS`),
+    cached by content; returns the shared library."""
     cxx = compiler()
+    flags = (*CXXFLAGS, *extra_flags)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\0".join([cxx, version, *CXXFLAGS]).encode())
+    digest = hashlib.sha256("\0".join([cxx, version, *flags]).encode())
     for source in _sources(kernel_dir):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     out_dir = Path(tempfile.gettempdir()) / "onnx_nf4_cuda_emu" / digest.hexdigest()[:24]
@@ -79,7 +84,7 @@ def build(kernel_dir: Path = CUDA_DIR) -> Path:
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".build-{os.getpid()}.so"
-    cmd = [cxx, *CXXFLAGS, "-I", str(EMU_DIR), "-I", str(kernel_dir), "-I", str(CUDA_DIR), "-I", str(INCLUDE_DIR),
+    cmd = [cxx, *flags, "-I", str(EMU_DIR), "-I", str(kernel_dir), "-I", str(CUDA_DIR), "-I", str(INCLUDE_DIR),
            str(EMU_DIR / "emu_main.cc"), "-o", str(partial)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if run.returncode != 0:
@@ -170,9 +175,9 @@ class Emulator:
 
 
 @functools.cache
-def emulator(kernel_dir: Path = CUDA_DIR) -> Emulator:
+def emulator(kernel_dir: Path = CUDA_DIR, extra_flags: tuple[str, ...] = ()) -> Emulator:
     """The emulator of ``kernel_dir/matmul_nf4.cu``, built and loaded once per process."""
-    return Emulator(build(kernel_dir))
+    return Emulator(build(kernel_dir, extra_flags))
 
 
 class DeviceMemory:

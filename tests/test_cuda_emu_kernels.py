@@ -8,8 +8,9 @@ point. For every call:
   k_split, load flags, row offsets of A and Y): the CuPy path and the library plan alike;
 * ``Y`` is within the accuracy bound of tests/test_gpu_kernels.py of the numpy reference, every output is written
   (Y starts as NaN) and nothing outside the buffers is (guard bytes);
-* a second run with the blocks in reverse order and the fibers resumed in a fresh permutation after every barrier
-  and collective gives the same bits.
+* a second run under the warp-serial schedule (blocks in reverse order, one warp at a time up to its next barrier,
+  warps and lanes in a fresh order at every barrier and collective) gives the same bits;
+* once more under the undefined-behaviour sanitizer (array bounds, misaligned vector accesses, integer overflow).
 
 The matrix: tests/test_gpu_kernels.py's shapes x every kernel family forced in turn (float32 / float16 / bfloat16)
 x a large and a small SM count (split-K on and off); M across the family thresholds; the unaligned load paths;
@@ -18,9 +19,11 @@ dry-run plans for sizes too large to run.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
-from cuda_emu import ITEMSIZE, MatmulRun, emulator, record_launches, run_matmul
+from cuda_emu import ITEMSIZE, UBSAN_FLAGS, MatmulRun, emulator, record_launches, run_matmul
 from gpu_cases import CASES, KERNELS, assert_close, attrs, case_id, problem, weight_arrays
 
 from onnx_nf4 import cupy_backend as cb
@@ -152,3 +155,34 @@ def test_a_short_buffer_is_an_error_not_a_read(emu):
     run = run_matmul(emu, "float16", "simt", a, weights, bias, **attrs(q))
     assert run.y is None
     assert "CUDA kernel launch failed" in run.error and "outside every buffer of the launch" in run.error
+
+
+@pytest.fixture(scope="module")
+def ubsan_emu():
+    return emulator(extra_flags=UBSAN_FLAGS)
+
+
+def test_sanitizer_build_reports_undefined_behaviour(ubsan_emu, capfd):
+    """The sanitizer build is live: a probe's signed overflow is reported on stderr."""
+    ubsan_emu.reset()
+    out = np.zeros(32, np.uint32)
+    err = ctypes.create_string_buffer(256)
+    assert ubsan_emu.lib.emu_probe_misuse(9, 32, None, out.ctypes.data, err, len(err)) == 0
+    assert "signed integer overflow" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("dtype", "algo"), KERNELS)
+def test_matrix_under_the_undefined_behaviour_sanitizer(ubsan_emu, capfd, dtype, algo):
+    """The shape matrix once more (lockstep schedule, aligned and unaligned buffers) with every array index,
+    vector access and integer operation of the kernels checked by UBSan: no report. The largest shape (20 M
+    multiply-adds, no code path of its own) is left to the runs above."""
+    for case in CASES:
+        if case[0] * case[1] * int(np.prod(case[3][:-1])) > 10**7:
+            continue
+        q, a, bias, ref = problem(case, dtype)
+        for a_off, b_off in ((0, 0), (ITEMSIZE[dtype], 8)):
+            run = run_matmul(ubsan_emu, dtype, algo, a, weight_arrays(q), bias, **attrs(q), a_misalign=a_off,
+                             b_misalign=b_off)  # fmt: skip
+            assert run.error == ""
+            assert_close(run.y, ref, q, a, dtype)
+    assert "runtime error" not in capfd.readouterr().err

@@ -600,7 +600,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool a_valid = m_base + a_row < M;
   const u16* a_ptr = reinterpret_cast<const u16*>(A) + static_cast<i64>(m_base + a_row) * K;
 
-  const int stages = (K + kTileK - 1) / kTileK;  // k past K adds nothing (its activations are 0)
+  const int stages = (K - 1) / kTileK + 1;  // K >= 1; no overflow near 2^31. k past K adds nothing (A reads as 0)
   const int last_step = 4 * stages - 1;
 
   u32 codes[4], acts[8];
@@ -680,7 +680,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma16816(static_cast<T*>(nullptr), c[i][j], a_lo[i], b0, b1);
         }
       const int step = 4 * st + ks;
-      if (((step + 1) << 4) % (1 << block_shift) == 0 || step == last_step) {  // uniform: the block ends
+      // Uniform: the block ends after 16 (step + 1) k (written without the product, which overflows near K = 2^31).
+      if (((step + 1) & ((1 << (block_shift - 4)) - 1)) == 0 || step == last_step) {
         const int lb = kk >> block_shift;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {

@@ -96,6 +96,11 @@ __global__ void emu_probe_misuse(int kind, const u32* global, u32* out) {
         v = __shfl_sync(kFullMask, v, 0);
       }
       break;
+    case 9: {  // signed overflow (undefined behaviour, which only the sanitizer build reports)
+      const int big = 0x7fffffff - 1;
+      v = static_cast<u32>(big + t + 2);
+      break;
+    }
     default: break;
   }
   out[t] = v;
