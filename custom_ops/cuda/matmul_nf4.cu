@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float partial[kWarps][MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cols_per_cta = kWarps / k_split;
-  const int n = blockIdx.x * cols_per_cta + warp / k_split;
+  const i64 n = static_cast<i64>(blockIdx.x) * cols_per_cta + warp / k_split;  // i64: N may be near 2^31
   const int ks = warp % k_split;
   const int m0 = blockIdx.y * MT;
   const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   for (int idx = threadIdx.x; idx < cols_per_cta * MT; idx += kThreads) {
     const int c = idx % cols_per_cta, m = idx / cols_per_cta;  // consecutive threads: consecutive n
-    const int nn = blockIdx.x * cols_per_cta + c;
+    const i64 nn = static_cast<i64>(blockIdx.x) * cols_per_cta + c;
     if (nn < N && m0 + m < M) {
       float y = 0.0f;
       for (int s = 0; s < k_split; ++s) y += partial[c * k_split + s][m];
@@ -444,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tiles_per_cta = kWarps / k_split;
-  const int n0 = (blockIdx.x * tiles_per_cta + warp / k_split) * 16;
+  const i64 n0 = (static_cast<i64>(blockIdx.x) * tiles_per_cta + warp / k_split) * 16;  // i64: N may be near 2^31
   const int ks = warp % k_split;
   const int m0 = blockIdx.y * MT;
   const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (n0 < N) {  // uniform over the warp
     const i64 row_bytes = static_cast<i64>(k_blocks) << (block_shift - 1);
     const int chunks = static_cast<int>((row_bytes + 63) >> 6);
-    const int na = n0 + g, nb = n0 + g + 8;
+    const i64 na = n0 + g, nb = n0 + g + 8;
     const i64 bytes_a = na < N ? row_bytes : 0, bytes_b = nb < N ? row_bytes : 0;  // absent rows read as 0
     const u8* row_a = B + static_cast<i64>(na) * row_bytes;
     const u8* row_b = B + static_cast<i64>(nb) * row_bytes;
@@ -526,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int cols = 16 * tiles_per_cta;
   for (int idx = threadIdx.x; idx < cols * MT; idx += kThreads) {
     const int c = idx % cols, m = idx / cols;  // consecutive threads: consecutive n
-    const int n = blockIdx.x * cols + c;
+    const i64 n = static_cast<i64>(blockIdx.x) * cols + c;
     if (n < N && m0 + m < M) {
       const int tile = c >> 4, r = c & 15;
       float y = 0.0f;
@@ -583,7 +583,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   (void)k_split;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n_base = blockIdx.x * kTileN, m_base = blockIdx.y * kTileM;
+  const i64 n_base = static_cast<i64>(blockIdx.x) * kTileN;  // i64: N may be near 2^31
+  const int m_base = blockIdx.y * kTileM;
   const int wn = 32 * (warp & 3), wm = 32 * (warp >> 2);
   const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
   const bool codes_vec = (flags & kFlagCodesVec16) != 0, act_vec = (flags & kFlagActVec16) != 0;
@@ -592,7 +593,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Staging roles: codes of column n_base + (tid / 2), bytes 16 (tid % 2) .. + 15 of the stage;
   // activations of row m_base + tid / 4, k 16 (tid % 4) .. + 15 of the stage.
   const int w_row = tid >> 1, w_half = tid & 1;
-  const int n_w = n_base + w_row;
+  const i64 n_w = n_base + w_row;
   const i64 row_bytes = static_cast<i64>(k_blocks) << (block_shift - 1);
   const i64 w_bytes = n_w < N ? row_bytes : 0;  // absent columns read as 0
   const u8* w_ptr = B + static_cast<i64>(n_w) * row_bytes;
@@ -705,7 +706,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int n = n_base + wn + 16 * i + g + 8 * (r >> 1);
+      const i64 n = n_base + wn + 16 * i + g + 8 * (r >> 1);
       if (n >= N) continue;
       const float bn = bias != nullptr ? to_float(bias[n]) : 0.0f;
 #pragma unroll
