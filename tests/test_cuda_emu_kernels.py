@@ -78,6 +78,18 @@ def test_kernels_match_reference(emu, case, dtype, algo, sm):
     assert_close(run.y, ref, q, a, dtype)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "M", "family"),
+    [("float32", 128, "nf4_gemv_simt<float, 8>"), ("float16", 3, "nf4_gemv_mma<onnx_nf4::gpu::f16, 8>"),
+     ("bfloat16", 128, "nf4_gemm_mma<onnx_nf4::gpu::bf16>")],
+)  # fmt: skip
+def test_auto_picks_a_kernel_per_dtype(emu, dtype, M, family):
+    q, a, bias, ref = problem((1000, 33, 128, [M, 1000], False, True, True), dtype)
+    run = _run_twice(emu, q, a, bias, dtype, "auto", 132)
+    assert {launch.kernel for launch in run.launches} == {f"onnx_nf4::gpu::{family}"}
+    assert_close(run.y, ref, q, a, dtype)
+
+
 def test_the_matrix_reaches_every_k_split_and_kernel(emu):
     """The shapes above exercise split-K 1, 2, 4 and 8 and every kernel instantiation the launcher has."""
     seen_split, seen_kernel = set(), set()
