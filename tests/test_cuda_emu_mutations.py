@@ -72,14 +72,8 @@ MUTANTS = [
     Mutant(
         "swapped D store (tiled kernel: the row and column halves of the accumulator exchanged)",
         (
-            (
-                "const int n = n_base + wn + 16 * i + g + 8 * (r >> 1);",
-                "const int n = n_base + wn + 16 * i + g + 8 * (r & 1);",
-            ),
-            (
-                "const int m = m_base + wm + 8 * j + 2 * t + (r & 1);",
-                "const int m = m_base + wm + 8 * j + 2 * t + (r >> 1);",
-            ),
+            ("n = n_base + wn + 16 * i + g + 8 * (r >> 1);", "n = n_base + wn + 16 * i + g + 8 * (r & 1);"),
+            ("m = m_base + wm + 8 * j + 2 * t + (r & 1);", "m = m_base + wm + 8 * j + 2 * t + (r >> 1);"),
         ),
         TILED_CASE,
         "float16",
