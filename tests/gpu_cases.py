@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 
 import onnx_nf4
-from onnx_nf4.reference import matmul_nf4 as reference_matmul
+from onnx_nf4.op.reference import matmul_nf4 as reference_matmul
 
 F32_EPS = 2.0**-23
 # Per-term error of the tensor-core path beyond float32 rounding: the two-term split of each NF4 value

@@ -10,7 +10,7 @@ from models import activations, gemm_model, if_model, matmul_model, run_referenc
 from onnx import numpy_helper
 
 from onnx_nf4 import QuantizationReport, dequantize_model, quantize_model
-from onnx_nf4.model_io import ModelLoadError
+from onnx_nf4.model.io import ModelLoadError
 
 
 def graphs(graph: onnx.GraphProto):

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4.calibration import calibration_batches, collect_hessians, load_calibration_file
-from onnx_nf4.layout import dequantize_weight
+from onnx_nf4.codec.layout import dequantize_weight
 from onnx_nf4.methods.calibrated import _waves, find_layers, quantize_with_calibration
+from onnx_nf4.methods.calibration import calibration_batches, collect_hessians, load_calibration_file
 
 pytest.importorskip("onnxruntime")
 
@@ -192,7 +192,7 @@ def test_quantize_model_method_arguments(rng) -> None:
 
 
 def test_command_line_method_options(tmp_path, rng, capsys) -> None:
-    from onnx_nf4 import cli
+    from onnx_nf4.cli import entry as cli
 
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(_model(rng), source)

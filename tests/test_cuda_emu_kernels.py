@@ -4,7 +4,7 @@ No GPU is needed and nothing is skipped: the emulator (``custom_ops/cuda/emu``, 
 the host compiler) runs the real kernels and the real launcher ``LaunchMatMulNF4`` through the library's entry
 point. For every call:
 
-* the launches the C++ launcher made equal those of ``onnx_nf4.cupy_backend.plan_launches`` (kernel, grid, rows,
+* the launches the C++ launcher made equal those of ``onnx_nf4.op.cupy_backend.plan_launches`` (kernel, grid, rows,
   k_split, load flags, row offsets of A and Y): the CuPy path and the library plan alike;
 * ``Y`` is within the accuracy bound of tests/test_gpu_kernels.py of the numpy reference, every output is written
   (Y starts as NaN) and nothing outside the buffers is (guard bytes);
@@ -26,7 +26,7 @@ import pytest
 from cuda_emu import ITEMSIZE, UBSAN_FLAGS, MatmulRun, emulator, record_launches, run_matmul
 from gpu_cases import CASES, KERNELS, assert_close, attrs, case_id, problem, weight_arrays
 
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 SM_COUNTS = {"sm132": 132, "sm2": 2}  # an H100-sized GPU (k_split up to 8) and a tiny one (k_split mostly 1)
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels on a GPU against the numpy reference (``onnx_nf4.reference.matmul_nf4``).
+"""The CUDA kernels on a GPU against the numpy reference (``onnx_nf4.op.reference.matmul_nf4``).
 
 Three ways in, each on the shape matrix of the CPU op (K not a multiple of the block, K < block, N = 1, M in
 {0, 1, 3, 17, 128}, batched 3-D A, float16 and bfloat16 A, bias, double quantization, zero blocks) plus shapes
@@ -22,7 +22,7 @@ from gpu_cases import CASES, DTYPES, KERNELS, assert_close, attrs, case_id, prob
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 cupy = pytest.importorskip("cupy")
 if not cupy.is_available():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_nf4.codebook import NF4_CODE
-from onnx_nf4.codec import quantize_blockwise, unpack_nibbles
-from onnx_nf4.double_quant import dequantize_absmax, quantize_absmax
-from onnx_nf4.layout import dequantize_weight, quantize_weight
+from onnx_nf4.codec.blockwise import quantize_blockwise, unpack_nibbles
+from onnx_nf4.codec.codebook import NF4_CODE
+from onnx_nf4.codec.double_quant import dequantize_absmax, quantize_absmax
+from onnx_nf4.codec.layout import dequantize_weight, quantize_weight
 from onnx_nf4.methods import METHODS, PreparedHessian, check_method, encode_weight, weight_blocks
 from onnx_nf4.methods.gptq import gptq_codes, inverse_hessian_factor, relative_output_error
 from onnx_nf4.methods.grid import nf4_codes, reciprocal, scaled_codes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import ptxas_report

@@ -3,7 +3,7 @@
 // One source, two compilers:
 //   * nvcc, as part of libonnx_nf4_ops (custom_ops/cmake/cuda.cmake): the kernels plus the host launcher
 //     LaunchMatMulNF4 (matmul_nf4_cuda.h);
-//   * NVRTC, through cupy.RawModule (onnx_nf4/cupy_backend.py): NVRTC defines __CUDACC_RTC__, which hides the
+//   * NVRTC, through cupy.RawModule (onnx_nf4/op/cupy_backend.py): NVRTC defines __CUDACC_RTC__, which hides the
 //     host code; the kernels use no header but the NF4 table (which the Python loader inlines) and take
 //     only pointers and ints, so they are named by the same template-ids from both sides.
 //
@@ -719,7 +719,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 #ifndef __CUDACC_RTC__
 // ---------------------------------------------------------------------------------------------------------
-// Host launcher (nvcc build only; onnx_nf4/cupy_backend.py mirrors the configuration logic)
+// Host launcher (nvcc build only; onnx_nf4/op/cupy_backend.py mirrors the configuration logic)
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration import ActivationCollector, CalibrationData, Hessian
-from ..contract import ONNX_DOMAINS
-from ..layout import QuantizedWeight, dequantize_weight
-from ..passes.graph import node_label
+from ..codec.layout import QuantizedWeight, dequantize_weight
+from ..model.graph import node_label
+from ..op.contract import ONNX_DOMAINS
 from . import encode_weight
+from .calibration import ActivationCollector, CalibrationData, Hessian
 from .gptq import DEFAULT_DAMP, PreparedHessian, relative_output_error
 
 __all__ = ["CalibratedLayer", "CalibratedWeight", "find_layers", "quantize_with_calibration"]

@@ -3,7 +3,7 @@
 The weight is the decoded NF4 weight (``NF4[code] * absmax`` in float32) stored in the op's T (found from the
 absmax of ``MatMulBnb4``, the bias, ``A``'s type, or shape inference; when it stays unknown, the float32 weight
 goes through a ``CastLike`` to ``A``). NF4 tensors shared by several nodes give one shared float weight. Every
-node is checked against the op's contract first (:mod:`onnx_nf4.contract`): an inconsistent (crafted or corrupt)
+node is checked against the op's contract first (:mod:`onnx_nf4.op.contract`): an inconsistent (crafted or corrupt)
 node raises ``ValueError`` naming it. Unused NF4 initializers are removed.
 """
 
@@ -15,19 +15,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from ..codec import dequantize_blockwise
-from ..contract import (
-    Attributes,
-    Input,
-    TensorInfo,
-    check_bnb4_inputs,
-    check_weight_inputs,
-    is_bnb4,
-    is_matmul_nf4,
-)
-from ..double_quant import NestedAbsmax
-from ..layout import QuantizedWeight, dequantize_weight
-from .graph import Initializers, node_label, remove_unused_initializers
+from ..codec.blockwise import dequantize_blockwise
+from ..codec.double_quant import NestedAbsmax
+from ..codec.layout import QuantizedWeight, dequantize_weight
+from ..model.graph import Initializers, node_label, remove_unused_initializers
+from ..op.contract import Attributes, Input, TensorInfo, check_bnb4_inputs, check_weight_inputs, is_bnb4, is_matmul_nf4
 
 __all__ = ["DequantizeNF4Pass", "DequantizeResult"]
 

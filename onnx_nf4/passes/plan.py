@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ..codec import check_finite
-from ..contract import ONNX_DOMAINS
-from ..options import QuantizeOptions
-from .graph import constant_tensor, float_attr, int_attr, release
+from ..codec.validation import check_finite
+from ..model.graph import constant_tensor, float_attr, int_attr, release
+from ..op.contract import ONNX_DOMAINS
+from .options import QuantizeOptions
 from .writers import Writer
 
 __all__ = ["GemmTerms", "Plan", "Planner", "Skip", "nonfinite_reason"]

@@ -39,14 +39,14 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ..codec import NonFiniteWeightError
-from ..contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
-from ..layout import QuantizedWeight
-from ..options import QuantizeOptions
-from ..report import LayerReport, QuantizationReport, SkippedLayer
+from ..codec.layout import QuantizedWeight
+from ..codec.validation import NonFiniteWeightError
+from ..model.graph import Initializers, node_label, owner_graph, release, remove_unused_initializers
+from ..op.contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
 from .encoding import as_numpy_float
-from .graph import Initializers, node_label, owner_graph, release, remove_unused_initializers
+from .options import QuantizeOptions
 from .plan import Plan, Planner, Skip, nonfinite_reason
+from .report import LayerReport, QuantizationReport, SkippedLayer
 from .rewrite import Rewriter
 from .writers import Encoded, Writer, writer_for
 
@@ -70,7 +70,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
     """Rewrite the float ``MatMul`` / ``Gemm`` weights of a model to NF4, in place (see the module docstring).
 
     Args:
-        options: the :class:`~onnx_nf4.options.QuantizeOptions`; or give its fields as keyword arguments
+        options: the :class:`~onnx_nf4.QuantizeOptions`; or give its fields as keyword arguments
             (``block_size=128, double_quant=True``, ...), not both.
         on_progress: ``on_progress(done, total, layer)`` after each distinct weight (``layer``: the first node
             that uses it).
@@ -168,7 +168,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         """Skip (with a reason) the nodes whose weight holds NaN or Inf (NF4 cannot represent them).
 
         Round-to-nearest encoding finds such a weight itself in its one pass over the data (a
-        :class:`~onnx_nf4.codec.NonFiniteWeightError`, handled in :meth:`call`): it needs no separate check.
+        :class:`~onnx_nf4.codec.blockwise.NonFiniteWeightError`, handled in :meth:`call`): it needs no separate check.
         """
         if self.options.method == "rtn":
             return list(plans)

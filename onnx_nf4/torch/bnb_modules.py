@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..codec import pack_nibbles
-from ..double_quant import NestedAbsmax
+from ..codec.blockwise import pack_nibbles
+from ..codec.double_quant import NestedAbsmax
 from .bnb_layout import BnbFormatError, BnbWeight
 
 if TYPE_CHECKING:

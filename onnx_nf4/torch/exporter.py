@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from ..layout import dequantize_weight
-from ..model_io import load_model
-from ..options import QuantizeOptions
-from ..report import QuantizationReport
+from ..codec.layout import dequantize_weight
+from ..model.io import load_model
+from ..passes.options import QuantizeOptions
+from ..passes.report import QuantizationReport
 from .bnb_layout import to_quantized_weight
 from .bnb_modules import bnb_weight, find_linear4bit
 from .graph_weights import graph_weights, quantize_with_prequantized
@@ -303,7 +303,7 @@ def export(
             stay float).
 
     Returns:
-        The :class:`~onnx_nf4.report.QuantizationReport` (bitsandbytes layers show ``rel_rms_error`` 0: their
+        The :class:`~onnx_nf4.passes.report.QuantizationReport` (bitsandbytes layers show ``rel_rms_error`` 0: their
         float weight in the exported graph is their own decoded weight).
 
     Raises:

@@ -19,10 +19,10 @@ from typing import Any
 import onnx_ir as ir
 
 from ..api import quantize_model
-from ..contract import ONNX_DOMAINS
-from ..layout import QuantizedWeight
-from ..options import QuantizeOptions
-from ..report import QuantizationReport
+from ..codec.layout import QuantizedWeight
+from ..op.contract import ONNX_DOMAINS
+from ..passes.options import QuantizeOptions
+from ..passes.report import QuantizationReport
 
 __all__ = ["GraphWeight", "graph_weights", "quantize_with_prequantized"]
 
@@ -97,7 +97,7 @@ def quantize_with_prequantized(
     """Write ``model`` to ``output_path`` with the ``prequantized`` weights as NF4 (rewritten in place).
 
     ``options`` (default ``QuantizeOptions()``) with ``settings`` (its field names, e.g. ``block_size=128``)
-    applied as by :meth:`~onnx_nf4.options.QuantizeOptions.build`.
+    applied as by :meth:`~onnx_nf4.QuantizeOptions.build`.
 
     The ``prequantized`` weights (keyed by initializer name) are inserted whatever their size. Every other float
     ``MatMul`` / ``Gemm`` weight stays float unless ``quantize_float`` is set; then it is quantized with

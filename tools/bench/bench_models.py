@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 
 import onnx_nf4
-from onnx_nf4.genai import quantize_genai_folder
+from onnx_nf4.genai.folder import quantize_genai_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

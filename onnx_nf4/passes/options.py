@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import check_block_size
-from .contract import DOMAIN, MS_DOMAIN
+from ..codec.validation import check_block_size
+from ..methods import METHODS
+from ..op.contract import DOMAIN, MS_DOMAIN
 
 __all__ = ["ACCURACY_LEVELS", "DEFAULT_MIN_ELEMENTS", "FORMATS", "METHODS", "QuantizeOptions"]
 
@@ -26,12 +27,6 @@ DEFAULT_MIN_ELEMENTS = 4096
 
 #: Output formats: ``onnx_nf4::MatMulNF4`` and onnxruntime's ``com.microsoft::MatMulBnb4``.
 FORMATS = (DOMAIN, MS_DOMAIN)
-
-#: How codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same for all): ``"rtn"``,
-#: each element to its nearest code with the block's absmax as scale (byte for byte onnxruntime's quantizer);
-#: ``"mse"``, per block the scale minimizing the block's squared error (data-free); ``"gptq"``, codes with error
-#: feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
-METHODS = ("rtn", "mse", "gptq")
 
 #: The ``accuracy_level`` values a quantized model may ask for: 0 (float32 compute, exact) or 4 (the CPU kernels
 #: may quantize the activations to int8 per block, as onnxruntime's ``MatMulNBits`` does at level 4).

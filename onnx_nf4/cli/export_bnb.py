@@ -1,6 +1,6 @@
 """``onnx-nf4 export-bnb MODEL STATE_DICT OUT``: a bitsandbytes 4-bit state dict into an exported float ONNX model.
 
-Registered by :mod:`onnx_nf4.cli` through :func:`add_export_bnb_parser`. Needs neither PyTorch nor bitsandbytes
+Registered by :mod:`onnx_nf4.cli.entry`. Needs neither PyTorch nor bitsandbytes
 for a ``.safetensors`` state dict (a ``torch.save`` file needs PyTorch).
 """
 
@@ -11,17 +11,17 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..cli import (
+from .common import (
     UsageError,
     add_external_data_option,
     add_quantize_options,
     check_output_path,
-    format_quantization_report,
     print_written,
     quantize_kwargs,
 )
+from .report_text import format_quantization_report
 
-__all__ = ["add_export_bnb_parser"]
+__all__ = ["DESCRIPTION", "HELP", "NAME", "add_arguments", "run"]
 
 
 def _positive_float(text: str) -> float:
@@ -34,15 +34,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``export-bnb`` subcommand to the ``onnx-nf4`` sub-parsers."""
-    parser = subparsers.add_parser(
-        "export-bnb",
-        help="put the 4-bit layers of a bitsandbytes state dict into an exported float ONNX model",
-        description="Replace the weight of each MatMul/Gemm exported from a bitsandbytes Linear4bit layer (NF4) "
-        "by bitsandbytes' own codes and statistics from STATE_DICT, bit for bit, without re-quantizing, and "
-        "print a per-layer report. Layers are matched by module path (a wrapper's prefix is allowed).",
-    )
+#: The subcommand's name, its line in ``onnx-nf4 --help`` and the paragraph of its own ``--help``.
+NAME = "export-bnb"
+HELP = "put the 4-bit layers of a bitsandbytes state dict into an exported float ONNX model"
+DESCRIPTION = (
+    "Replace the weight of each MatMul/Gemm exported from a bitsandbytes Linear4bit layer (NF4) "
+    "by bitsandbytes' own codes and statistics from STATE_DICT, bit for bit, without re-quantizing, and "
+    "print a per-layer report. Layers are matched by module path (a wrapper's prefix is allowed)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``onnx-nf4 export-bnb`` to its parser."""
     parser.add_argument("model", metavar="MODEL", type=Path, help="float ONNX model exported with torch.onnx.export")
     parser.add_argument(
         "state_dict",
@@ -67,11 +70,11 @@ def add_export_bnb_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-check", action="store_true", help="skip the --max-rel-error check")
     add_external_data_option(parser)
-    parser.set_defaults(handler=_cmd_export_bnb)
 
 
-def _cmd_export_bnb(args: argparse.Namespace) -> int:
-    from .state_dict import DEFAULT_MAX_REL_ERROR, export_bnb_state_dict
+def run(args: argparse.Namespace) -> int:
+    """Run ``onnx-nf4 export-bnb`` with the parsed ``args``; returns the exit status."""
+    from ..torch.state_dict import DEFAULT_MAX_REL_ERROR, export_bnb_state_dict
 
     if args.no_check and args.max_rel_error is not None:
         raise UsageError("--no-check and --max-rel-error exclude each other")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .layout import QuantizedWeight, dequantize_weight
+from ..codec.layout import QuantizedWeight, dequantize_weight
 
 __all__ = [
     "CheckpointError",
@@ -134,7 +134,7 @@ def write_float_checkpoint(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .torch.state_dict import bnb_quantized_weights
+    from ..torch.state_dict import bnb_quantized_weights
 
     source, target = Path(hf_dir), Path(out_dir)
     tensors: dict[str, torch.Tensor] = {}

@@ -1,7 +1,7 @@
 """The ``onnx_nf4::MatMulNF4`` v1 contract in one place: names, input positions, attributes, input shapes.
 
 The Python mirror of ``custom_ops/src/matmul_nf4_args.cc`` (``ReadMatMulNF4Attrs`` / ``ValidateMatMulNF4Inputs``),
-used by the numpy reference (:mod:`onnx_nf4.reference`), the CuPy path, shape inference (:mod:`onnx_nf4.schema`),
+used by the numpy reference (:mod:`onnx_nf4.op.reference`), the CuPy path, shape inference (:mod:`onnx_nf4.op.schema`),
 the passes and :func:`onnx_nf4.dequantize_model`. ``docs/MatMulNF4.md`` is the normative text.
 
 * :class:`Input`: the input positions (``kInputA`` ... ``kInputBias`` in C++).
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .codec import is_valid_block_size, is_valid_nested_block_size
+from ..codec.validation import is_valid_block_size, is_valid_nested_block_size
 
 __all__ = [
     "ACCURACY_LEVEL_RANGE",

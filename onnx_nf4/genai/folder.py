@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .model_io import external_tensors, load_model
-from .options import QuantizeOptions
-from .passes import ProgressCallback
-from .report import QuantizationReport
+from ..model.io import external_tensors, load_model
+from ..passes import ProgressCallback
+from ..passes.options import QuantizeOptions
+from ..passes.report import QuantizationReport
 
 __all__ = [
     "GENAI_CONFIG",
@@ -158,7 +158,7 @@ def require_library(options: QuantizeOptions) -> None:
         onnx_nf4.runtime.CustomOpLibraryNotFoundError: as :func:`onnx_nf4.custom_op_library`.
     """
     if options.format == "onnx_nf4":
-        from .runtime import custom_op_library
+        from ..runtime.library import custom_op_library
 
         custom_op_library()
 
@@ -210,7 +210,7 @@ def write_genai_folder(
         _copy(files, in_dir, stage)
         with_library = {name for name, report in reports.items() if report.format == "onnx_nf4" and report.layers}
         if with_library:
-            from .runtime import custom_op_library
+            from ..runtime.library import custom_op_library
 
             library = Path(custom_op_library())
             shutil.copy2(library, stage / library.name)
@@ -243,20 +243,20 @@ def quantize_genai_folder(
     Args:
         in_dir: a folder holding ``genai_config.json`` and the models it names.
         out_dir: the folder to create (it must not exist, or be empty).
-        options: the :class:`~onnx_nf4.options.QuantizeOptions` of every model; the keyword arguments override its
+        options: the :class:`~onnx_nf4.QuantizeOptions` of every model; the keyword arguments override its
             fields as in :func:`onnx_nf4.quantize_model`. ``external_data`` ``None`` (default) keeps each model's
             layout: a model with external data is written with external data.
         on_progress: ``on_progress(done, total, weight_name)``, per model file.
 
     Returns:
-        The :class:`~onnx_nf4.report.QuantizationReport` of each model, by its file name in the config.
+        The :class:`~onnx_nf4.passes.report.QuantizationReport` of each model, by its file name in the config.
 
     Raises:
         GenaiFolderError: see :func:`write_genai_folder`.
         ValueError: invalid quantization options (before anything is written).
         onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
     """
-    from .api import quantize_model
+    from ..api import quantize_model
 
     options = QuantizeOptions.build(
         options,

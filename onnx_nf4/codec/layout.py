@@ -2,35 +2,30 @@
 
 See ``docs/MatMulNF4.md`` (normative). In short, with ``Wt = W.T`` (``[N, K]``, the ``nn.Linear`` layout),
 each row of ``Wt`` is zero-padded to ``K_pad = k_blocks * block_size`` and quantized with
-:func:`onnx_nf4.codec.quantize_blockwise`; so ``packed`` is ``[N, k_blocks, block_size // 2]`` and ``absmax`` is
+:func:`onnx_nf4.quantize_blockwise`; so ``packed`` is ``[N, k_blocks, block_size // 2]`` and ``absmax`` is
 ``[N, k_blocks]``. When ``K % block_size == 0`` the bytes equal bitsandbytes' ``quantize_4bit(Wt)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import native_codec
+from . import native as native_codec
+from .blockwise import Backend, dequantize_blockwise, quantize_blockwise
 from .codebook import NF4_ZERO_CODE
-from .codec import (
-    Backend,
-    Rounding,
-    as_float_array,
-    check_block_size,
-    check_finite,
-    check_rounding,
-    dequantize_blockwise,
-    quantize_blockwise,
-)
 from .double_quant import NestedAbsmax, dequantize_absmax, quantize_absmax
-from .native_codec import ErrorSums
+from .metrics import CHUNK_ELEMENTS, ErrorSums, error_sums
+from .validation import Rounding, as_float_array, check_block_size, check_finite, check_rounding
 
 __all__ = [
     "ErrorSums",
     "QuantizedWeight",
     "dequantize_weight",
+    "nf4_error_sums",
+    "nf4_rel_rms_error",
     "quantize_weight",
     "quantize_weight_and_error",
 ]
@@ -100,11 +95,11 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize a ``MatMul`` weight ``w[K, N]`` (float16/bfloat16/float32/float64) into the ``MatMulNF4`` layout.
 
-    With ``backend="auto"`` (the default) the compiled encoder (:mod:`onnx_nf4.native_codec`) runs when the
+    With ``backend="auto"`` (the default) the compiled encoder (:mod:`onnx_nf4.codec.native`) runs when the
     custom-op library is found, on ``threads`` threads (0: all), reading ``w`` in place whatever its strides;
     otherwise, or with ``backend="numpy"``, the numpy reference reads ``w`` column by column in chunks of about
     2**20 elements. Either way no transposed or padded copy of the whole weight is made, and the bytes are the
-    same. With ``double_quant`` the absmax is double-quantized by :func:`onnx_nf4.double_quant.quantize_absmax`.
+    same. With ``double_quant`` the absmax is double-quantized by :func:`onnx_nf4.codec.double_quant.quantize_absmax`.
 
     Raises ``ValueError`` (naming ``name``) for NaN/Inf, a non-2-D weight, a bad block size, rounding or backend,
     and ``TypeError`` for a non-float weight.
@@ -130,7 +125,7 @@ def quantize_weight_and_error(
 
     The compiled encoder sums the squares in the same pass over ``w`` (no dequantized copy); with double
     quantization (whose decoded scales differ from the encoder's), or with the numpy backend,
-    :func:`onnx_nf4.metrics.nf4_error_sums` decodes a few columns at a time instead. The sums are ``None`` when
+    :func:`nf4_error_sums` decodes a few columns at a time instead. The sums are ``None`` when
     ``error`` is false.
     """
     bs = check_block_size(block_size)
@@ -152,8 +147,6 @@ def quantize_weight_and_error(
     else:
         q = QuantizedWeight(K, N, bs, packed, absmax)
     if error and sums is None:
-        from .metrics import nf4_error_sums  # metrics imports this module
-
         sums = nf4_error_sums(w, q)
     return q, sums
 
@@ -183,3 +176,24 @@ def dequantize_weight(q: QuantizedWeight) -> np.ndarray:
     """The float32 ``W[K, N]`` that ``q`` stands for (``NF4_CODE[code] * absmax`` per element)."""
     wt = dequantize_blockwise(q.packed, q.float_absmax(), (q.N, q.k_blocks * q.block_size), q.block_size)
     return np.ascontiguousarray(wt[:, : q.K].T)
+
+
+def nf4_rel_rms_error(w: np.ndarray, q: QuantizedWeight) -> float:
+    """:func:`onnx_nf4.codec.metrics.rel_rms_error` of ``w[K, N]`` and the weight ``q`` stands for, decoding ``q`` a
+    few columns at a time (never a decoded copy of the whole weight)."""
+    return nf4_error_sums(w, q).rel_rms_error
+
+
+def nf4_error_sums(w: np.ndarray, q: QuantizedWeight) -> ErrorSums:
+    """The :class:`ErrorSums` behind :func:`nf4_rel_rms_error` (the compiled encoder returns the same sums from its
+    single pass over ``w``, :func:`quantize_weight_and_error`)."""
+    absmax = q.float_absmax()
+    cols = max(1, CHUNK_ELEMENTS // max(1, q.K))
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for n0 in range(0, q.N, cols):
+            n1 = min(n0 + cols, q.N)
+            part = QuantizedWeight(q.K, n1 - n0, q.block_size, q.packed[n0:n1], absmax[n0:n1])
+            yield w[:, n0:n1], dequantize_weight(part)
+
+    return error_sums(pairs())

@@ -2,11 +2,11 @@
 
 The library (see :func:`onnx_nf4.runtime.custom_op_library`) exports a multithreaded SIMD encoder
 (``custom_ops/src/nf4_encoder.cc``, C API in ``custom_ops/include/onnx_nf4/nf4_encoder_api.h``) that gives the
-same bytes as the numpy codec (:mod:`onnx_nf4.codec`, the reference) in both rounding modes. It also returns, in
-the same pass over the data, the float64 sums of squared errors and of squared weights, from which the relative
-RMS error of a weight follows without a dequantized copy.
+same bytes as the numpy codec (:mod:`onnx_nf4.codec.blockwise`, the reference) in both rounding modes. It also
+returns, in the same pass over the data, the float64 sums of squared errors and of squared weights, from which the
+relative RMS error of a weight follows without a dequantized copy.
 
-:func:`onnx_nf4.codec.quantize_blockwise` and :func:`onnx_nf4.layout.quantize_weight` use it when
+:func:`onnx_nf4.quantize_blockwise` and :func:`onnx_nf4.codec.layout.quantize_weight` use it when
 ``backend="auto"`` (their default) and the library is found; ``backend="numpy"`` forces the reference,
 ``backend="native"`` requires the library. The calls release the GIL.
 """
@@ -52,7 +52,7 @@ class ErrorSums:
     """Sums over a weight's elements ``x`` (as float32) with their decoded values ``d = fl32(NF4[code] * absmax)``.
 
     Attributes:
-        squared_error: ``sum((x - d)**2)`` in float64 (the metric of :mod:`onnx_nf4.metrics`).
+        squared_error: ``sum((x - d)**2)`` in float64 (the metric of :mod:`onnx_nf4.codec.metrics`).
         squared_weight: ``sum(x**2)`` in float64.
     """
 
@@ -69,7 +69,7 @@ class ErrorSums:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    from .runtime import CustomOpLibraryNotFoundError, custom_op_library
+    from ..runtime.library import CustomOpLibraryNotFoundError, custom_op_library
 
     try:
         lib = ctypes.CDLL(custom_op_library())
@@ -121,7 +121,7 @@ def use_native(backend: str) -> bool:
 def _require() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
-        from .runtime import CustomOpLibraryNotFoundError, custom_op_library
+        from ..runtime.library import CustomOpLibraryNotFoundError, custom_op_library
 
         try:
             where = custom_op_library()
@@ -149,7 +149,7 @@ def _check(status: int, w: np.ndarray, name: str) -> None:
     if status == _OK:
         return
     if status == _NOT_FINITE:
-        from .codec import NonFiniteWeightError, check_finite
+        from .validation import NonFiniteWeightError, check_finite
 
         check_finite(w, name)  # raises the codec's message, naming the tensor and the index
         raise NonFiniteWeightError(f"tensor {name!r} holds a value that is not finite in float32")
@@ -181,7 +181,7 @@ def encode_flat(
     sums: bool = False,
     name: str = "weight",
 ) -> tuple[np.ndarray, np.ndarray, ErrorSums | None]:
-    """The flat layout of ``w.reshape(-1)``, as :func:`onnx_nf4.codec.quantize_blockwise` (arguments checked there).
+    """The flat layout of ``w.reshape(-1)``, as :func:`onnx_nf4.quantize_blockwise` (arguments checked there).
 
     Args:
         w: float32, float16, bfloat16 or float64 array of any shape. A non-contiguous one is copied once, unless
@@ -227,7 +227,7 @@ def encode_weight(
     sums: bool = False,
     name: str = "weight",
 ) -> tuple[np.ndarray, np.ndarray, ErrorSums | None]:
-    """The MatMulNF4 layout of ``w[K, N]``, as :func:`onnx_nf4.layout.quantize_weight` (arguments checked there).
+    """The MatMulNF4 layout of ``w[K, N]``, as :func:`onnx_nf4.codec.layout.quantize_weight` (arguments checked there).
 
     ``w`` is read in place whatever its strides (a row-major ``W`` or the transpose of an ``nn.Linear`` weight);
     only the outputs are allocated.

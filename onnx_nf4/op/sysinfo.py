@@ -11,16 +11,12 @@ answer holds for every session of the process and for another process with the s
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import dataclasses
-import json
 import os
 import platform
-import sys
 from dataclasses import dataclass
 
-from .runtime import CustomOpLibraryNotFoundError, custom_op_library
+from ..runtime.library import CustomOpLibraryNotFoundError, custom_op_library
 
 __all__ = [
     "CPU_ISA_ENV_VAR",
@@ -29,7 +25,6 @@ __all__ = [
     "RELEVANT_CPU_FEATURES",
     "UNKNOWN",
     "SystemInfo",
-    "add_info_parser",
     "format_info",
     "info",
     "query_library",
@@ -146,7 +141,7 @@ def info() -> SystemInfo:
     import numpy
     import onnx
 
-    from . import __version__
+    from ..version import __version__
 
     ort_version, providers = _onnxruntime()
     path: str | None = None
@@ -202,26 +197,3 @@ def format_info(system: SystemInfo) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in rows)
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    system = info()
-    if args.json:
-        json.dump(dataclasses.asdict(system), sys.stdout, indent=2)
-        print()
-    else:
-        print(format_info(system))
-    return 0
-
-
-def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``info`` subcommand to the ``onnx-nf4`` sub-parsers."""
-    parser = subparsers.add_parser(
-        "info",
-        help="versions, the custom-op library, the CPU kernel set chosen, CUDA support",
-        description="Print the versions of onnx_nf4 and its dependencies, the custom-op library's path, the CPU "
-        f"kernel set MatMulNF4 runs (capped by {CPU_ISA_ENV_VAR}), the CPU's relevant features and whether the "
-        "library holds CUDA kernels. Exit status 0 also when the library is missing (the output says so).",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON object (the fields of onnx_nf4.SystemInfo)")
-    parser.set_defaults(handler=_cmd_info)

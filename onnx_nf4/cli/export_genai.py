@@ -1,7 +1,7 @@
 """``onnx-nf4 export-genai HF_DIR OUT_DIR``: a transformers checkpoint to an onnxruntime-genai NF4 folder.
 
-Registered by :mod:`onnx_nf4.cli` through :func:`add_export_genai_parser`; the work is
-:func:`onnx_nf4.genai_export.export_genai` (needs the ``genai`` extra: onnxruntime-genai, torch, transformers).
+Registered by :mod:`onnx_nf4.cli.entry`; the work is
+:func:`onnx_nf4.genai.export.export_genai` (needs the ``genai`` extra: onnxruntime-genai, torch, transformers).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import CLIError, add_format_options, add_quantize_options, print_folder_reports, quantize_options
+from .common import CLIError, add_format_options, add_quantize_options, print_folder_reports, quantize_options
 
-__all__ = ["add_export_genai_parser"]
+__all__ = ["DESCRIPTION", "HELP", "NAME", "add_arguments", "run"]
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -21,18 +21,21 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def add_export_genai_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``export-genai`` subcommand to the ``onnx-nf4`` sub-parsers."""
-    from .genai_export import EXECUTION_PROVIDERS
+#: The subcommand's name, its line in ``onnx-nf4 --help`` and the paragraph of its own ``--help``.
+NAME = "export-genai"
+HELP = "export a transformers checkpoint (float or bitsandbytes NF4) to an onnxruntime-genai NF4 folder"
+DESCRIPTION = (
+    "Build HF_DIR with onnxruntime-genai's model builder and write OUT_DIR, a folder that "
+    "onnxruntime_genai.Model loads as it is. A float checkpoint is quantized with the options below; a "
+    "bitsandbytes NF4 checkpoint keeps bitsandbytes' own bytes (with or without double quantization), and "
+    "the layers it left float (lm_head) stay float unless --quantize-float is given."
+)
 
-    parser = subparsers.add_parser(
-        "export-genai",
-        help="export a transformers checkpoint (float or bitsandbytes NF4) to an onnxruntime-genai NF4 folder",
-        description="Build HF_DIR with onnxruntime-genai's model builder and write OUT_DIR, a folder that "
-        "onnxruntime_genai.Model loads as it is. A float checkpoint is quantized with the options below; a "
-        "bitsandbytes NF4 checkpoint keeps bitsandbytes' own bytes (with or without double quantization), and "
-        "the layers it left float (lm_head) stay float unless --quantize-float is given.",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``onnx-nf4 export-genai`` to its parser."""
+    from ..genai.export import EXECUTION_PROVIDERS
+
     parser.add_argument("hf_dir", metavar="HF_DIR", type=Path, help="transformers checkpoint folder")
     parser.add_argument("output", metavar="OUT_DIR", type=Path, help="the genai folder to create (new or empty)")
     parser.add_argument(
@@ -56,11 +59,11 @@ def add_export_genai_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         help="pass KEY=VALUE to the model builder's --extra_options (e.g. fuse_mlp_gate_up=true); repeatable",
     )
-    parser.set_defaults(handler=_cmd_export_genai)
 
 
-def _cmd_export_genai(args: argparse.Namespace) -> int:
-    from .genai_export import BuilderError, export_genai
+def run(args: argparse.Namespace) -> int:
+    """Run ``onnx-nf4 export-genai`` with the parsed ``args``; returns the exit status."""
+    from ..genai.export import BuilderError, export_genai
 
     options = quantize_options(args, format=args.format, accuracy_level=args.accuracy_level)
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .model_io import PROTOBUF_LIMIT_BYTES, external_tensors, tensor_bytes
+from ..model.io import PROTOBUF_LIMIT_BYTES, external_tensors, tensor_bytes
 
 __all__ = [
     "ATTENTION_MASK",

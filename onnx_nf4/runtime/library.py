@@ -4,7 +4,7 @@ The library (``libonnx_nf4_ops.so`` / ``onnx_nf4_ops.dll`` / ``libonnx_nf4_ops.d
 ``onnx_nf4`` with ``MatMulNF4`` on onnxruntime's CPU (and, when built with CUDA, CUDA) execution provider.
 It is looked up, in order:
 
-1. next to this module (installed by ``pip install .``);
+1. in the ``onnx_nf4`` package folder (installed there by ``pip install .``);
 2. the path in the environment variable ``ONNX_NF4_LIBRARY``;
 3. the development build ``build/dev`` of a source checkout (``tools/build_dev.sh``);
 4. the library installed with the ``onnx_nf4`` distribution, when this module is imported from a source checkout
@@ -26,7 +26,8 @@ __all__ = ["LIBRARY_ENV_VAR", "CustomOpLibraryNotFoundError", "custom_op_library
 
 LIBRARY_ENV_VAR = "ONNX_NF4_LIBRARY"
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+#: The ``onnx_nf4`` package folder, where ``pip install .`` puts the library.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _DEV_BUILD_DIR = _PACKAGE_DIR.parent / "build" / "dev"
 
 

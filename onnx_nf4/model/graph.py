@@ -1,4 +1,4 @@
-"""Graph helpers shared by the passes and :mod:`onnx_nf4.model_summary`: constants, names, initializers, cleanup."""
+"""Graph helpers shared by the passes and :mod:`onnx_nf4.model.summary`: constants, names, initializers, cleanup."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 import onnx_ir as ir
 
-from ..contract import ONNX_DOMAINS
+from ..op.contract import ONNX_DOMAINS
 
 __all__ = [
     "Initializers",

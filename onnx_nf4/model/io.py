@@ -180,7 +180,7 @@ def save_model(
     Args:
         model: the model (an ``onnx_ir.Model`` is not modified, except that without external data the external
             initializers of its subgraphs are read into memory; those of the main graph are copied from their
-            files into the new one, :func:`onnx_nf4.proto_writer.write_model`).
+            files into the new one, :func:`onnx_nf4.model.proto_writer.write_model`).
         path: the ``.onnx`` file to write; its directory must exist.
         external_data: ``True`` writes every initializer larger than 256 bytes to ``<file name>.data`` beside the
             model; ``False`` keeps everything inside the protobuf; ``None`` (default) chooses external data

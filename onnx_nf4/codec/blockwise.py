@@ -18,105 +18,23 @@ Memory: the work is done in chunks of blocks, so the peak extra memory is a few 
 (the input itself is only read).
 
 Backends: ``backend="auto"`` (the default) runs the compiled, multithreaded encoder of the custom-op library
-(:mod:`onnx_nf4.native_codec`) when the library is found, else this module's numpy code, the reference; both give
+(:mod:`onnx_nf4.codec.native`) when the library is found, else this module's numpy code, the reference; both give
 the same bytes. ``"numpy"`` and ``"native"`` choose one explicitly.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
-from . import native_codec
+from . import native as native_codec
 from .codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE
-from .native_codec import Backend
+from .native import Backend
+from .validation import Rounding, as_float_array, check_block_size, check_finite, check_rounding
 
-__all__ = [
-    "Backend",
-    "NonFiniteWeightError",
-    "Rounding",
-    "as_float_array",
-    "check_block_size",
-    "check_finite",
-    "dequantize_blockwise",
-    "is_valid_block_size",
-    "is_valid_nested_block_size",
-    "pack_nibbles",
-    "quantize_blockwise",
-    "unpack_nibbles",
-]
-
-Rounding = Literal["onnxruntime", "bitsandbytes"]
+__all__ = ["dequantize_blockwise", "pack_nibbles", "quantize_blockwise", "unpack_nibbles"]
 
 _CHUNK_ELEMENTS = 1 << 20  # elements per work chunk (a multiple of every valid block size)
 _BNB_TINY = np.float32(1e-38)
-_FLOAT_DTYPES = (np.float32, np.float16, np.float64)
-
-
-class NonFiniteWeightError(ValueError):
-    """A weight holds NaN or +-Inf (or, in float64, a magnitude beyond float32), which NF4 cannot represent."""
-
-
-def is_valid_block_size(block_size: int) -> bool:
-    """Whether ``block_size`` is an NF4 block size: a power of two in [16, 4096]."""
-    return 16 <= block_size <= 4096 and block_size & (block_size - 1) == 0
-
-
-def is_valid_nested_block_size(block_size: int) -> bool:
-    """Whether ``block_size`` is a double-quantization block size: a power of two >= 16."""
-    return block_size >= 16 and block_size & (block_size - 1) == 0
-
-
-def check_block_size(block_size: int) -> int:
-    """Return ``block_size`` if it is a power of two in [16, 4096], else raise ``ValueError``."""
-    bs = int(block_size)
-    if bs != block_size or not is_valid_block_size(bs):
-        raise ValueError(f"block_size must be a power of two between 16 and 4096, got {block_size!r}")
-    return bs
-
-
-def check_finite(w: np.ndarray, name: str = "weight") -> None:
-    """Raise :class:`NonFiniteWeightError` (a ``ValueError``) naming ``name`` if ``w`` holds NaN or +-Inf, or
-    (float64) a value beyond float32.
-
-    Checked in chunks along the first axis, so no copy of ``w`` is made even when it is not contiguous.
-    """
-    w = np.asarray(w)
-    if w.ndim == 0:
-        w = w.reshape(1)
-    if w.size == 0:
-        return
-    rows = max(1, _CHUNK_ELEMENTS // (w.size // w.shape[0]))
-    for start in range(0, w.shape[0], rows):
-        chunk = w[start : start + rows]
-        with np.errstate(over="ignore"):
-            ok = np.isfinite(chunk if chunk.dtype != np.float64 else chunk.astype(np.float32))
-        if not ok.all():
-            index = np.argwhere(~ok)[0]
-            index[0] += start
-            bad = int(np.ravel_multi_index(tuple(index), w.shape))
-            raise NonFiniteWeightError(
-                f"tensor {name!r} holds a value that is not finite in float32 ({float(w[tuple(index)])} at flat "
-                f"index {bad}); NF4 cannot represent NaN, Inf or magnitudes beyond float32"
-            )
-
-
-def as_float_array(w: np.ndarray, name: str = "weight") -> np.ndarray:
-    """``np.asarray(w)`` if it is float16/bfloat16/float32/float64, else raise ``TypeError`` naming ``name``.
-
-    bfloat16 is ``ml_dtypes.bfloat16`` (what ``onnx_ir`` returns for BFLOAT16 tensors); it widens exactly.
-    """
-    w = np.asarray(w)
-    if w.dtype.type not in _FLOAT_DTYPES and w.dtype.name != "bfloat16":
-        raise TypeError(f"tensor {name!r} has dtype {w.dtype}; NF4 quantizes float16/bfloat16/float32/float64 only")
-    return w
-
-
-def check_rounding(rounding: str) -> None:
-    """Raise ``ValueError`` unless ``rounding`` is ``"onnxruntime"`` or ``"bitsandbytes"``."""
-    if rounding not in ("onnxruntime", "bitsandbytes"):
-        raise ValueError(f"rounding must be 'onnxruntime' or 'bitsandbytes', got {rounding!r}")
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -204,7 +122,7 @@ def quantize_blockwise(
         ValueError: the block size, rounding or backend is invalid, or ``w`` holds NaN/Inf (the message names
             ``name``).
         TypeError: ``w`` is not a float array.
-        onnx_nf4.native_codec.NativeCodecUnavailableError: ``backend="native"`` without the library.
+        onnx_nf4.codec.native.NativeCodecUnavailableError: ``backend="native"`` without the library.
     """
     bs = check_block_size(block_size)
     check_rounding(rounding)

@@ -5,10 +5,10 @@ optional extra ``genai``), which writes a float32 genai folder (``genai_config.j
 external data, the tokenizer):
 
 * **A float checkpoint** is built and then quantized with the usual options
-  (:func:`onnx_nf4.genai.quantize_genai_folder`).
+  (:func:`onnx_nf4.genai.folder.quantize_genai_folder`).
 * **A bitsandbytes NF4 checkpoint** (``quantization_config`` with ``load_in_4bit`` and ``bnb_4bit_quant_type:
   nf4``, with or without ``bnb_4bit_use_double_quant``) keeps bitsandbytes' own bytes. Its weights are decoded
-  exactly to float32 for the builder (:func:`onnx_nf4.hf_checkpoint.write_float_checkpoint`); each builder
+  exactly to float32 for the builder (:func:`onnx_nf4.genai.hf_checkpoint.write_float_checkpoint`); each builder
   ``MatMul`` weight ``W[K, N]`` is then matched by value to the layers it was built from: a run of columns of ``W``
   equal (bit for bit) to the decoded ``Wt[N_L, K]`` rows of layer ``L``. A fused projection (q/k/v, gate/up) is a
   concatenation of such runs along N, and since ``MatMulNF4`` blocks run along K inside one column, its NF4 weight
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .genai import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
+from ..codec.layout import QuantizedWeight, dequantize_weight
+from ..model.io import load_model
+from ..passes.options import QuantizeOptions
+from ..passes.report import QuantizationReport
+from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
-from .layout import QuantizedWeight, dequantize_weight
-from .model_io import load_model
-from .options import QuantizeOptions
-from .report import QuantizationReport
 
 __all__ = ["BUILD_PRECISION", "EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
 
@@ -64,7 +64,7 @@ def run_builder(
 
     ``extra_options`` become ``--extra_options KEY=VALUE ...`` (booleans as ``true`` / ``false``). The builder's
     cache folder (``-c``) is temporary. Raises :class:`BuilderError` with the builder's output when it fails, and
-    :class:`~onnx_nf4.hf_checkpoint.CheckpointError` when it does not support the checkpoint's architecture.
+    :class:`~onnx_nf4.genai.hf_checkpoint.CheckpointError` when it does not support the checkpoint's architecture.
     """
     try:
         import onnxruntime_genai.models.builder  # noqa: F401  (present: the subprocess can run it)
@@ -187,7 +187,7 @@ def map_fused_weights(
 
 
 def _float_matmul_weights(model) -> dict[str, np.ndarray]:
-    from .torch.graph_weights import graph_weights
+    from ..torch.graph_weights import graph_weights
 
     return {
         weight.name: (weight.tensor.numpy().T if weight.transposed else weight.tensor.numpy())
@@ -215,7 +215,7 @@ def export_genai(
     Args:
         hf_dir: a transformers checkpoint folder (``save_pretrained``), float or bitsandbytes NF4.
         out_dir: the genai folder to create (must not exist, or be empty).
-        options: the :class:`~onnx_nf4.options.QuantizeOptions`; the keyword arguments ``block_size`` ...
+        options: the :class:`~onnx_nf4.QuantizeOptions`; the keyword arguments ``block_size`` ...
             ``accuracy_level`` override its fields as in :func:`onnx_nf4.quantize_model`. With a bitsandbytes
             checkpoint, ``block_size``, ``double_quant`` and ``min_elements`` apply to the ``quantize_float`` layers
             only (bitsandbytes' layers keep their own); ``format``, ``exclude`` and ``accuracy_level`` apply to all.
@@ -230,10 +230,10 @@ def export_genai(
         The quantization report of each model file of the folder.
 
     Raises:
-        onnx_nf4.hf_checkpoint.CheckpointError: not a checkpoint folder, 8-bit or FP4 bitsandbytes, another
+        onnx_nf4.genai.hf_checkpoint.CheckpointError: not a checkpoint folder, 8-bit or FP4 bitsandbytes, another
             quantization method, or an architecture the builder does not support.
         BuilderError: the builder is not installed or failed.
-        onnx_nf4.genai.GenaiFolderError: ``out_dir`` exists and is not empty.
+        onnx_nf4.genai.folder.GenaiFolderError: ``out_dir`` exists and is not empty.
         ValueError: invalid options (before any work).
         onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
     """
@@ -271,7 +271,7 @@ def export_genai(
         run_builder(Path(work) / "hf_float", built, **build)
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
-            from .torch.graph_weights import quantize_with_prequantized
+            from ..torch.graph_weights import quantize_with_prequantized
 
             model = load_model(source)
             prequantized, _ = map_fused_weights(_float_matmul_weights(model), layers)

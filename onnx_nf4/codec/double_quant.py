@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import is_valid_nested_block_size
+from .validation import is_valid_nested_block_size
 
 __all__ = [
     "DYNAMIC_CODE",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .contract import (
+from ..op.contract import (
     BNB4_OP_TYPE,
     BNB4_WEIGHT_INPUTS,
     DOMAIN,
@@ -33,7 +33,7 @@ from .contract import (
     is_bnb4,
     is_matmul_nf4,
 )
-from .passes.graph import constant_tensor
+from .graph import constant_tensor
 
 __all__ = ["FloatLayer", "ModelSummary", "QuantizedLayer", "summarize_model"]
 
@@ -176,7 +176,7 @@ class ModelSummary:
 
     def layer_bytes(self, layer: QuantizedLayer) -> int:
         """Bytes of the tensors of ``layer``'s weight alone: :attr:`shared_tensors` are counted in the totals only
-        (as :attr:`onnx_nf4.report.LayerReport.bytes_after` does)."""
+        (as :attr:`onnx_nf4.passes.report.LayerReport.bytes_after` does)."""
         shared = self.shared_tensors
         return sum(self.tensor_bytes.get(name, 0) for name in layer.tensors if name not in shared)
 

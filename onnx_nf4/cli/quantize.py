@@ -1,0 +1,118 @@
+"""``onnx-nf4 quantize IN OUT``: a float model (or an onnxruntime-genai folder) to NF4, with a per-layer report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..methods import METHODS
+from ..passes.options import DEFAULT_MIN_ELEMENTS, QuantizeOptions
+from .common import (
+    CLIError,
+    Progress,
+    UsageError,
+    add_external_data_option,
+    add_format_options,
+    add_quantize_options,
+    check_output_path,
+    file_bytes,
+    non_negative_int,
+    print_folder_reports,
+    print_written,
+    quantize_options,
+)
+from .report_text import format_quantization_report
+
+__all__ = ["DESCRIPTION", "HELP", "NAME", "add_arguments", "run"]
+
+
+#: The subcommand's name, its line in ``onnx-nf4 --help`` and the paragraph of its own ``--help``.
+NAME = "quantize"
+HELP = "rewrite MatMul/Gemm layers with constant weights to NF4"
+DESCRIPTION = (
+    "Rewrite the MatMul/Gemm layers whose weight is a constant to NF4 and print a per-layer report. "
+    "OUT may equal IN: the model is written to a temporary file and then renamed."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``onnx-nf4 quantize`` to its parser."""
+    parser.add_argument("input", metavar="IN", type=Path, help="float ONNX model, or an onnxruntime-genai model folder")
+    parser.add_argument(
+        "output", metavar="OUT", type=Path, help="where to write the NF4 model (a new folder when IN is a folder)"
+    )
+    add_quantize_options(parser)
+    add_format_options(parser)
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="rtn",
+        help="how codes and block scales are chosen (same format): rtn = round to nearest at the absmax, "
+        "byte for byte onnxruntime's quantizer (default); mse = per block, the scale minimizing its squared "
+        "error (data-free); gptq = codes with error feedback on calibration data (needs --calibration)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        type=Path,
+        help="--method gptq: one batch of the model's inputs, arrays named after the graph inputs "
+        "(rows where an attention_mask input is 0 are left out)",
+    )
+    parser.add_argument(
+        "--min-elements",
+        metavar="N",
+        type=non_negative_int,
+        default=DEFAULT_MIN_ELEMENTS,
+        help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
+    )
+    add_external_data_option(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``onnx-nf4 quantize`` with the parsed ``args``; returns the exit status."""
+    from ..api import quantize_model
+
+    options = quantize_options(
+        args,
+        format=args.format,
+        min_elements=args.min_elements,
+        external_data=args.external_data,
+        accuracy_level=args.accuracy_level,
+        method=args.method,
+    )
+    if args.method == "gptq" and args.calibration is None:
+        raise UsageError("--method gptq needs --calibration FILE.npz (the model's inputs)")
+    if args.method != "gptq" and args.calibration is not None:
+        raise UsageError(f"--calibration is used by --method gptq only, not by --method {args.method}")
+    if args.input.is_dir():
+        if args.method == "gptq":
+            raise UsageError("--method gptq calibrates one model file, not an onnxruntime-genai folder")
+        return _quantize_folder(args, options)
+    if args.calibration is not None and not args.calibration.is_file():
+        raise CLIError(f"{args.calibration}: calibration file not found")
+    check_output_path(args.output)
+    input_bytes = file_bytes(args.input)
+    with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        _, report = quantize_model(
+            args.input, args.output, options, calibration=args.calibration, on_progress=progress.update
+        )
+    print(format_quantization_report(report))
+    print_written(args.output, input_bytes)
+    return 0
+
+
+def _quantize_folder(args: argparse.Namespace, options: QuantizeOptions) -> int:
+    """``quantize IN_DIR OUT_DIR`` for an onnxruntime-genai model folder (:mod:`onnx_nf4.genai.folder`)."""
+    from ..genai.folder import GENAI_CONFIG, is_genai_folder, quantize_genai_folder
+
+    if not is_genai_folder(args.input):
+        raise CLIError(
+            f"{args.input}: is a directory without {GENAI_CONFIG} "
+            "(IN must be an ONNX model file or an onnxruntime-genai model folder)"
+        )
+    with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        reports = quantize_genai_folder(args.input, args.output, options, on_progress=progress.update)
+    print_folder_reports(reports, args.input, args.output)
+    return 0
