@@ -1,11 +1,15 @@
 // matmul_nf4.cu: the CUDA kernels of onnx_nf4::MatMulNF4 (docs/MatMulNF4.md, docs/gpu.md).
 //
-// One source, two compilers:
+// One source, three compilers:
 //   * nvcc, as part of libonnx_nf4_ops (custom_ops/cmake/cuda.cmake): the kernels plus the host launcher
 //     LaunchMatMulNF4 (matmul_nf4_cuda.h);
 //   * NVRTC, through cupy.RawModule (onnx_nf4/op/cupy_backend.py): NVRTC defines __CUDACC_RTC__, which hides the
 //     host code; the kernels use no header but the NF4 table (which the Python loader inlines) and take
-//     only pointers and ints, so they are named by the same template-ids from both sides.
+//     only pointers and ints, so they are named by the same template-ids from both sides;
+//   * the host C++ compiler with ONNX_NF4_CUDA_EMU defined (custom_ops/cuda/emu, tests/cuda_emu.py): kernels and
+//     launcher run on the CPU under a CUDA-semantics emulation. Every inline PTX statement sits in a small wrapper
+//     with an #ifdef ONNX_NF4_CUDA_EMU branch (and so does the launch statement); without the macro the PTX is
+//     the same as with no branch at all.
 //
 // Kernels (Y[M, N] = A[M, K] @ W + bias; W[k, n] = NF4[code] * scale, fp32 accumulation):
 //   nf4_gemv_simt<T, MT>  CUDA cores, one warp per output column n (k_split warps per column, reduced in
@@ -719,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 #ifndef __CUDACC_RTC__
 // ---------------------------------------------------------------------------------------------------------
-// Host launcher (nvcc build only; onnx_nf4/op/cupy_backend.py mirrors the configuration logic)
+// Host launcher (nvcc and emulation builds; onnx_nf4/op/cupy_backend.py mirrors the configuration logic)
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
