@@ -20,7 +20,9 @@
 //   * __shared__ variables are function-local statics (one block runs at a time); the host registers their
 //     extents (emu_add_shared) so that they are filled with 0xff bytes (NaN) before every block and ldmatrix
 //     addresses are checked against them. Global loads through ld.global.nc and __ldg are checked for alignment
-//     and against the buffers the host registered for the launch (emu_add_buffer).
+//     and against the buffers the host registered for the launch (emu_add_buffer);
+//   * one emulator state per process: launch from one OS thread at a time. Blocks whose size is not a multiple of
+//     32 have a partial last warp, whose collectives never complete (reported as a deadlock).
 //
 // Arithmetic: float32 operations are the host's IEEE operations (compile with -ffp-contract=off; fmaf is fused);
 // cvt to f16 / bf16 rounds to nearest even (NaN -> 0x7fff); mma.m16n8k16 multiplies exactly and adds the 16 products
