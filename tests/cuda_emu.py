@@ -8,7 +8,9 @@ temporary directory under a hash of its sources, flags and compiler, so a test s
 * :class:`DeviceMemory`: host arrays standing for device buffers, placed at a chosen misalignment between guard
   bytes that a launch must leave intact;
 * :func:`run_matmul`: one ``MatMulNF4`` call through the library's entry point (``LaunchMatMulNF4`` plans and
-  launches, the emulator runs the kernels), returning ``Y`` and the launches the launcher made.
+  launches, the emulator runs the kernels), returning ``Y`` and the launches the launcher made;
+* :class:`EmulatedCupy`: the parts of CuPy that ``onnx_nf4.op.cupy_backend`` uses, on host memory, whose
+  ``RawModule`` kernels (and the library entry point of ``backend="library"``) the emulator runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -121,6 +124,8 @@ class Emulator:
         lib.onnx_nf4_cuda_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr,
                                              ptr, ptr, i64, i64, i64, i64, i64, ptr, char_p, size]  # fmt: skip
         lib.onnx_nf4_cuda_matmul.restype = ctypes.c_int
+        lib.emu_launch_kernel.argtypes = [char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ptr, char_p, size]
+        lib.emu_launch_kernel.restype = ctypes.c_int
         lib.emu_probe_mma.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, char_p, size]
         lib.emu_probe_ldmatrix.argtypes = [ptr, ptr, ptr, char_p, size]
         lib.emu_probe_cvt.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, char_p, size]
@@ -299,3 +304,97 @@ def record_launches(
                                       *nested, None, fake, M, K, N, block_size, 256, None, err, len(err))  # fmt: skip
     assert rc == 0, err.value.decode()
     return emu.launches()
+
+
+class HostArray(np.ndarray):
+    """A numpy array posing as a CuPy one: ``data.ptr`` is its address."""
+
+    @property
+    def data(self):  # type: ignore[override]
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+def host(x) -> HostArray:
+    return np.asarray(x).view(HostArray)
+
+
+class EmulatedCupy:
+    """The parts of CuPy that ``onnx_nf4.op.cupy_backend`` uses, on host memory; the kernels of its ``RawModule``
+    run in the emulator (each launch with exactly its array arguments as global memory), and :meth:`library_entry`
+    stands in for the compiled library's ``onnx_nf4_cuda_matmul``. ``kernels`` lists the launched template-ids."""
+
+    ndarray = HostArray
+
+    def __init__(self, emu: Emulator, *, sm_count: int = 132, schedule: int = 0):
+        self.emu, self.sm_count, self.schedule = emu, sm_count, schedule
+        self.kernels: list[str] = []
+        outer = self
+
+        class RawModule:
+            def __init__(self, code: str, options: tuple, name_expressions: list[str]):
+                self.names = set(name_expressions)
+
+            def get_function(self, name: str):
+                assert name in self.names, name
+                return lambda grid, block, args, stream=None: outer._launch(name, grid, block, args)
+
+        self.RawModule = RawModule
+        device = SimpleNamespace(id=0, compute_capability="90", attributes={"MultiProcessorCount": sm_count})
+        self.cuda = SimpleNamespace(Device=lambda: device, get_current_stream=lambda: SimpleNamespace(ptr=0))
+
+    def _launch(self, name: str, grid: tuple, block: tuple, args: tuple) -> None:
+        self.emu.reset(sm_count=self.sm_count, schedule=self.schedule)
+        values: list[ctypes.c_uint64 | ctypes.c_int32] = []
+        for arg in args:
+            if isinstance(arg, np.ndarray):
+                self.emu.add_buffer(arg.ctypes.data, arg.nbytes)
+                values.append(ctypes.c_uint64(arg.ctypes.data))
+            elif isinstance(arg, np.uint64):
+                values.append(ctypes.c_uint64(int(arg)))
+            else:
+                assert isinstance(arg, np.int32), type(arg)
+                values.append(ctypes.c_int32(int(arg)))
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        err = ctypes.create_string_buffer(1024)
+        if self.emu.lib.emu_launch_kernel(name.encode(), grid[0], grid[1], block[0], pointers, err, len(err)):
+            raise RuntimeError(err.value.decode(errors="replace"))
+        self.kernels.append(name)
+
+    def library_entry(self):
+        """``onnx_nf4_cuda_matmul`` of the emulator, with the extents of its operands registered as global memory
+        (computed from the sizes, as the op's contract gives them)."""
+        lib = self.emu.lib
+
+        def entry(dtype, algo, a, b, absmax, is_codes, nested_absmax, nested_code, offset, bias, y, M, K, N, bs, nbs,
+                  stream, err, err_len):  # fmt: skip
+            self.emu.reset(sm_count=self.sm_count, schedule=self.schedule)
+            item = 4 if dtype == 0 else 2
+            blocks = N * -(-K // bs)
+            extents = [(a, M * K * item), (b, blocks * bs // 2), (absmax, blocks * (1 if is_codes else 4)),
+                       (nested_absmax, -(-blocks // nbs) * 4), (nested_code, 256 * 4), (offset, 4), (bias, N * item),
+                       (y, M * N * item)]  # fmt: skip
+            for address, nbytes in extents:
+                if address:
+                    self.emu.add_buffer(address, nbytes)
+            rc = lib.onnx_nf4_cuda_matmul(dtype, algo, a, b, absmax, is_codes, nested_absmax, nested_code, offset,
+                                          bias, y, M, K, N, bs, nbs, stream, err, err_len)  # fmt: skip
+            self.kernels += [launch.kernel for launch in self.emu.launches()]
+            return rc
+
+        return entry
+
+    @staticmethod
+    def ascontiguousarray(x):
+        return host(np.ascontiguousarray(x))
+
+    @staticmethod
+    def empty(shape, dtype):
+        return host(np.empty(shape, dtype))
+
+    @staticmethod
+    def asarray(x):
+        return host(np.array(x))
+
+    @staticmethod
+    def asnumpy(x):
+        return np.asarray(x).view(np.ndarray)

@@ -125,6 +125,40 @@ int TakeError(char* err, size_t err_len, const std::string& error) {
 
 std::string LastError() { return cudaGetLastError() == cudaSuccess ? "" : cudaGetErrorString(cudaErrorLaunchFailure); }
 
+// The signature every MatMulNF4 kernel has (matmul_nf4.cu).
+template <typename T>
+using MatmulKernel = void (*)(const T*, const gpu::u8*, const float*, const gpu::u8*, const float*, const float*,
+                              const float*, const T*, T*, int, int, int, int, int, int, int, int);
+
+// Launches kernel if `name` is its template-id; args as cuLaunchKernel takes them (args[i] points at parameter i).
+template <typename T>
+bool LaunchIfNamed(const std::string& name, MatmulKernel<T> kernel, dim3 grid, dim3 block, void** args) {
+  if (cuda_emu::detail::KernelName(reinterpret_cast<const void*>(kernel)) != name) return false;
+  auto ptr = [&](int i) { return *static_cast<void* const*>(args[i]); };
+  auto num = [&](int i) { return *static_cast<const int*>(args[i]); };
+  cuda_emu::Launch(kernel, grid, block, nullptr, static_cast<const T*>(ptr(0)), static_cast<const gpu::u8*>(ptr(1)),
+                   static_cast<const float*>(ptr(2)), static_cast<const gpu::u8*>(ptr(3)),
+                   static_cast<const float*>(ptr(4)), static_cast<const float*>(ptr(5)),
+                   static_cast<const float*>(ptr(6)), static_cast<const T*>(ptr(7)), static_cast<T*>(ptr(8)), num(9),
+                   num(10), num(11), num(12), num(13), num(14), num(15), num(16));
+  return true;
+}
+
+template <typename T>
+bool LaunchSimtIfNamed(const std::string& name, dim3 grid, dim3 block, void** args) {
+  return LaunchIfNamed<T>(name, gpu::nf4_gemv_simt<T, 1>, grid, block, args) ||
+         LaunchIfNamed<T>(name, gpu::nf4_gemv_simt<T, 2>, grid, block, args) ||
+         LaunchIfNamed<T>(name, gpu::nf4_gemv_simt<T, 4>, grid, block, args) ||
+         LaunchIfNamed<T>(name, gpu::nf4_gemv_simt<T, 8>, grid, block, args);
+}
+
+template <typename T>
+bool LaunchMmaIfNamed(const std::string& name, dim3 grid, dim3 block, void** args) {
+  return LaunchIfNamed<T>(name, gpu::nf4_gemv_mma<T, 8>, grid, block, args) ||
+         LaunchIfNamed<T>(name, gpu::nf4_gemv_mma<T, 16>, grid, block, args) ||
+         LaunchIfNamed<T>(name, gpu::nf4_gemm_mma<T>, grid, block, args);
+}
+
 }  // namespace
 
 #define EMU_API extern "C" __attribute__((visibility("default")))
@@ -204,6 +238,20 @@ EMU_API int onnx_nf4_cuda_matmul(int dtype, int algo, const void* A, const void*
   p.block_size = block_size;
   p.nested_block_size = nested_block_size;
   return TakeError(err, err_len, gpu::LaunchMatMulNF4(p, static_cast<gpu::Algo>(algo), stream));
+}
+
+// A kernel by its template-id (as onnx_nf4.op.cupy_backend.kernel_names spells it), launched the way CuPy's
+// RawKernel launches it: args[i] points at the value of parameter i. Returns 0, or 1 with the error in err.
+EMU_API int emu_launch_kernel(const char* name, unsigned grid_x, unsigned grid_y, unsigned block_x, void** args,
+                              char* err, size_t err_len) {
+  const std::string n = name;
+  const dim3 grid(grid_x, grid_y), block(block_x);
+  const bool found =
+      LaunchSimtIfNamed<float>(n, grid, block, args) || LaunchSimtIfNamed<gpu::f16>(n, grid, block, args) ||
+      LaunchSimtIfNamed<gpu::bf16>(n, grid, block, args) || LaunchMmaIfNamed<gpu::f16>(n, grid, block, args) ||
+      LaunchMmaIfNamed<gpu::bf16>(n, grid, block, args);
+  if (!found) return TakeError(err, err_len, "no kernel is named " + n);
+  return TakeError(err, err_len, LastError());
 }
 
 // The probes: each runs one block of `threads` threads and returns 0, or 1 with the emulator's error in err.
