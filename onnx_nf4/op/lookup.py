@@ -1,0 +1,192 @@
+"""The NF4 embedding lookup ``onnx_nf4.lookup::GatherNF4``: an ONNX model-local function of standard ops.
+
+``GatherNF4(indices, packed, absmax[, nested_absmax, nested_code, absmax_offset])`` is ``Gather(E, indices)``
+(axis 0) for a table ``E[V, H]`` stored in the ``MatMulNF4`` weight layout of ``W = E.T`` (``K = H``, ``N = V``,
+see ``docs/MatMulNF4.md``): ``packed`` uint8 ``[V, kb, bs/2]`` with ``kb = ceil(H / bs)`` (each row zero-padded to
+``kb * bs``), ``absmax`` ``[V, kb]``. This is bitsandbytes' ``EmbeddingNF4`` layout (blocks along H within a row),
+and the bytes of a tied ``MatMulNF4`` weight: one tensor feeds both nodes.
+
+Because it is a function whose body uses only default-domain ops (opset >= 13), every onnxruntime runs it, on
+every execution provider, with or without the op library: onnxruntime inlines the body when it loads the model.
+The body:
+
+1. ``flat = Reshape(indices, [-1])``; ``rows = Gather(packed, flat)`` (``[n, kb, bs/2]``) and
+   ``Gather(absmax, flat)``. Negative indices count from the end, and an index outside ``[-V, V)`` is
+   onnxruntime's ``Gather`` error: the table is never read outside its bounds.
+2. Each byte ``b`` becomes two floats at once: ``Gather(PAIRS, Cast<int32>(b))`` with ``PAIRS[b] =
+   (NF4_CODE[b >> 4], NF4_CODE[b & 15])`` (high nibble first, as the codec packs), ``[n, kb, bs/2, 2]``.
+3. ``Mul`` by the float32 absmax ``[n, kb, 1, 1]``, ``Flatten`` to ``[n, kb * bs]``, ``Slice`` to ``H``
+   (``row_size``), ``Reshape`` to ``indices.shape + [H]``, ``Cast`` to ``to``.
+
+So each output row is ``fl32(NF4_CODE[code] * absmax)``, bit-identical to
+:func:`onnx_nf4.codec.dequantize_blockwise` of that row, then rounded once to the output type ``to`` (the table's
+dtype: float32, float16 or bfloat16).
+
+``GatherNF4DQ`` takes double-quantized absmax (uint8 codes ``[V, kb]``, ``nested_absmax`` float32
+``[ceil(V * kb / nested_block_size)]``, ``nested_code`` float32 ``[256]``, ``absmax_offset`` float32 scalar) and
+decodes the absmax of the looked-up rows exactly as :func:`onnx_nf4.codec.double_quant.dequantize_absmax`:
+``fl32(fl32(nested_code[q] * nested_absmax[(v * kb + j) // nested_block_size]) + absmax_offset)`` for row ``v``
+(negative ``v`` counted from the end) and block ``j``.
+
+Attributes (of the calling node): ``row_size`` (int, ``H``), ``to`` (int, the ``TensorProto`` type of the output)
+and, for ``GatherNF4DQ``, ``nested_block_size`` (int).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from ..codec.codebook import NF4_CODE
+
+__all__ = [
+    "LOOKUP_DOMAIN",
+    "LOOKUP_DQ_OP",
+    "LOOKUP_OP",
+    "LOOKUP_OPS",
+    "MIN_LOOKUP_OPSET",
+    "NF4_PAIRS",
+    "LookupInput",
+    "add_lookup_function",
+    "is_lookup",
+    "lookup_function",
+]
+
+LOOKUP_DOMAIN = "onnx_nf4.lookup"
+LOOKUP_OP = "GatherNF4"
+LOOKUP_DQ_OP = "GatherNF4DQ"
+LOOKUP_OPS = (LOOKUP_OP, LOOKUP_DQ_OP)
+#: The lowest default-domain opset the function bodies are written for (``Constant`` ``value_int``, ``Reshape``
+#: and ``Slice`` with inputs, ``Gather`` with negative indices).
+MIN_LOOKUP_OPSET = 13
+
+#: float32 ``[256, 2]``: the two NF4 values a packed byte holds, high nibble first.
+NF4_PAIRS: np.ndarray = np.stack([NF4_CODE[np.arange(256) >> 4], NF4_CODE[np.arange(256) & 15]], axis=1)
+NF4_PAIRS.setflags(write=False)
+
+
+class LookupInput(IntEnum):
+    """Input positions of ``GatherNF4`` / ``GatherNF4DQ``: the weight inputs sit where ``MatMulNF4`` has them."""
+
+    INDICES = 0
+    PACKED = 1
+    ABSMAX = 2
+    NESTED_ABSMAX = 3
+    NESTED_CODE = 4
+    ABSMAX_OFFSET = 5
+
+
+def is_lookup(domain: str, op_type: str) -> bool:
+    """Whether a node is an NF4 embedding lookup."""
+    return domain == LOOKUP_DOMAIN and op_type in LOOKUP_OPS
+
+
+def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array), name))
+
+
+def _attr_ref(node: onnx.NodeProto, attribute: str) -> onnx.NodeProto:
+    """``node`` with its only attribute taken from the calling node's ``attribute``."""
+    node.attribute[0].ref_attr_name = attribute
+    return node
+
+
+def _absmax_dq_nodes() -> list[onnx.NodeProto]:
+    """``absmax_f32 [n, kb]`` decoded from the double-quantized absmax of the rows ``flat`` (see the module doc)."""
+    i64 = TensorProto.INT64
+    return [
+        _attr_ref(helper.make_node("Constant", [], ["nested_bs"], value_int=0), "nested_block_size"),
+        _constant("zero", np.array(0, np.int64)),
+        _constant("one", np.array(1, np.int64)),
+        _constant("col", np.array([-1, 1], np.int64)),
+        _constant("scalar", np.zeros(0, np.int64)),
+        helper.make_node("Shape", ["packed"], ["packed_shape"]),
+        helper.make_node("Slice", ["packed_shape", "start0", "start1"], ["rows_total"]),  # [V]
+        helper.make_node("Shape", ["absmax"], ["absmax_shape"]),
+        helper.make_node("Slice", ["absmax_shape", "start1", "start2"], ["kb1"]),  # [kb]
+        helper.make_node("Reshape", ["kb1", "scalar"], ["kb"]),
+        helper.make_node("Cast", ["flat"], ["v"], to=i64),
+        helper.make_node("Less", ["v", "zero"], ["negative"]),
+        helper.make_node("Add", ["v", "rows_total"], ["v_wrapped"]),
+        helper.make_node("Where", ["negative", "v_wrapped", "v"], ["row"]),
+        helper.make_node("Mul", ["row", "kb"], ["first"]),
+        helper.make_node("Reshape", ["first", "col"], ["first_col"]),
+        helper.make_node("Range", ["zero", "kb", "one"], ["block"]),
+        helper.make_node("Add", ["first_col", "block"], ["entry"]),  # [n, kb]: flat absmax index
+        helper.make_node("Div", ["entry", "nested_bs"], ["nested_index"]),
+        helper.make_node("Gather", ["nested_absmax", "nested_index"], ["scale"]),
+        helper.make_node("Gather", ["absmax", "flat"], ["absmax_codes"]),
+        helper.make_node("Cast", ["absmax_codes"], ["absmax_codes_i32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["nested_code", "absmax_codes_i32"], ["code_value"]),
+        helper.make_node("Mul", ["code_value", "scale"], ["absmax_scaled"]),
+        helper.make_node("Add", ["absmax_scaled", "absmax_offset"], ["absmax_f32"]),
+    ]
+
+
+def lookup_function(double_quant: bool, opset: int) -> onnx.FunctionProto:
+    """The ``FunctionProto`` of ``GatherNF4`` (or ``GatherNF4DQ``) for a model importing default opset ``opset``.
+
+    Raises:
+        ValueError: ``opset`` is below :data:`MIN_LOOKUP_OPSET`.
+    """
+    if opset < MIN_LOOKUP_OPSET:
+        raise ValueError(f"the NF4 lookup needs default-domain opset >= {MIN_LOOKUP_OPSET}, the model has {opset}")
+    nodes = [
+        _constant("pairs", NF4_PAIRS),
+        _constant("flat_shape", np.array([-1], np.int64)),
+        _constant("scale_shape", np.array([0, 0, 1, 1], np.int64)),
+        _constant("start0", np.array([0], np.int64)),
+        _constant("start1", np.array([1], np.int64)),
+        _constant("start2", np.array([2], np.int64)),
+        _attr_ref(helper.make_node("Constant", [], ["row_size0"], value_int=0), "row_size"),
+        helper.make_node("Reshape", ["row_size0", "start1"], ["row_size1"]),  # [H]
+        helper.make_node("Reshape", ["indices", "flat_shape"], ["flat"]),
+        helper.make_node("Gather", ["packed", "flat"], ["rows"]),  # [n, kb, bs/2]
+        helper.make_node("Cast", ["rows"], ["rows_i32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["pairs", "rows_i32"], ["values"]),  # [n, kb, bs/2, 2]
+    ]
+    if double_quant:
+        nodes += _absmax_dq_nodes()
+    else:
+        nodes += [
+            helper.make_node("Gather", ["absmax", "flat"], ["absmax_rows"]),
+            helper.make_node("Cast", ["absmax_rows"], ["absmax_f32"], to=TensorProto.FLOAT),
+        ]
+    nodes += [
+        helper.make_node("Reshape", ["absmax_f32", "scale_shape"], ["scales"]),  # [n, kb, 1, 1]
+        helper.make_node("Mul", ["values", "scales"], ["decoded"]),
+        helper.make_node("Flatten", ["decoded"], ["padded"], axis=1),  # [n, kb * bs]
+        helper.make_node("Slice", ["padded", "start0", "row_size1", "start1"], ["trimmed"]),  # [n, H]
+        helper.make_node("Shape", ["indices"], ["indices_shape"]),
+        helper.make_node("Concat", ["indices_shape", "row_size1"], ["output_shape"], axis=0),
+        helper.make_node("Reshape", ["trimmed", "output_shape"], ["output_f32"]),
+        _attr_ref(helper.make_node("Cast", ["output_f32"], ["output"], to=TensorProto.FLOAT), "to"),
+    ]
+    inputs = ["indices", "packed", "absmax"]
+    attributes = ["row_size", "to"]
+    if double_quant:
+        inputs += ["nested_absmax", "nested_code", "absmax_offset"]
+        attributes.append("nested_block_size")
+    name = LOOKUP_DQ_OP if double_quant else LOOKUP_OP
+    return helper.make_function(
+        LOOKUP_DOMAIN, name, inputs, ["output"], nodes, [helper.make_opsetid("", opset)], attributes=attributes
+    )
+
+
+def add_lookup_function(model: ir.Model, double_quant: bool) -> None:
+    """Add the lookup function (and its domain's opset import) to ``model`` unless it has it already.
+
+    Raises:
+        ValueError: the model's default-domain opset is below :data:`MIN_LOOKUP_OPSET`.
+    """
+    name = LOOKUP_DQ_OP if double_quant else LOOKUP_OP
+    if (LOOKUP_DOMAIN, name, "") in model.functions:
+        return
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    function = ir.serde.deserialize_function(lookup_function(double_quant, opset))
+    model.functions[function.identifier()] = function
+    model.opset_imports[LOOKUP_DOMAIN] = 1
