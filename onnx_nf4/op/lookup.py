@@ -10,13 +10,14 @@ Because it is a function whose body uses only default-domain ops (opset >= 13), 
 every execution provider, with or without the op library: onnxruntime inlines the body when it loads the model.
 The body:
 
-1. ``flat = Reshape(indices, [-1])``; ``rows = Gather(packed, flat)`` (``[n, kb, bs/2]``) and
-   ``Gather(absmax, flat)``. Negative indices count from the end, and an index outside ``[-V, V)`` is
+1. ``rows = Gather(packed, indices)`` (``[*I, kb, bs/2]`` for indices of shape ``I``) and
+   ``Gather(absmax, indices)``. Negative indices count from the end, and an index outside ``[-V, V)`` is
    onnxruntime's ``Gather`` error: the table is never read outside its bounds.
 2. Each byte ``b`` becomes two floats at once: ``Gather(PAIRS, Cast<int32>(b))`` with ``PAIRS[b] =
-   (NF4_CODE[b >> 4], NF4_CODE[b & 15])`` (high nibble first, as the codec packs), ``[n, kb, bs/2, 2]``.
-3. ``Mul`` by the float32 absmax ``[n, kb, 1, 1]``, ``Flatten`` to ``[n, kb * bs]``, ``Slice`` to ``H``
-   (``row_size``), ``Reshape`` to ``indices.shape + [H]``, ``Cast`` to ``to``.
+   (NF4_CODE[b >> 4], NF4_CODE[b & 15])`` (high nibble first, as the codec packs), ``[*I, kb, bs/2, 2]``.
+3. ``Mul`` by the float32 absmax ``[*I, kb, 1, 1]``, ``Reshape`` to ``I + [kb * bs]``, ``Slice`` the last axis
+   to ``H`` (``row_size``), ``Cast`` to ``to``. (The leading dimensions are never flattened, so an empty
+   ``indices`` reshapes too: ``Reshape`` copies a 0 from the same position of its input.)
 
 So each output row is ``fl32(NF4_CODE[code] * absmax)``, bit-identical to
 :func:`onnx_nf4.codec.dequantize_blockwise` of that row, then rounded once to the output type ``to`` (the table's
@@ -96,30 +97,25 @@ def _attr_ref(node: onnx.NodeProto, attribute: str) -> onnx.NodeProto:
 
 
 def _absmax_dq_nodes() -> list[onnx.NodeProto]:
-    """``absmax_f32 [n, kb]`` decoded from the double-quantized absmax of the rows ``flat`` (see the module doc)."""
-    i64 = TensorProto.INT64
+    """``absmax_f32 [*I, kb]`` decoded from the double-quantized absmax of the rows ``indices`` (module doc)."""
     return [
         _attr_ref(helper.make_node("Constant", [], ["nested_bs"], value_int=0), "nested_block_size"),
         _constant("zero", np.array(0, np.int64)),
         _constant("one", np.array(1, np.int64)),
-        _constant("col", np.array([-1, 1], np.int64)),
         _constant("scalar", np.zeros(0, np.int64)),
-        helper.make_node("Shape", ["packed"], ["packed_shape"]),
         helper.make_node("Slice", ["packed_shape", "start0", "start1"], ["rows_total"]),  # [V]
-        helper.make_node("Shape", ["absmax"], ["absmax_shape"]),
-        helper.make_node("Slice", ["absmax_shape", "start1", "start2"], ["kb1"]),  # [kb]
         helper.make_node("Reshape", ["kb1", "scalar"], ["kb"]),
-        helper.make_node("Cast", ["flat"], ["v"], to=i64),
+        helper.make_node("Cast", ["indices"], ["v"], to=TensorProto.INT64),
         helper.make_node("Less", ["v", "zero"], ["negative"]),
         helper.make_node("Add", ["v", "rows_total"], ["v_wrapped"]),
         helper.make_node("Where", ["negative", "v_wrapped", "v"], ["row"]),
         helper.make_node("Mul", ["row", "kb"], ["first"]),
-        helper.make_node("Reshape", ["first", "col"], ["first_col"]),
+        helper.make_node("Unsqueeze", ["first", "last"], ["first_col"]),
         helper.make_node("Range", ["zero", "kb", "one"], ["block"]),
-        helper.make_node("Add", ["first_col", "block"], ["entry"]),  # [n, kb]: flat absmax index
+        helper.make_node("Add", ["first_col", "block"], ["entry"]),  # [*I, kb]: flat absmax index
         helper.make_node("Div", ["entry", "nested_bs"], ["nested_index"]),
         helper.make_node("Gather", ["nested_absmax", "nested_index"], ["scale"]),
-        helper.make_node("Gather", ["absmax", "flat"], ["absmax_codes"]),
+        helper.make_node("Gather", ["absmax", "indices"], ["absmax_codes"]),
         helper.make_node("Cast", ["absmax_codes"], ["absmax_codes_i32"], to=TensorProto.INT32),
         helper.make_node("Gather", ["nested_code", "absmax_codes_i32"], ["code_value"]),
         helper.make_node("Mul", ["code_value", "scale"], ["absmax_scaled"]),
@@ -137,33 +133,37 @@ def lookup_function(double_quant: bool, opset: int) -> onnx.FunctionProto:
         raise ValueError(f"the NF4 lookup needs default-domain opset >= {MIN_LOOKUP_OPSET}, the model has {opset}")
     nodes = [
         _constant("pairs", NF4_PAIRS),
-        _constant("flat_shape", np.array([-1], np.int64)),
-        _constant("scale_shape", np.array([0, 0, 1, 1], np.int64)),
+        _constant("last", np.array([-1], np.int64)),
+        _constant("last_two", np.array([-1, -2], np.int64)),
         _constant("start0", np.array([0], np.int64)),
         _constant("start1", np.array([1], np.int64)),
         _constant("start2", np.array([2], np.int64)),
+        _constant("start3", np.array([3], np.int64)),
         _attr_ref(helper.make_node("Constant", [], ["row_size0"], value_int=0), "row_size"),
         helper.make_node("Reshape", ["row_size0", "start1"], ["row_size1"]),  # [H]
-        helper.make_node("Reshape", ["indices", "flat_shape"], ["flat"]),
-        helper.make_node("Gather", ["packed", "flat"], ["rows"]),  # [n, kb, bs/2]
+        helper.make_node("Shape", ["packed"], ["packed_shape"]),
+        helper.make_node("Slice", ["packed_shape", "start1", "start2"], ["kb1"]),  # [kb]
+        helper.make_node("Slice", ["packed_shape", "start2", "start3"], ["half_block1"]),  # [bs / 2]
+        helper.make_node("Mul", ["kb1", "half_block1"], ["padded_half"]),
+        helper.make_node("Add", ["padded_half", "padded_half"], ["padded_size"]),  # [kb * bs]
+        helper.make_node("Gather", ["packed", "indices"], ["rows"]),  # [*I, kb, bs/2]
         helper.make_node("Cast", ["rows"], ["rows_i32"], to=TensorProto.INT32),
-        helper.make_node("Gather", ["pairs", "rows_i32"], ["values"]),  # [n, kb, bs/2, 2]
+        helper.make_node("Gather", ["pairs", "rows_i32"], ["values"]),  # [*I, kb, bs/2, 2]
     ]
     if double_quant:
         nodes += _absmax_dq_nodes()
     else:
         nodes += [
-            helper.make_node("Gather", ["absmax", "flat"], ["absmax_rows"]),
+            helper.make_node("Gather", ["absmax", "indices"], ["absmax_rows"]),
             helper.make_node("Cast", ["absmax_rows"], ["absmax_f32"], to=TensorProto.FLOAT),
         ]
     nodes += [
-        helper.make_node("Reshape", ["absmax_f32", "scale_shape"], ["scales"]),  # [n, kb, 1, 1]
+        helper.make_node("Unsqueeze", ["absmax_f32", "last_two"], ["scales"]),  # [*I, kb, 1, 1]
         helper.make_node("Mul", ["values", "scales"], ["decoded"]),
-        helper.make_node("Flatten", ["decoded"], ["padded"], axis=1),  # [n, kb * bs]
-        helper.make_node("Slice", ["padded", "start0", "row_size1", "start1"], ["trimmed"]),  # [n, H]
         helper.make_node("Shape", ["indices"], ["indices_shape"]),
-        helper.make_node("Concat", ["indices_shape", "row_size1"], ["output_shape"], axis=0),
-        helper.make_node("Reshape", ["trimmed", "output_shape"], ["output_f32"]),
+        helper.make_node("Concat", ["indices_shape", "padded_size"], ["padded_shape"], axis=0),
+        helper.make_node("Reshape", ["decoded", "padded_shape"], ["padded"]),  # [*I, kb * bs]
+        helper.make_node("Slice", ["padded", "start0", "row_size1", "last"], ["output_f32"]),  # [*I, H]
         _attr_ref(helper.make_node("Cast", ["output_f32"], ["output"], to=TensorProto.FLOAT), "to"),
     ]
     inputs = ["indices", "packed", "absmax"]

@@ -164,6 +164,7 @@ def rewrite_lookup(plan: LookupPlan, encoded: Encoded, initializers: Initializer
         if len(value.shape) != len(shape):
             target = initializers.add(graph, f"{value.name}_shape", np.array(shape, dtype=np.int64))
             reshaped = initializers.value(f"{value.name}_rows")
+            reshaped.type, reshaped.shape = value.type, ir.Shape(shape)
             new_nodes.append(ir.node("Reshape", [value, target], outputs=[reshaped], name=f"{reshaped.name}_reshape"))
             inputs[position] = reshaped
     attributes = {"row_size": plan.K, "to": int(plan.tensor.dtype)}

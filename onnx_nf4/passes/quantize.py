@@ -121,6 +121,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         report = QuantizationReport(options.block_size, options.double_quant, options.format,
                                     accuracy_level=options.accuracy_level, method=options.method)  # fmt: skip
         report.tensor_bytes_before = constant_bytes(model)
+        originals = {id(value) for graph in model.graphs() for value in graph.initializers.values()}
         initializers = Initializers(model)
         writer = writer_for(options, initializers)
         planner = Planner(options, writer)
@@ -167,7 +168,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             if any(not isinstance(plan, LookupPlan) for plan in plans):
                 model.opset_imports[writer.domain] = OPSET_VERSION
         report.kept_float = _kept_float(plans)
-        report.left_float = _left_float(model, options.min_elements)
+        report.left_float = _left_float(model, options.min_elements, originals)
         report.tensor_bytes_after = constant_bytes(model)
         return QuantizeResult(model, modified=bool(plans), report=report)
 
@@ -317,13 +318,16 @@ def _kept_float(plans: Sequence[AnyPlan]) -> list[FloatWeight]:
 _PLANNED_OPS = ("MatMul", "Gemm", "Gather", "Transpose")
 
 
-def _left_float(model: ir.Model, min_elements: int) -> list[FloatWeight]:
-    """Float initializers of at least ``min_elements`` elements that no ``MatMul`` / ``Gemm`` / ``Gather`` reads."""
+def _left_float(model: ir.Model, min_elements: int, originals: set[int]) -> list[FloatWeight]:
+    """Float initializers of the input (``originals``: their ids) of at least ``min_elements`` elements that no
+    ``MatMul`` / ``Gemm`` / ``Gather`` reads."""
     left = []
     for graph in model.graphs():
         for name, value in graph.initializers.items():
             tensor = value.const_value
-            if tensor is None or tensor.dtype not in _FLOAT_TYPES or tensor.size < max(min_elements, 1):
+            if id(value) not in originals or tensor is None or tensor.dtype not in _FLOAT_TYPES:
+                continue
+            if tensor.size < max(min_elements, 1):
                 continue
             readers = {(use.node.domain, use.node.op_type) for use in value.uses()}
             if not readers or any(domain in ONNX_DOMAINS and op in _PLANNED_OPS for domain, op in readers):
