@@ -52,6 +52,19 @@ def format_quantization_report(report: QuantizationReport) -> str:
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
             f"(size ratio {report.size_ratio:.4f}, {report.bits_per_weight:.3f} bits per weight)"
         )
+    for title, weights in (
+        ("float copies kept (a node that was not rewritten reads them; counted above)", report.kept_float),
+        ("float weights no MatMul/Gemm/Gather reads (left float)", report.left_float),
+    ):
+        if weights:
+            lines.append(f"{title}:")
+            rows = [(w.name, "x".join(map(str, w.shape)), format_bytes(w.nbytes), w.reason) for w in weights]
+            lines.append(render_table(("tensor", "shape", "bytes", "reason"), rows, align="<<><"))
+    if report.tensor_bytes_before:
+        lines.append(
+            f"all constant tensors: {format_bytes(report.tensor_bytes_before)} -> "
+            f"{format_bytes(report.tensor_bytes_after)}"
+        )
     already = report.already_quantized
     if already:
         shown = ", ".join(already[:_NAMES_SHOWN]) + (

@@ -35,12 +35,13 @@ and, for ``GatherNF4DQ``, ``nested_block_size`` (int).
 
 from __future__ import annotations
 
+import threading
 from enum import IntEnum
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, defs, helper, numpy_helper
 
 from ..codec.codebook import NF4_CODE
 
@@ -55,6 +56,7 @@ __all__ = [
     "add_lookup_function",
     "is_lookup",
     "lookup_function",
+    "register_lookup_schemas",
 ]
 
 LOOKUP_DOMAIN = "onnx_nf4.lookup"
@@ -190,3 +192,74 @@ def add_lookup_function(model: ir.Model, double_quant: bool) -> None:
     function = ir.serde.deserialize_function(lookup_function(double_quant, opset))
     model.functions[function.identifier()] = function
     model.opset_imports[LOOKUP_DOMAIN] = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# onnx.defs schemas, so that onnx.checker (check_custom_domain=True) and onnx shape inference know the nodes: the
+# checker does not look a custom-domain node up among the model's functions.
+
+_lock = threading.Lock()
+
+
+def _infer(ctx) -> None:
+    """``output``: element type ``to``, shape ``indices.shape + [row_size]``."""
+    to, row_size = ctx.get_attribute("to"), ctx.get_attribute("row_size")
+    if to is None or row_size is None:
+        return  # the checker reports the missing attribute
+    out = onnx.TypeProto()
+    out.tensor_type.elem_type = int(to.i)
+    indices = ctx.get_input_type(LookupInput.INDICES)
+    if indices is not None and indices.tensor_type.HasField("shape"):
+        out.tensor_type.shape.SetInParent()
+        for dim in indices.tensor_type.shape.dim:
+            out.tensor_type.shape.dim.add().CopyFrom(dim)
+        out.tensor_type.shape.dim.add().dim_value = int(row_size.i)
+    ctx.set_output_type(0, out)
+
+
+def _schema(double_quant: bool) -> defs.OpSchema:
+    param, single = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption.Single
+    int_type = defs.OpSchema.AttrType.INT
+    inputs = [
+        param("indices", "Tind", "Row indices, any shape (negative: from the end).", param_option=single),
+        param("packed", "tensor(uint8)", "NF4 codes [V, kb, bs/2], high nibble first.", param_option=single),
+        param("absmax", "T2", "Block scales [V, kb] (float32/float16; uint8 codes with double quant).",
+              param_option=single),
+    ]  # fmt: skip
+    attributes = [
+        defs.OpSchema.Attribute("row_size", int_type, "H, the row length.", required=True),
+        defs.OpSchema.Attribute("to", int_type, "Output element type (TensorProto).", required=True),
+    ]
+    if double_quant:
+        inputs += [
+            param("nested_absmax", "tensor(float)", "Nested block scales.", param_option=single),
+            param("nested_code", "tensor(float)", "The 256-entry code table.", param_option=single),
+            param("absmax_offset", "tensor(float)", "Offset added back to the absmax.", param_option=single),
+        ]
+        attributes.append(
+            defs.OpSchema.Attribute("nested_block_size", int_type, "Absmax per nested block.", required=True)
+        )
+    schema = defs.OpSchema(
+        LOOKUP_DQ_OP if double_quant else LOOKUP_OP,
+        LOOKUP_DOMAIN,
+        1,
+        "Gather (axis 0) of rows of an NF4 table; see onnx_nf4/op/lookup.py. The model holds it as a function.",
+        inputs=inputs,
+        outputs=[param("output", "T", "indices.shape + [row_size]", param_option=single)],
+        type_constraints=[
+            ("Tind", ["tensor(int32)", "tensor(int64)"], "Index type."),
+            ("T2", ["tensor(float)", "tensor(float16)", "tensor(uint8)"], "absmax type."),
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "Output type (attribute to)."),
+        ],
+        attributes=attributes,
+    )
+    schema.set_type_and_shape_inference_function(_infer)
+    return schema
+
+
+def register_lookup_schemas() -> None:
+    """Register the ``GatherNF4`` / ``GatherNF4DQ`` schemas with ``onnx.defs`` (idempotent)."""
+    with _lock:
+        for double_quant in (False, True):
+            if not defs.has(LOOKUP_DQ_OP if double_quant else LOOKUP_OP, 1, LOOKUP_DOMAIN):
+                defs.register_schema(_schema(double_quant))
