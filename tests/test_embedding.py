@@ -6,6 +6,8 @@ stock onnxruntime (the lookup is a function of standard ops) or with the op libr
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -297,3 +299,46 @@ def test_prequantized_table_is_written_as_given():
     (lookup,) = lookup_nodes(q)
     assert inits[lookup.input[1]].tobytes() == given.packed.tobytes()
     assert inits[lookup.input[2]].tobytes() == given.absmax.tobytes()
+
+
+@pytest.mark.parametrize("H", [128, 96])  # 96: bitsandbytes' blocks of 64 straddle rows, re-blocked exactly at 32
+def test_bitsandbytes_embedding_nf4_is_exported_with_its_own_bytes(tmp_path, H):
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+    from onnx_nf4.torch import export
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = bnb.nn.EmbeddingNF4(50, H)
+            self.embed.weight = bnb.nn.Params4bit(
+                torch.randn(50, H, generator=torch.Generator().manual_seed(H)), requires_grad=False,
+                quant_type="nf4", module=self.embed,
+            )  # fmt: skip
+            self.embed = self.embed.to("cpu")  # bitsandbytes quantizes here
+
+        def forward(self, ids):
+            return self.embed(ids) * 2
+
+    net = Net().eval()
+    ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    report = export(net, (ids,), tmp_path / "net.onnx", dynamo=False)
+    assert [layer.op_type for layer in report.layers] == ["Gather"]
+    q = onnx.load(tmp_path / "net.onnx")
+    (lookup,) = lookup_nodes(q)
+    inits = {init.name: numpy_helper.to_array(init) for init in q.graph.initializer}
+    state = net.embed.weight.quant_state
+    codes = net.embed.weight.data.numpy().reshape(-1)
+    assert inits[lookup.input[1]].tobytes() == codes.tobytes()  # bitsandbytes' packed bytes, unchanged
+    absmax = inits[lookup.input[2]]
+    assert np.repeat(state.absmax.numpy(), absmax.size // state.absmax.numel()).tobytes() == absmax.tobytes()
+    with torch.no_grad():
+        if H % state.blocksize == 0:
+            expected = net(ids).numpy()  # bitsandbytes' own forward
+        else:  # its CPU dequantize_4bit of the 2-D table disagrees with its flat blocks; the flat decode is exact
+            flat = copy.deepcopy(state)
+            flat.shape = torch.Size((50 * H,))
+            table = bnb.functional.dequantize_4bit(net.embed.weight.data, flat).reshape(50, H)
+            expected = (table[ids] * 2).numpy()
+    (got,) = run(q, {q.graph.input[0].name: ids.numpy()})
+    assert got.tobytes() == expected.tobytes()

@@ -119,6 +119,7 @@ def _session(folder: Path):
 
 def perplexity(folder: Path, tokens: list[int], window: int) -> float:
     session = _session(folder)
+    head_size = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
     inputs = {value.name: value for value in session.get_inputs()}
     total, count = 0.0, 0
     for start in range(0, len(tokens), window):
@@ -133,7 +134,8 @@ def perplexity(folder: Path, tokens: list[int], window: int) -> float:
                 feed[name] = np.arange(ids.shape[1], dtype=np.int64)[None]
             elif name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in value.type else np.float32
-                feed[name] = np.zeros((1, value.shape[1], 0, value.shape[3]), dtype=dtype)
+                size = value.shape[3] if isinstance(value.shape[3], int) else head_size
+                feed[name] = np.zeros((1, value.shape[1], 0, size), dtype=dtype)
         logits = session.run(["logits"], feed)[0][0].astype(np.float64)  # [w, vocab]
         shifted = logits[:-1] - logits[:-1].max(axis=-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -192,7 +192,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         for lookup in lookups:
             if lookup.key in matmul_keys and not planner.writer.row_blocks(lookup.K):
                 lookup.tied = (id(lookup.weight), lookup.transpose, "rows")  # MatMulBnb4's flat blocks span rows
-            elif lookup.few_rows and lookup.key not in matmul_keys:
+            elif lookup.few_rows and lookup.key not in matmul_keys and lookup.weight.name not in self.prequantized:
                 reason = (
                     f"table has {lookup.N} rows, fewer than embedding_min_rows={self.options.embedding_min_rows} "
                     "(a position or type table; tables tied to a quantized weight are taken whatever their size)"
