@@ -342,3 +342,18 @@ def test_bitsandbytes_embedding_nf4_is_exported_with_its_own_bytes(tmp_path, H):
             expected = (table[ids] * 2).numpy()
     (got,) = run(q, {q.graph.input[0].name: ids.numpy()})
     assert got.tobytes() == expected.tobytes()
+
+
+def test_cli_quantize_and_inspect_show_the_lookup_and_true_sizes(tmp_path, capsys):
+    from onnx_nf4.cli import entry as cli
+
+    table = RNG.standard_normal((V, H)).astype(np.float32)
+    source, target = tmp_path / "tied.onnx", tmp_path / "tied_nf4.onnx"
+    onnx.save(tied_model("gemm_transB", table), source)
+    assert cli.main(["quantize", str(source), str(target), "--min-elements", "0", "--block-size", "32", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "embed" in out and "shared" in out and "all constant tensors: 32.0 KiB -> " in out
+    assert target.stat().st_size < source.stat().st_size / 3
+    assert cli.main(["inspect", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "onnx_nf4.lookup::GatherNF4" in out and "128x64" in out
