@@ -149,7 +149,10 @@ def test_minilm_end_to_end(minilm_fp32_path, minilm_inputs, tmp_path):
     ]
     reasons = {s.reason.split(",")[0].split(" (")[0] for s in report.skipped}
     assert reasons == {"B is not a constant", "table has 512 rows", "table has 768 elements"}
-    assert report.size_ratio == pytest.approx((0.5 + 4 / 64) / 4)  # 4 bits + a float32 absmax per 64 weights
+    block = {"MatMul": 64, "Gather": 32}  # the word embedding: the embedding block size, min(64, 32)
+    nf4_bytes = sum(k * n * (0.5 + 4 / block[layer.op_type]) for layer in report.layers for k, n in [layer.shape])
+    float_bytes = sum(4 * k * n for layer in report.layers for k, n in [layer.shape])
+    assert report.size_ratio == pytest.approx(nf4_bytes / float_bytes)  # 4 bits + a float32 absmax per block
     _, nf4_report = quantize_model(minilm_fp32_path, tmp_path / "minilm_nf4.onnx")
     matmuls = [layer for layer in nf4_report.layers if layer.op_type == "MatMul"]
     assert len(matmuls) == 36 and all(layer.fused_bias for layer in matmuls)

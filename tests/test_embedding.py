@@ -70,8 +70,8 @@ def test_rows_are_bit_identical_to_the_codec(V, H, block_size, double_quant):
     table = RNG.standard_normal((V, H)).astype(np.float32) * 3
     table[0, : H // 2] = 0  # a half-zero row (an all-zero block when H >= 2 * block_size)
     q, report = quantize_model(
-        gather_model(table, ["a", "b"]), block_size=block_size, double_quant=double_quant, embedding_min_rows=0,
-        min_elements=0,
+        gather_model(table, ["a", "b"]), embedding_block_size=block_size, double_quant=double_quant,
+        embedding_min_rows=0, min_elements=0,
     )  # fmt: skip
     (node,) = lookup_nodes(q)
     assert node.op_type == (LOOKUP_DQ_OP if double_quant else LOOKUP_OP)
@@ -86,7 +86,7 @@ def test_double_quant_absmax_decodes_like_the_codec_across_nested_blocks():
     """Many rows, so that the absmax of one row spans two nested blocks of 256 (kb = 7 does not divide 256)."""
     V, H, bs = 200, 7 * 16, 16
     table = RNG.standard_normal((V, H)).astype(np.float32) * RNG.uniform(0.1, 10, size=(V, 1)).astype(np.float32)
-    q, _ = quantize_model(gather_model(table, ["n"]), block_size=bs, double_quant=True, embedding_min_rows=0)
+    q, _ = quantize_model(gather_model(table, ["n"]), embedding_block_size=bs, double_quant=True, embedding_min_rows=0)
     ids = np.arange(-V, V)
     (emb,) = run(q, {"ids": ids})
     assert emb.tobytes() == codec_rows(table, bs, True)[ids].tobytes()
@@ -357,3 +357,22 @@ def test_cli_quantize_and_inspect_show_the_lookup_and_true_sizes(tmp_path, capsy
     assert cli.main(["inspect", str(target)]) == 0
     out = capsys.readouterr().out
     assert "onnx_nf4.lookup::GatherNF4" in out and "128x64" in out
+
+
+def test_tables_and_tied_weights_use_the_embedding_block_size():
+    table = RNG.standard_normal((V, H)).astype(np.float32)
+    model = tied_model("gemm_transB", table)
+    q, report = quantize_model(model, min_elements=0)  # block 64, tables min(64, 32)
+    assert report.table_block_size == 32
+    (matmul,) = [node for node in q.graph.node if node.op_type == "MatMulNF4"]
+    assert helper.get_attribute_value(next(a for a in matmul.attribute if a.name == "block_size")) == 32
+    ids = np.array([[1, -2]])
+    assert run(q, {"ids": ids, "x": np.zeros((1, H), np.float32)}, library=True)[0].tobytes() == (
+        codec_rows(table, 32)[ids].tobytes()
+    )
+    q, _ = quantize_model(model, min_elements=0, exclude=["embed"])  # no table: the Gemm keeps block 64
+    (matmul,) = [node for node in q.graph.node if node.op_type == "MatMulNF4"]
+    assert helper.get_attribute_value(next(a for a in matmul.attribute if a.name == "block_size")) == 64
+    q, _ = quantize_model(model, min_elements=0, embedding_block_size=128)
+    (matmul,) = [node for node in q.graph.node if node.op_type == "MatMulNF4"]
+    assert helper.get_attribute_value(next(a for a in matmul.attribute if a.name == "block_size")) == 128

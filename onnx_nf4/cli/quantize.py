@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_EMBEDDING_MIN_ROWS}: vocabularies, not position tables); a table tied to a quantized "
         "MatMul/Gemm weight is taken whatever its size; --exclude keeps any table float",
     )
+    parser.add_argument(
+        "--embedding-block-size",
+        metavar="BS",
+        type=int,
+        help="block size of the embedding tables and of the weights tied to them (default: the smaller of "
+        "--block-size and 32)",
+    )
     add_external_data_option(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         min_elements=args.min_elements,
         embedding_min_rows=args.embedding_min_rows,
+        embedding_block_size=args.embedding_block_size,
         external_data=args.external_data,
         accuracy_level=args.accuracy_level,
         method=args.method,

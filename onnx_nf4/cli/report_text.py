@@ -39,7 +39,13 @@ def format_quantization_report(report: QuantizationReport) -> str:
         lines.append(render_table(("layer", "op", "reason"), rows, align="<<<"))
     if lines:
         lines.append("")
-    double = ", double quantization" if report.double_quant else ""
+    tables = any(layer.op_type == "Gather" for layer in report.layers)
+    double = (
+        f" (embedding tables {report.table_block_size})"
+        if tables and report.table_block_size != report.block_size
+        else ""
+    )
+    double += ", double quantization" if report.double_quant else ""
     double += f", accuracy level {report.accuracy_level}" if report.accuracy_level else ""
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)

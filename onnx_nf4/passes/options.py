@@ -19,6 +19,7 @@ from ..op.contract import DOMAIN, MS_DOMAIN
 
 __all__ = [
     "ACCURACY_LEVELS",
+    "DEFAULT_EMBEDDING_BLOCK_SIZE",
     "DEFAULT_EMBEDDING_MIN_ROWS",
     "DEFAULT_MIN_ELEMENTS",
     "FORMATS",
@@ -38,6 +39,12 @@ DEFAULT_MIN_ELEMENTS = 4096
 #: vocabulary is large (most of a small model's file) and each token reads one row, whereas a position table is
 #: small and adds its error to every token.
 DEFAULT_EMBEDDING_MIN_ROWS = 16384
+
+#: The largest block size of embedding tables (and of the weights tied to them) by default: a token reads one row,
+#: so a row's error is the token's whole input; and a tied table is also the ``lm_head``, whose error every logit
+#: carries. Measured on SmolLM2-135M (tied, block 64 elsewhere): the tied table at block 64 raised the perplexity
+#: 2.2 % above the folder with a float table, at block 32 it is below it (docs/embeddings.md).
+DEFAULT_EMBEDDING_BLOCK_SIZE = 32
 
 #: Output formats: ``onnx_nf4::MatMulNF4`` and onnxruntime's ``com.microsoft::MatMulBnb4``.
 FORMATS = (DOMAIN, MS_DOMAIN)
@@ -62,6 +69,8 @@ class QuantizeOptions:
         embedding_min_rows: embedding tables (the constant 2-D float data of a ``Gather`` on axis 0) with at
             least this many rows become NF4 lookups (``onnx_nf4.lookup::GatherNF4``); a table with the values of a
             quantized ``MatMul`` / ``Gemm`` weight (tied) is taken whatever its rows, and stored once.
+        embedding_block_size: the block size of embedding tables and of the weights tied to them; ``None``
+            (default): ``min(block_size, DEFAULT_EMBEDDING_BLOCK_SIZE)``.
         external_data: for a written model: ``True`` writes the tensors to ``<file name>.data``, ``False`` keeps
             them in the protobuf, ``None`` decides by size (above 2 GB: external).
         accuracy_level: the ``MatMulNF4`` attribute written on every node, one of :data:`ACCURACY_LEVELS`
@@ -76,6 +85,7 @@ class QuantizeOptions:
     exclude: tuple[str, ...] = ()
     min_elements: int = DEFAULT_MIN_ELEMENTS
     embedding_min_rows: int = DEFAULT_EMBEDDING_MIN_ROWS
+    embedding_block_size: int | None = None
     external_data: bool | None = None
     accuracy_level: int = 0
     method: str = "rtn"
@@ -101,6 +111,8 @@ class QuantizeOptions:
         if int(self.embedding_min_rows) < 0:
             raise ValueError(f"embedding_min_rows must be >= 0, got {self.embedding_min_rows}")
         set_(self, "embedding_min_rows", int(self.embedding_min_rows))
+        if self.embedding_block_size is not None:
+            set_(self, "embedding_block_size", check_block_size(self.embedding_block_size))
         if self.external_data is not None:
             set_(self, "external_data", bool(self.external_data))
         if self.accuracy_level not in ACCURACY_LEVELS:
@@ -110,6 +122,13 @@ class QuantizeOptions:
             raise ValueError("accuracy_level is not supported by com.microsoft::MatMulBnb4; use format='onnx_nf4'")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    @property
+    def table_block_size(self) -> int:
+        """The block size of embedding tables (and tied weights): :attr:`embedding_block_size` when set."""
+        if self.embedding_block_size is not None:
+            return self.embedding_block_size
+        return min(self.block_size, DEFAULT_EMBEDDING_BLOCK_SIZE)
 
     @property
     def patterns(self) -> tuple[re.Pattern[str], ...]:

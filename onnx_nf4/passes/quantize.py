@@ -121,24 +121,34 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         report = QuantizationReport(options.block_size, options.double_quant, options.format,
                                     accuracy_level=options.accuracy_level, method=options.method)  # fmt: skip
         report.tensor_bytes_before = constant_bytes(model)
+        report.table_block_size = options.table_block_size
         originals = {id(value) for graph in model.graphs() for value in graph.initializers.values()}
         initializers = Initializers(model)
         writer = writer_for(options, initializers)
+        table_options = options.replace(block_size=options.table_block_size)
+        table_writer = writer_for(table_options, initializers)  # tables and the weights tied to them
         planner = Planner(options, writer)
         matmuls = self._plans(model, planner, report)
-        lookups = self._lookups(model, planner, matmuls, report)
+        lookups = self._lookups(model, planner, matmuls, table_writer, report)
         plans: list[AnyPlan] = [*matmuls, *lookups]
 
         distinct: dict[Key, AnyPlan] = {}  # the first node of each distinct weight
         for plan in plans:
             distinct.setdefault(plan.key, plan)
         matmul_keys = {plan.key for plan in matmuls}
-        row_writer = writer if isinstance(writer, NF4Writer) else NF4Writer(options, initializers)
+        table_keys = {plan.key for plan in lookups}
+        row_writer = NF4Writer(table_options, initializers)  # a lookup's own tensors (no MatMul reads them)
+
+        def writer_of(key: Key) -> Writer:
+            if key not in table_keys:
+                return writer
+            return table_writer if key in matmul_keys else row_writer
+
         encoded: dict[Key, Encoded] = {}
         not_finite: dict[Key, str] = {}
         for done, plan in enumerate(distinct.values(), 1):
             try:
-                encoded[plan.key] = self._encode(plan, writer if plan.key in matmul_keys else row_writer)
+                encoded[plan.key] = self._encode(plan, writer_of(plan.key))
             except NonFiniteWeightError as err:  # found by the encoder itself (see _drop_nonfinite)
                 not_finite[plan.key] = str(err)
             if self.on_progress is not None:
@@ -173,7 +183,12 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         return QuantizeResult(model, modified=bool(plans), report=report)
 
     def _lookups(
-        self, model: ir.Model, planner: Planner, matmuls: Sequence[Plan], report: QuantizationReport
+        self,
+        model: ir.Model,
+        planner: Planner,
+        matmuls: Sequence[Plan],
+        table_writer: Writer,
+        report: QuantizationReport,
     ) -> list[LookupPlan]:
         """The embedding lookups to rewrite (:mod:`onnx_nf4.passes.embedding`), tied to equal ``matmuls`` weights;
         every other ``Gather`` over a constant float table goes to ``report.skipped`` with its reason."""
@@ -190,7 +205,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         matmul_keys = {plan.key for plan in matmuls}
         kept = []
         for lookup in lookups:
-            if lookup.key in matmul_keys and not planner.writer.row_blocks(lookup.K):
+            if lookup.key in matmul_keys and not table_writer.row_blocks(lookup.K):
                 lookup.tied = (id(lookup.weight), lookup.transpose, "rows")  # MatMulBnb4's flat blocks span rows
             elif lookup.few_rows and lookup.key not in matmul_keys and lookup.weight.name not in self.prequantized:
                 reason = (

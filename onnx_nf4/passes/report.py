@@ -88,6 +88,8 @@ class QuantizationReport:
     #: after the pass: what the written file holds besides the graph's structure.
     tensor_bytes_before: int = 0
     tensor_bytes_after: int = 0
+    #: The block size of the embedding tables and the weights tied to them (``QuantizeOptions.table_block_size``).
+    table_block_size: int = 0
 
     @property
     def bytes_before(self) -> int:
