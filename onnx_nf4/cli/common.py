@@ -244,9 +244,10 @@ class Progress:
     the work done until then rather than the instant between the bar's creation and its first update.
     """
 
-    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, stream: TextIO | None = None, *, unit: str = "layer") -> None:
         self._enabled = enabled
         self._stream = stream
+        self._unit = unit
         self._bar: Any = None
 
     def update(self, done: int, total: int, layer: str) -> None:
@@ -265,7 +266,7 @@ class Progress:
 
             self._bar = tqdm(
                 total=None,
-                unit="layer",
+                unit=self._unit,
                 file=self._stream or sys.stderr,
                 leave=False,
                 mininterval=0,

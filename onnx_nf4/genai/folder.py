@@ -34,6 +34,7 @@ from ..passes.report import QuantizationReport
 __all__ = [
     "GENAI_CONFIG",
     "GenaiFolderError",
+    "decoder_section",
     "is_genai_folder",
     "model_filenames",
     "quantize_genai_folder",
@@ -77,6 +78,21 @@ def read_genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise GenaiFolderError(f"{path}: expected a JSON object with a 'model' section")
     return config
+
+
+def decoder_section(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``model.decoder`` section of ``folder``'s config, whose ``filename`` names an existing file.
+
+    Raises:
+        GenaiFolderError: no usable config, no decoder section, or its model file is missing or outside the folder.
+    """
+    folder = Path(folder)
+    decoder = read_genai_config(folder)["model"].get("decoder")
+    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):
+        raise GenaiFolderError(f"{folder / GENAI_CONFIG}: no model.decoder.filename")
+    if not _inside(folder, decoder["filename"]).is_file():
+        raise GenaiFolderError(f"{folder}: decoder model {decoder['filename']!r} not found")
+    return decoder
 
 
 def _sections(node: Any) -> Iterator[dict[str, Any]]:
