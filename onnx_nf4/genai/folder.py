@@ -252,6 +252,10 @@ def quantize_genai_folder(
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
     accuracy_level: int | None = None,
+    method: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_tokens: int | None = None,
+    calibration_passes: int | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> dict[str, QuantizationReport]:
     """Quantize an onnxruntime-genai model folder into a new folder that onnxruntime-genai loads as it is.
@@ -262,6 +266,13 @@ def quantize_genai_folder(
         options: the :class:`~onnx_nf4.QuantizeOptions` of every model; the keyword arguments override its
             fields as in :func:`onnx_nf4.quantize_model`. ``external_data`` ``None`` (default) keeps each model's
             layout: a model with external data is written with external data.
+        calibration: ``method="gptq"``: a text file or an ``.npz`` of decoder inputs
+            (:func:`onnx_nf4.genai.calibration.decoder_calibration`); only the decoder is calibrated, so a folder
+            naming other models is refused.
+        calibration_tokens: at most this many tokens of a calibration text (default
+            :data:`~onnx_nf4.genai.calibration.DEFAULT_CALIBRATION_TOKENS`).
+        calibration_passes: runs of the decoder over the calibration data (default
+            :data:`~onnx_nf4.genai.calibration.DEFAULT_CALIBRATION_PASSES`).
         on_progress: ``on_progress(done, total, weight_name)``, per model file.
 
     Returns:
@@ -282,12 +293,29 @@ def quantize_genai_folder(
         exclude=exclude,
         min_elements=min_elements,
         accuracy_level=accuracy_level,
+        method=method,
     )
+    if options.method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs calibration data (a text file or an .npz of decoder inputs)")
+    if options.method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
     require_library(options)
+    batches = None
+    if calibration is not None:
+        from .calibration import DEFAULT_CALIBRATION_PASSES, DEFAULT_CALIBRATION_TOKENS, decoder_calibration
+
+        names = model_filenames(read_genai_config(in_dir))
+        decoder = decoder_section(in_dir)["filename"]
+        if names != [decoder]:
+            raise GenaiFolderError(f"{in_dir}: method 'gptq' calibrates the decoder only; the config also names "
+                                   f"{[name for name in names if name != decoder]}")  # fmt: skip
+        batches = decoder_calibration(in_dir, calibration, max_tokens=calibration_tokens or DEFAULT_CALIBRATION_TOKENS)
+        calibration_passes = calibration_passes or DEFAULT_CALIBRATION_PASSES
 
     def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
         file_options = options if options.external_data is not None else options.replace(external_data=external_data)
-        _, report = quantize_model(source, target, file_options, on_progress=on_progress)
+        _, report = quantize_model(source, target, file_options, calibration=batches,
+                                   calibration_passes=calibration_passes, on_progress=on_progress)  # fmt: skip
         return report
 
     return write_genai_folder(in_dir, out_dir, quantize_file)

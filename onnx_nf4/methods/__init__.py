@@ -9,8 +9,7 @@ stock onnxruntime. Only the choice differs:
 * ``mse``: per block, the scale minimizing the block's squared error weighted towards its large weights
   (:mod:`onnx_nf4.methods.mse`), then the nearest codes at the scale actually stored
   (:mod:`onnx_nf4.methods.storage`).
-* ``gptq``: the ``mse`` scales (each weight's error also weighted by its input's mean square on the calibration
-  data), then codes chosen row by row along K with error feedback weighted by the layer's
+* ``gptq``: the ``mse`` scales, then codes chosen row by row along K with error feedback weighted by the layer's
   input statistics ``H = X^T X`` (:mod:`onnx_nf4.methods.gptq`), collected on calibration data
   (:mod:`onnx_nf4.methods.calibration`).
 
@@ -129,12 +128,8 @@ def encode_weight(
             raise ValueError(f"tensor {name!r}: the Hessian is {hessian.size} x {hessian.size}, expected {K} x {K}")
     k_blocks = -(-K // bs)
     blocks = weight_blocks(w, bs)
-    importance = None
-    if method == "gptq":
-        assert isinstance(hessian, PreparedHessian)
-        importance = weight_blocks(np.broadcast_to(hessian.input_power[:, None], (K, N)), bs)
-    errors = (lambda scales: block_errors(blocks, scales, block_weights(blocks, importance))) if double_quant else None
-    stored = store_scales(search_scales(blocks, importance).reshape(N, k_blocks), double_quant=double_quant,
+    errors = (lambda scales: block_errors(blocks, scales, block_weights(blocks))) if double_quant else None
+    stored = store_scales(search_scales(blocks).reshape(N, k_blocks), double_quant=double_quant,
                           dtype=scale_dtype, block_errors=errors)  # fmt: skip
     if method == "mse":
         codes, _ = scaled_codes(blocks, reciprocal(stored.decoded.reshape(-1))[:, None])

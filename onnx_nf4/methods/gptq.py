@@ -128,14 +128,6 @@ class PreparedHessian:
         return int(self.matrix.shape[0])
 
     @property
-    def input_power(self) -> np.ndarray:
-        """Each input's share of the activation energy, ``diag(H) / mean(diag(H))`` (float32 ``[K]``; all ones
-        when ``H`` is 0): the per-input weight of the scale search (:func:`onnx_nf4.methods.mse.search_scales`)."""
-        diag = np.einsum("ii->i", self.matrix).astype(np.float64)
-        mean = float(diag.mean()) if diag.size else 0.0
-        return (diag / mean if mean > 0 else np.ones_like(diag)).astype(np.float32)
-
-    @property
     def order(self) -> np.ndarray:
         """The processing order of the K rows (int64 ``[K]``)."""
         if not self.act_order:

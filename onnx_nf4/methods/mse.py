@@ -6,10 +6,11 @@ same) prefers a smaller scale that clips the block's largest weights to give a f
 in a language model the large weights carry more than their share of the output, and that search measured worse
 than round-to-nearest (SmolLM2-135M, issue #22). So the error is weighted, as llama.cpp's IQ4_NL search does:
 
-    E(scale) = sum_i w_i (x_i - fl32(NF4[code_i] * scale))**2,   w_i = importance_i * (sigma2 + x_i**2)
+    E(scale) = sum_i w_i (x_i - fl32(NF4[code_i] * scale))**2,   w_i = sigma2 + x_i**2
 
-with ``sigma2`` the block's mean ``x**2`` (so that small weights still count) and ``importance`` 1 without data,
-or the mean squared activation of weight ``i``'s input (``diag(X^T X) / rows``) when calibration data is known.
+with ``sigma2`` the block's mean ``x**2`` (so that small weights still count). (Weighting ``w_i`` further by the
+mean square of weight ``i``'s input on calibration data gave GPTQ worse outputs on a synthetic layer, 0.096
+against 0.084 relative error: GPTQ's error feedback does that job, so it keeps these data-free scales.)
 
 For every block:
 
@@ -38,15 +39,11 @@ ALPHAS: np.ndarray = np.round(np.arange(0.80, 1.1001, 0.01), 6)
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def block_weights(blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """The error weights ``importance * (sigma2 + x**2)`` of ``blocks[nb, bs]`` (float32 ``[nb, bs]``).
-
-    ``sigma2`` is each block's mean ``x**2``; ``importance`` (broadcastable to ``blocks``, non-negative) defaults
-    to 1.
-    """
+def block_weights(blocks: np.ndarray) -> np.ndarray:
+    """The error weights ``sigma2 + x**2`` of ``blocks[nb, bs]`` (float32 ``[nb, bs]``), ``sigma2`` each block's
+    mean ``x**2``."""
     square = np.square(blocks, dtype=np.float32)
-    weights = square + square.mean(axis=1, keepdims=True)
-    return weights if importance is None else weights * np.asarray(importance, dtype=np.float32)
+    return square + square.mean(axis=1, keepdims=True)
 
 
 def block_errors(blocks: np.ndarray, scales: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -84,22 +81,17 @@ def _search(blocks: np.ndarray, absmax: np.ndarray, weights: np.ndarray) -> np.n
     return np.where(keep_absmax, absmax, candidate).astype(f32)
 
 
-def search_scales(blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+def search_scales(blocks: np.ndarray) -> np.ndarray:
     """The weighted-error-minimizing scale of each block of ``blocks[nb, bs]`` (float32): float32 ``[nb]``.
 
-    ``importance``: ``None`` (data-free), or non-negative float ``[nb, bs]`` (or broadcastable), each element's
-    weight in the error before the ``sigma2 + x**2`` factor (see the module docstring). The scale is the block's
-    absmax exactly when no candidate has a strictly lower weighted error; it may exceed the absmax (the codes then
-    stop short of +-1).
+    See the module docstring for the weights and the search. The scale is the block's absmax exactly when no
+    candidate has a strictly lower weighted error; it may exceed the absmax (the codes then stop short of +-1).
     """
     blocks = np.asarray(blocks, dtype=np.float32)
     nb, bs = blocks.shape
-    if importance is not None:
-        importance = np.broadcast_to(np.asarray(importance, dtype=np.float32), blocks.shape)
     scales = np.empty(nb, dtype=np.float32)
     rows = max(1, _CHUNK_ELEMENTS // max(1, bs))
     for start in range(0, nb, rows):
         part = blocks[start : start + rows]
-        weights = block_weights(part, None if importance is None else importance[start : start + rows])
-        scales[start : start + rows] = _search(part, np.abs(part).max(axis=1), weights)
+        scales[start : start + rows] = _search(part, np.abs(part).max(axis=1), block_weights(part))
     return scales
