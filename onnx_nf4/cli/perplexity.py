@@ -43,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--window",
         metavar="N",
         type=_window,
-        default=DEFAULT_WINDOW,
-        help=f"tokens per window (default {DEFAULT_WINDOW})",
+        help=f"tokens per window (default {DEFAULT_WINDOW}, or the model's context length when shorter)",
     )
     parser.add_argument(
         "--max-tokens", metavar="N", type=_window, help="score only the first N tokens of the text (default: all)"

@@ -4,7 +4,8 @@ GPTQ needs the decoder's inputs (:mod:`onnx_nf4.methods.calibration`). For a gen
 
 * a plain text file (UTF-8; anything but ``.npz``): tokenized with the folder's tokenizer
   (:func:`onnx_nf4.genai.perplexity.load_tokenizer`), cut into consecutive windows of ``window`` tokens (the same
-  cut as ``onnx-nf4 perplexity``), at most ``max_tokens`` tokens in all, one window per batch;
+  cut as ``onnx-nf4 perplexity``; at most the model's ``context_length``), at most ``max_tokens`` tokens in all,
+  one window per batch;
 * an ``.npz`` file holding ``input_ids [batch, sequence]`` and optionally other decoder inputs
   (``attention_mask``...), one batch.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..methods.calibration import load_calibration_file
-from .folder import GenaiFolderError, decoder_section
+from .folder import GenaiFolderError, decoder_section, read_genai_config
 from .perplexity import DEFAULT_WINDOW, load_tokenizer, token_windows
 from .prefill import decoder_inputs, prefill_feed
 
@@ -61,6 +62,8 @@ def decoder_calibration(
     """
     folder, source = Path(folder), Path(source)
     decoder = decoder_section(folder)
+    context = read_genai_config(folder)["model"].get("context_length")
+    window = min(window, context) if isinstance(context, int) and context >= 2 else window
     inputs = decoder_inputs(folder / decoder["filename"])
     head_size = int(decoder.get("head_size") or 0)
     input_ids = (decoder.get("inputs") or {}).get("input_ids", "input_ids")

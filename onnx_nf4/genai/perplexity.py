@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .folder import GenaiFolderError, decoder_section
+from .folder import GenaiFolderError, decoder_section, read_genai_config
 from .prefill import decoder_inputs, prefill_feed
 
 __all__ = [
@@ -176,7 +176,7 @@ def perplexity(
     folder: str | os.PathLike[str],
     text: str,
     *,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
     threads: int = 0,
     max_tokens: int | None = None,
     on_progress: Progress | None = None,
@@ -186,17 +186,24 @@ def perplexity(
     Args:
         folder: an onnxruntime-genai model folder (``genai_config.json``, the decoder, ``tokenizer.json``).
         text: the text to score.
-        window: tokens per window (one prefill each), at least 2.
+        window: tokens per window (one prefill each), at least 2; ``None``: :data:`DEFAULT_WINDOW`, or the
+            config's ``context_length`` when that is shorter.
         threads: onnxruntime intra-op threads (0: onnxruntime's default).
         max_tokens: score only the first ``max_tokens`` tokens of the text (``None``: all).
         on_progress: ``on_progress(done, total, "window i/n")`` after each window.
 
     Raises:
         GenaiFolderError: an unusable folder (see :class:`DecoderSession`, :func:`load_tokenizer`).
-        ValueError: ``window < 2``, or the text has fewer than 2 tokens.
+        ValueError: ``window < 2`` or above the config's ``context_length``, or the text has fewer than 2 tokens.
     """
+    decoder_section(folder)  # a folder that is no genai model is reported as such, before its tokenizer
+    context = read_genai_config(folder)["model"].get("context_length")
+    if window is None:
+        window = min(DEFAULT_WINDOW, context) if isinstance(context, int) and context >= 2 else DEFAULT_WINDOW
     if window < 2:
         raise ValueError(f"the window must hold at least 2 tokens, got {window}")
+    if isinstance(context, int) and window > context:
+        raise ValueError(f"the window ({window} tokens) exceeds the model's context length ({context})")
     ids = np.asarray(load_tokenizer(folder)(text), dtype=np.int64)
     if max_tokens is not None:
         ids = ids[:max_tokens]
