@@ -6,8 +6,8 @@ float folder with ``onnx-nf4 quantize`` (kept there: a second run reuses it), th
 
 * perplexity on ``--eval`` (:func:`onnx_nf4.genai.perplexity.perplexity`, windows of ``--window`` tokens, the
   first ``--max-tokens`` tokens of the text);
-* for the folders named by ``--check``: the same perplexity computed directly (a feed built here, onnxruntime logits, numpy
-  log-softmax in float64, the same windows) and the relative difference;
+* for the folders named by ``--check``: the same perplexity computed directly (a feed built here, onnxruntime
+  logits, numpy log-softmax in float64, the same windows) and the relative difference;
 * the bytes of its model files (``.onnx`` and external data);
 * with ``--decode-tokens N``: greedy decode speed in onnxruntime-genai (``tools/bench/bench_models.py``).
 
