@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..methods.calibration import load_calibration_file
-from .folder import GenaiFolderError, decoder_section, read_genai_config
+from .config import GenaiFolderError, decoder_section, read_genai_config
 from .perplexity import DEFAULT_WINDOW, load_tokenizer, token_windows
 from .prefill import decoder_inputs, prefill_feed
 

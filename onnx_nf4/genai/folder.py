@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,16 @@ from ..model.io import external_tensors, load_model
 from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
+from .config import (
+    GENAI_CONFIG,
+    GenaiFolderError,
+    config_sections,
+    decoder_section,
+    is_genai_folder,
+    model_filenames,
+    path_inside,
+    read_genai_config,
+)
 
 __all__ = [
     "GENAI_CONFIG",
@@ -43,81 +53,8 @@ __all__ = [
     "write_genai_folder",
 ]
 
-#: The configuration file that makes a folder an onnxruntime-genai model.
-GENAI_CONFIG = "genai_config.json"
-
 #: ``quantize_file(source, destination, external_data) -> report``: writes the quantized model ``destination``.
 QuantizeFile = Callable[[Path, Path, bool | None], QuantizationReport]
-
-
-class GenaiFolderError(ValueError):
-    """A folder that is not a usable onnxruntime-genai model, or an output folder that cannot be written."""
-
-
-def is_genai_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory holding ``genai_config.json``."""
-    return (Path(path) / GENAI_CONFIG).is_file()
-
-
-def read_genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``genai_config.json`` of ``folder``.
-
-    Raises:
-        GenaiFolderError: ``folder`` is not a directory, has no config, or the config is not a JSON object.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise GenaiFolderError(f"{folder}: not a directory")
-    path = folder / GENAI_CONFIG
-    if not path.is_file():
-        raise GenaiFolderError(f"{folder}: no {GENAI_CONFIG} (not an onnxruntime-genai model folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GenaiFolderError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise GenaiFolderError(f"{path}: expected a JSON object with a 'model' section")
-    return config
-
-
-def decoder_section(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``model.decoder`` section of ``folder``'s config, whose ``filename`` names an existing file.
-
-    Raises:
-        GenaiFolderError: no usable config, no decoder section, or its model file is missing or outside the folder.
-    """
-    folder = Path(folder)
-    decoder = read_genai_config(folder)["model"].get("decoder")
-    if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):
-        raise GenaiFolderError(f"{folder / GENAI_CONFIG}: no model.decoder.filename")
-    if not _inside(folder, decoder["filename"]).is_file():
-        raise GenaiFolderError(f"{folder}: decoder model {decoder['filename']!r} not found")
-    return decoder
-
-
-def _sections(node: Any) -> Iterator[dict[str, Any]]:
-    """Every JSON object of ``node`` (recursively) that has a string ``"filename"`` ending in ``.onnx``."""
-    if isinstance(node, dict):
-        filename = node.get("filename")
-        if isinstance(filename, str) and filename.endswith(".onnx"):
-            yield node
-        for value in node.values():
-            yield from _sections(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _sections(value)
-
-
-def model_filenames(config: Mapping[str, Any]) -> list[str]:
-    """The ONNX model files a genai config names (``"filename"`` keys ending in ``.onnx``), in order, once each."""
-    return list(dict.fromkeys(section["filename"] for section in _sections(config.get("model", {}))))
-
-
-def _inside(folder: Path, name: str) -> Path:
-    path = (folder / name).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise GenaiFolderError(f"{folder / GENAI_CONFIG}: model file {name!r} is outside the folder")
-    return path
 
 
 def _data_files(model_path: Path) -> set[Path]:
@@ -154,7 +91,7 @@ def _copy(files: list[Path], in_dir: Path, stage: Path) -> None:
 
 
 def _set_library(config: dict[str, Any], filenames: set[str], library_name: str) -> None:
-    for section in _sections(config.get("model", {})):
+    for section in config_sections(config.get("model", {})):
         if section["filename"] not in filenames:
             continue
         options = section.setdefault("session_options", {})
@@ -204,7 +141,7 @@ def write_genai_folder(
     names = model_filenames(config)
     if not names:
         raise GenaiFolderError(f"{in_dir / GENAI_CONFIG}: names no .onnx model file")
-    sources = {name: _inside(in_dir, name) for name in names}
+    sources = {name: path_inside(in_dir, name) for name in names}
     for name, source in sources.items():
         if not source.is_file():
             raise GenaiFolderError(f"{in_dir / GENAI_CONFIG}: model file {name!r} not found in {in_dir}")

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .folder import GenaiFolderError, decoder_section, read_genai_config
+from .config import GenaiFolderError, decoder_section, read_genai_config
 from .prefill import decoder_inputs, prefill_feed
 
 __all__ = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import GenaiFolderError
+from .config import GenaiFolderError
 
 __all__ = ["GraphInput", "decoder_inputs", "prefill_feed"]
 
