@@ -7,10 +7,11 @@
    adapter was trained for (:class:`PreparedAdapters`);
 2. builds with the builder's q/k/v fusion off (``fuse_qkv=false``, as the builder does for its own LoRA models),
    so that every projection is a ``MatMul`` of its own;
-3. finds each targeted layer's ``MatMul`` in the built graph **by value** (its weight ``[K, N]`` equals the
+3. finds each targeted layer's ``MatMul`` in the built decoder **by value** (its weight ``[K, N]`` equals the
    checkpoint's ``weight.T`` in the graph's dtype, bit for bit) and gives it LoRA graph inputs
-   (:func:`onnx_nf4.torch.adapters.add_lora_inputs`) before the base is quantized; the base weights are quantized
-   or mapped to bitsandbytes' bytes exactly as without adapters;
+   (:func:`onnx_nf4.torch.adapters.add_lora_inputs`), rewriting the built float model in place
+   (:meth:`PreparedAdapters.add_to_folder`); the base weights are then quantized (calibration included) or mapped
+   to bitsandbytes' bytes exactly as without adapters: those steps leave a weight that is a graph input alone;
 4. writes ``adapters/<name>.onnx_adapter`` into the folder for each adapter (every LoRA input of the model, rank 0
    for the layers that adapter does not target).
 
@@ -21,6 +22,8 @@ onnxruntime-genai loads them with ``og.Adapters(model).load(path, name)`` and ac
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..model.graph import constant_tensor
+from ..model.io import external_tensors, load_model, save_model
 from ..op.contract import ONNX_DOMAINS
 from ..torch.adapters import (
     ADAPTER_SUFFIX,
@@ -40,6 +44,7 @@ from ..torch.adapters import (
     write_adapter_file,
 )
 from ..torch.safetensors_io import read_safetensors
+from .config import decoder_section, path_inside
 
 __all__ = ["ADAPTER_FOLDER", "PreparedAdapters", "adapter_path", "builder_options_for_adapters"]
 
@@ -56,6 +61,8 @@ def _checkpoint_weights(float_dir: Path, modules: Iterable[str]) -> dict[str, np
     """``<module>.weight`` ``[N, K]`` of each module present in the float checkpoint (memory-mapped)."""
     wanted = {f"{module}.weight": module for module in modules}
     found: dict[str, np.ndarray] = {}
+    if not wanted:
+        return found
     for file in sorted(float_dir.glob("*.safetensors")):
         for key, tensor in read_safetensors(file).items():
             if key in wanted and tensor.ndim == 2:
@@ -101,6 +108,22 @@ class PreparedAdapters:
             )
             for adapter in self.adapters
         ]
+
+    def add_to_folder(self, genai_dir: Path) -> None:
+        """Give the decoder of the built float folder ``genai_dir`` its LoRA inputs (the model file is rewritten in
+        place, keeping external data when it had it) and write the adapter files into the folder."""
+        path = path_inside(genai_dir, decoder_section(genai_dir)["filename"])
+        model = load_model(path)
+        old_data = {Path(tensor.path).resolve() for tensor in external_tensors(model)}
+        self.add_inputs(model)
+        with tempfile.TemporaryDirectory(prefix=".lora_", dir=path.parent) as stage:
+            save_model(model, Path(stage) / path.name, external_data=bool(old_data))
+            written = sorted(Path(stage).iterdir())
+            for file in written:
+                os.replace(file, path.parent / file.name)
+        for stale in old_data - {(path.parent / file.name).resolve() for file in written}:
+            stale.unlink()
+        self.write_files(genai_dir)
 
     def add_inputs(self, model: ir.Model) -> None:
         """Give each targeted layer's ``MatMul`` of the built ``model`` its LoRA graph inputs (in place).

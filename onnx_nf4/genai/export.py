@@ -18,9 +18,9 @@ external data, the tokenizer):
   builder's q/k/v fusion off (``fuse_qkv=false``): each projection keeps its double-quantized bytes in its own node.
   Weights bitsandbytes left in float (``lm_head`` by default) stay float unless ``quantize_float`` is set.
 
-With ``adapters`` (peft LoRA folders by name), the targeted layers get LoRA graph inputs and each adapter is
-written as ``adapters/<name>.onnx_adapter`` into the folder (:mod:`onnx_nf4.genai.adapters`): one base serves every
-adapter, switched at run time.
+With ``adapters`` (peft LoRA folders by name), the targeted layers of the built model get LoRA graph inputs and
+each adapter is written as ``adapters/<name>.onnx_adapter`` into the folder (:mod:`onnx_nf4.genai.adapters`): one
+base serves every adapter, switched at run time.
 
 Every step writes into temporary folders beside ``out_dir``; ``out_dir`` appears only when complete.
 """
@@ -38,6 +38,7 @@ import numpy as np
 
 from ..codec.layout import QuantizedWeight, dequantize_weight
 from ..model.io import load_model
+from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
 from .adapters import PreparedAdapters, builder_options_for_adapters
@@ -215,6 +216,11 @@ def export_genai(
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
     accuracy_level: int | None = None,
+    method: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_tokens: int | None = None,
+    calibration_passes: int | None = None,
+    on_progress: ProgressCallback | None = None,
     adapters: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> dict[str, QuantizationReport]:
     """Export a transformers checkpoint folder to an onnxruntime-genai folder with NF4 weights.
@@ -232,6 +238,10 @@ def export_genai(
             float checkpoint is always quantized.
         builder_options: extra options for the model builder (its ``--extra_options``, e.g.
             ``{"fuse_mlp_gate_up": True}``).
+        method, calibration, calibration_tokens, calibration_passes: a float checkpoint only, as in
+            :func:`onnx_nf4.genai.folder.quantize_genai_folder` (``method="gptq"`` calibrates the built decoder on
+            a text file, tokenized with the checkpoint's tokenizer, or an ``.npz`` of decoder inputs).
+        on_progress: ``on_progress(done, total, layer)`` while a float checkpoint's folder is quantized.
         adapters: peft LoRA adapter folders by the name each is activated by: the targeted layers get LoRA graph
             inputs (rank 0, the base, when no adapter is active) and each adapter is written to
             ``adapters/<name>.onnx_adapter`` (see :mod:`onnx_nf4.genai.adapters`). The builder's q/k/v fusion is
@@ -261,11 +271,20 @@ def export_genai(
         exclude=exclude,
         min_elements=min_elements,
         accuracy_level=accuracy_level,
+        method=method,
     )
+    if options.method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs calibration data (a text file or an .npz of decoder inputs)")
+    if options.method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
     require_library(options)
     lora = read_adapters(adapters)
     precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
+    if kind.bnb_nf4 and options.method != "rtn":
+        raise CheckpointError(
+            f"method {options.method!r} chooses codes for float weights; a bitsandbytes checkpoint keeps its own"
+        )
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
     if kind.double_quant and options.format != "onnx_nf4":
@@ -281,24 +300,26 @@ def export_genai(
     build = {"precision": precision, "execution_provider": execution_provider, "extra_options": extra_options}
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent) as work:
         built = Path(work) / "genai_float"
-        float_dir = Path(hf_dir) if not kind.bnb_nf4 else Path(work) / "hf_float"
-        layers = write_float_checkpoint(hf_dir, float_dir) if kind.bnb_nf4 else {}
-        lora_inputs = PreparedAdapters(lora, float_dir, _PRECISION_DTYPES[precision]) if lora else None
-        run_builder(float_dir, built, **build)
-        if lora_inputs is not None:
-            lora_inputs.write_files(built)
         if not kind.bnb_nf4:
-            if lora_inputs is None:
-                return quantize_genai_folder(built, out_dir, options)
-            return write_genai_folder(built, out_dir, _float_quantize_file(options, lora_inputs))
+            _build(Path(hf_dir), built, build, PreparedAdapters(lora, Path(hf_dir), _PRECISION_DTYPES[precision]))
+            return quantize_genai_folder(
+                built,
+                out_dir,
+                options,
+                calibration=calibration,
+                calibration_tokens=calibration_tokens,
+                calibration_passes=calibration_passes,
+                on_progress=on_progress,
+            )
+        float_dir = Path(work) / "hf_float"
+        layers = write_float_checkpoint(hf_dir, float_dir)
+        _build(float_dir, built, build, PreparedAdapters(lora, float_dir, _PRECISION_DTYPES[precision]))
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
             from ..torch.graph_weights import quantize_with_prequantized
 
             model = load_model(source)
             prequantized, _ = map_fused_weights(_float_matmul_weights(model), layers)
-            if lora_inputs is not None:
-                lora_inputs.add_inputs(model)
             file_options = (
                 options if options.external_data is not None else options.replace(external_data=external_data)
             )
@@ -309,15 +330,11 @@ def export_genai(
         return write_genai_folder(built, out_dir, quantize_file)
 
 
-def _float_quantize_file(options: QuantizeOptions, lora_inputs: PreparedAdapters):
-    """The ``quantize_file`` of a float build with LoRA inputs: add them, then quantize as ``quantize_genai_folder``."""
-    from ..api import quantize_model
+def _build(float_dir: Path, built: Path, build: Mapping, adapters: PreparedAdapters) -> None:
+    """Run the builder on ``float_dir``; then give the built model its LoRA inputs and write the adapter files.
 
-    def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
-        model = load_model(source)
-        lora_inputs.add_inputs(model)
-        file_options = options if options.external_data is not None else options.replace(external_data=external_data)
-        _, report = quantize_model(model, target, file_options)
-        return report
-
-    return quantize_file
+    ``adapters`` were checked against ``float_dir`` before (nothing to do without adapters).
+    """
+    run_builder(float_dir, built, **build)
+    if adapters.adapters:
+        adapters.add_to_folder(built)
