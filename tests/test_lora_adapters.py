@@ -224,11 +224,15 @@ def test_genai_one_folder_serves_every_adapter(bnb_checkpoints, llama_adapters, 
 
 @pytest.mark.slow
 def test_genai_adapters_on_a_float_checkpoint(float_checkpoint, llama_adapters, library, tmp_path):
-    """A float checkpoint is quantized as without adapters; with none active it generates what that folder does."""
+    """A float checkpoint is quantized (GPTQ, calibrated on the built decoder) as without adapters; with none active
+    it generates what that folder does."""
     from onnx_nf4.genai.export import export_genai
 
-    export_genai(float_checkpoint, tmp_path / "plain", builder_options={"fuse_qkv": False})  # as with adapters
-    export_genai(float_checkpoint, tmp_path / "lora", adapters=llama_adapters)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(llm_models.CORPUS))
+    gptq = {"method": "gptq", "calibration": text}
+    export_genai(float_checkpoint, tmp_path / "plain", builder_options={"fuse_qkv": False}, **gptq)  # as with adapters
+    export_genai(float_checkpoint, tmp_path / "lora", adapters=llama_adapters, **gptq)
     plain = _nf4_node_tensors(tmp_path / "plain" / "model.onnx")
     # q, o, gate, up, down of 2 layers + lm_head; k and v ([64, 32]) are below min_elements (4096) and stay float
     assert len(plain) == 11 and _nf4_node_tensors(tmp_path / "lora" / "model.onnx") == plain
