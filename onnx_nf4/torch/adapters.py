@@ -107,10 +107,6 @@ class LoraLayer:
     scaling: float
 
     @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
-
-    @property
     def shape(self) -> tuple[int, int]:
         """``(K, N)`` of the base layer the adapter was trained for."""
         return int(self.a.shape[1]), int(self.b.shape[0])
@@ -280,9 +276,9 @@ def check_base_shapes(adapters: Iterable[LoraAdapter], shapes: Mapping[str, tupl
 
 
 def adapter_parameters(
-    adapter: LoraAdapter | None, shapes: Mapping[str, tuple[int, int]], dtype: np.dtype | type = np.float32
+    adapter: LoraAdapter, shapes: Mapping[str, tuple[int, int]], dtype: np.dtype | type = np.float32
 ) -> dict[str, np.ndarray]:
-    """The value of every LoRA graph input for ``adapter`` (``None``: the base, all rank 0).
+    """The value of every LoRA graph input for ``adapter``.
 
     Args:
         shapes: ``(K, N)`` of every module with LoRA inputs in the graph (the union of the adapters' targets).
@@ -294,7 +290,7 @@ def adapter_parameters(
     params: dict[str, np.ndarray] = {}
     for module, (k, n) in shapes.items():
         name_a, name_b = lora_input_names(module)
-        layer = adapter.layers.get(module) if adapter is not None else None
+        layer = adapter.layers.get(module)
         if layer is None:
             params[name_a], params[name_b] = np.zeros((k, 0), dtype), np.zeros((0, n), dtype)
             continue
