@@ -1,4 +1,5 @@
-"""What the quantize pass will rewrite: one :class:`Plan` per ``MatMul`` / ``Gemm`` node, or a :class:`Skip` reason."""
+"""What the quantize pass will rewrite: one :class:`Plan` per ``MatMul`` / ``Gemm`` / fused ``Attention`` node, or a
+:class:`Skip` reason; and the constant weights of other fused ops, which stay float (:func:`float_weights`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import onnx_ir as ir
 
 from ..codec.validation import check_finite
 from ..model.graph import constant_tensor, float_attr, int_attr, release
-from ..op.contract import ONNX_DOMAINS
+from ..op.contract import DOMAIN, ONNX_DOMAINS, is_bnb4
+from .attention import AttentionNotRewritable, AttentionTerms, attention_terms, is_attention
 from .options import QuantizeOptions
 from .writers import Writer
 
-__all__ = ["GemmTerms", "Plan", "Planner", "Skip", "nonfinite_reason"]
+__all__ = ["GemmTerms", "Plan", "Planner", "Skip", "float_weights", "is_planned_op", "nonfinite_reason"]
 
 
 class Skip(Exception):
@@ -45,6 +47,7 @@ class Plan:
     bias: ir.Value | None = None  # a fused [N] bias of dtype T
     add: ir.Node | None = None  # the fused Add
     gemm: GemmTerms | None = None
+    attention: AttentionTerms | None = None  # a fused Attention: W is its packed QKV weight, bias its QKV bias
 
     @property
     def key(self) -> tuple[int, bool]:
@@ -76,8 +79,10 @@ class Planner:
         self._patterns = options.patterns
 
     def plan(self, node: ir.Node) -> Plan:
-        """The plan of a default-domain ``MatMul`` or ``Gemm``; raises :class:`Skip` with the reason otherwise."""
+        """The plan of a node :func:`is_planned_op` accepts; raises :class:`Skip` with the reason otherwise."""
         self._check_a(node.inputs[0])
+        if is_attention(node):
+            return self._attention(node)
         if node.op_type == "MatMul":
             tensor, K, N = self._weight(node, node.inputs[1], transpose=False)
             plan = Plan(node, node.inputs[1], tensor, False, K, N)  # type: ignore[arg-type]
@@ -88,6 +93,16 @@ class Planner:
         gemm = GemmTerms(bool(int_attr(node, "transA", 0)), float_attr(node, "alpha", 1.0),
                          float_attr(node, "beta", 1.0))  # fmt: skip
         return Plan(node, node.inputs[1], tensor, trans_b, K, N, gemm=gemm)  # type: ignore[arg-type]
+
+    def _attention(self, node: ir.Node) -> Plan:
+        """A ``com.microsoft::Attention``: its packed ``[hidden, q + k + v]`` weight (see :mod:`.attention`)."""
+        tensor, K, N = self._weight(node, node.inputs[1] if len(node.inputs) > 1 else None, transpose=False)
+        try:
+            terms = attention_terms(node, N)
+        except AttentionNotRewritable as err:
+            raise Skip(str(err)) from None
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return Plan(node, node.inputs[1], tensor, False, K, N, bias=bias, attention=terms)  # type: ignore[arg-type]
 
     def _excluded(self, node: ir.Node, weight_name: str) -> str | None:
         for pattern in self._patterns:
@@ -143,6 +158,33 @@ class Planner:
         if tensor is None or tensor.dtype != plan.tensor.dtype or tuple(tensor.shape) != (plan.N,):
             return
         plan.bias, plan.add = other, add
+
+
+def is_planned_op(node: ir.Node) -> bool:
+    """Whether the pass plans ``node``: a default-domain ``MatMul`` / ``Gemm`` or a ``com.microsoft::Attention``."""
+    return (node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS) or is_attention(node)
+
+
+def float_weights(node: ir.Node) -> list[str]:
+    """Why each constant float weight (rank >= 2) of a fused op that the pass does not plan stays float.
+
+    Fused ops are those outside the default domain (for example ``com.microsoft::EmbedLayerNormalization``, whose
+    word, position and segment tables are lookups, not linear layers); ``MatMulNF4`` / ``MatMulBnb4`` inputs are
+    already quantized and not listed. Default-domain ops other than ``MatMul`` / ``Gemm`` are not listed here.
+    """
+    if node.domain in ONNX_DOMAINS or node.domain == DOMAIN or is_bnb4(node.domain, node.op_type):
+        return []
+    reasons = []
+    for index, value in enumerate(node.inputs):
+        tensor = constant_tensor(value)
+        if tensor is None or len(tensor.shape) < 2 or not tensor.dtype.is_floating_point():
+            continue
+        assert value is not None
+        reasons.append(
+            f"input {index} {value.name!r} {list(tensor.shape)} of {node.domain}::{node.op_type} stays float: only the "
+            "weights of MatMul, Gemm and com.microsoft::Attention are rewritten"
+        )
+    return reasons
 
 
 def nonfinite_reason(tensor: ir.TensorProtocol, name: str) -> str | None:

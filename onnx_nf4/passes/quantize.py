@@ -15,6 +15,10 @@ initializer of any enclosing scope or the output of a ``Constant`` node):
   when ``C`` is a constant, else by a ``Mul``; it is fused as the bias when ``alpha == 1`` and ``C`` is a row
   vector (``[N]``, ``[1, N]``, ``[1]`` or a scalar, broadcast to ``[N]``), otherwise added by an ``Add``.
   ``beta == 0`` drops ``C``.
+* ``com.microsoft::Attention`` (fused by onnxruntime's transformer optimizer) with a 2-D float constant packed QKV
+  weight: the projection becomes the format's op over the packed weight (its bias fused when the format allows),
+  followed by ``Split`` and ``com.microsoft::MultiHeadAttention`` (:mod:`onnx_nf4.passes.attention`, which also
+  lists the ``Attention`` forms left fused).
 
 A weight used by several nodes is quantized once and its NF4 initializers are shared (keyed by the weight and
 whether it is transposed). Weights that no node uses any more are removed, and so are all initializers that
@@ -25,6 +29,8 @@ nothing uses. The node written is the format's (:mod:`onnx_nf4.passes.writers`).
 ``report.skipped``: a non-constant or overridable (graph input) ``B``, a ``B`` that is not 2-D, a non-float weight
 (T must be float32, float16 or bfloat16; MatMul and Gemm force A, B and Y to share it), a scalar ``A``, an empty
 weight, a weight holding NaN/Inf, an excluded node or weight, or one with fewer than ``min_elements`` elements.
+The constant float weights (rank >= 2) of other fused (non-default-domain) ops, such as the tables of
+``com.microsoft::EmbedLayerNormalization``, are listed in ``report.skipped`` too, one entry per weight.
 
 Memory: weights are read one at a time. An external (memory-mapped) weight is unmapped once it has been checked
 and once it has been quantized, so at most one float weight is resident, besides the NF4 tensors being built.
@@ -42,10 +48,10 @@ import onnx_ir as ir
 from ..codec.layout import QuantizedWeight
 from ..codec.validation import NonFiniteWeightError
 from ..model.graph import Initializers, node_label, owner_graph, release, remove_unused_initializers
-from ..op.contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
+from ..op.contract import OPSET_VERSION, is_bnb4, is_matmul_nf4
 from .encoding import as_numpy_float
 from .options import QuantizeOptions
-from .plan import Plan, Planner, Skip, nonfinite_reason
+from .plan import Plan, Planner, Skip, float_weights, is_planned_op, nonfinite_reason
 from .report import LayerReport, QuantizationReport, SkippedLayer
 from .rewrite import Rewriter
 from .writers import Encoded, Writer, writer_for
@@ -127,7 +133,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                     report.skipped.append(SkippedLayer(node_label(plan.node), plan.node.op_type, not_finite[plan.key]))
             plans = [plan for plan in plans if plan.key not in not_finite]
 
-        rewriter = Rewriter(writer, initializers)
+        rewriter = Rewriter(writer, initializers, model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
         seen: set[tuple[int, bool]] = set()
         for plan in plans:
             entry = encoded[plan.key]
@@ -155,7 +161,8 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if is_matmul_nf4(node.domain, node.op_type) or is_bnb4(node.domain, node.op_type):
                 report.already_quantized.append(node_label(node))
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS:
+            if not is_planned_op(node):
+                report.skipped.extend(SkippedLayer(node_label(node), node.op_type, why) for why in float_weights(node))
                 continue
             try:
                 plans.append(planner.plan(node))
