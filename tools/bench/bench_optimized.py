@@ -104,7 +104,9 @@ def main() -> None:
         command = " ".join(["python tools/bench/bench_optimized.py", *sys.argv[1:]])
         with open(args.markdown, "w") as f:
             f.write("# MiniLM after onnxruntime's transformer optimizer: float32 and NF4 on the CPU\n\n")
-            f.write(f"Command: `{command}`. What each variant is: the docstring of `tools/bench/bench_optimized.py`.\n\n")
+            f.write(
+                f"Command: `{command}`. What each variant is: the docstring of `tools/bench/bench_optimized.py`.\n\n"
+            )
             f.write(bench_env.LOAD_NOTE + "\n\n")
             f.write(
                 f"{shape[0]} sentences padded to {shape[1]} tokens, median of {args.rounds} interleaved runs per "
