@@ -204,3 +204,10 @@ def test_minilm_optimized_then_quantized_has_all_36_linear_layers_in_nf4(
     print(f"\nMiniLM NF4 cosine vs fp32: optimized {cos_opt.mean():.5f} (min {cos_opt.min():.5f}), "
           f"un-optimized {cos.mean():.5f} (min {cos.min():.5f})")  # fmt: skip
     assert abs(cos_opt.mean() - cos.mean()) <= 0.002 and abs(cos_opt.min() - cos.min()) <= 0.002
+
+
+def test_gptq_calibrates_the_packed_qkv_weight() -> None:
+    model = attention_model(mask="2d")
+    _, report = onnx_nf4.quantize_model(model, method="gptq", calibration=[feeds(model)])
+    assert [layer.op_type for layer in report.layers] == ["Attention"]
+    assert report.layers[0].output_error is not None  # calibrated, not the "mse" fallback
