@@ -40,6 +40,7 @@ def attention_model(
     ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
     names = ["x", "qkv_weight", "qkv_bias"]
+    before: list[onnx.NodeProto] = []  # the nodes computing the mask
     if mask == "lengths":  # [B] sequence lengths, as EmbedLayerNormalization's mask_index output gives them
         inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT32, ["batch", "seq"]))
         inputs.append(helper.make_tensor_value_info("m", TensorProto.INT32, ["batch", "seq"]))
@@ -47,10 +48,18 @@ def attention_model(
         gamma = numpy_helper.from_array(np.ones(HIDDEN, np.float32), "gamma")
         beta = numpy_helper.from_array(np.zeros(HIDDEN, np.float32), "beta")
         inits += [table, gamma, beta]
-        embed = helper.make_node("EmbedLayerNormalization", ["ids", "", "table", "table", "", "gamma", "beta", "m"],
-                                 ["emb", "mask_index"], domain="com.microsoft", name="embed")  # fmt: skip
+        before = [helper.make_node("EmbedLayerNormalization", ["ids", "", "table", "table", "", "gamma", "beta", "m"],
+                                 ["emb", "mask_index"], domain="com.microsoft", name="embed")]  # fmt: skip
         names = ["emb", "qkv_weight", "qkv_bias", "mask_index"]
         inputs = inputs[1:]
+    elif mask == "rowsum":  # [B] lengths as Optimum's ORTOptimizer computes them: ReduceSum(Cast(mask), [1])
+        inputs.append(helper.make_tensor_value_info("m", TensorProto.INT64, ["batch", "seq"]))
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+        before = [
+            helper.make_node("Cast", ["m"], ["m32"], to=TensorProto.INT32),
+            helper.make_node("ReduceSum", ["m32", "axes"], ["lengths"], keepdims=0),
+        ]
+        names.append("lengths")
     elif mask is not None:  # a raw [B, T] mask ("2d") or a [B, S, T] mask ("3d")
         dims = ["batch", "seq"] if mask == "2d" else ["batch", "seq", "seq"]
         inputs.append(helper.make_tensor_value_info("m", TensorProto.INT32, dims))
@@ -62,7 +71,7 @@ def attention_model(
         attributes["qkv_hidden_sizes"] = [HIDDEN, HIDDEN, v_hidden]
     attention = helper.make_node("Attention", names, ["y"], domain="com.microsoft", name="attn", num_heads=HEADS,
                                  **attributes)  # fmt: skip
-    nodes = [attention] if mask != "lengths" else [embed, attention]
+    nodes = [*before, attention]
     output = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "attention", inputs, [output], inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -82,6 +91,8 @@ def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             rank = len(value.type.tensor_type.shape.dim)
             raw = (np.arange(S)[None, :] < lengths[:, None]).astype(np.int32)
             out["m"] = raw if rank == 2 else np.repeat(raw[:, None, :], S, axis=1)
+            if value.type.tensor_type.elem_type == TensorProto.INT64:
+                out["m"] = out["m"].astype(np.int64)
         elif value.name == "ab":
             out["ab"] = rng.standard_normal((1, HEADS, S, S)).astype(np.float32)
     return out
@@ -103,13 +114,23 @@ def op_types(model: onnx.ModelProto) -> list[str]:
     [
         {},
         {"mask": "2d"},
+        {"mask": "rowsum"},
         {"mask": None},
         {"v_hidden": 32},
         {"unidirectional": 1, "mask": None},
         {"scale": 0.3, "mask_filter_value": -1000.0},
         {"attention_bias": True, "mask": "2d"},
     ],
-    ids=["lengths", "raw_mask", "no_mask", "v_narrower", "unidirectional", "scale", "attention_bias"],
+    ids=[
+        "lengths",
+        "raw_mask",
+        "row_sum_lengths",
+        "no_mask",
+        "v_narrower",
+        "unidirectional",
+        "scale",
+        "attention_bias",
+    ],
 )
 def test_attention_becomes_nf4_projection_and_multihead_attention(case: dict, fmt: str) -> None:
     model = attention_model(**case)

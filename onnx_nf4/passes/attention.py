@@ -16,8 +16,9 @@ kept: only the projection moves to the NF4 op.
 
 An ``Attention`` is rewritten when onnxruntime's ``MultiHeadAttention`` computes the same thing: no past state
 (``past``, ``past_sequence_length``, a used ``present``), no rotary embedding, and a ``mask_index`` that is absent,
-a raw ``[B, T]`` mask or the ``[B]`` sequence lengths of ``EmbedLayerNormalization`` (``Attention`` also takes
-``[2B]``, ``[B, S, T]`` and ``[B, 1, M, M]`` masks, which ``MultiHeadAttention``'s ``key_padding_mask`` does not).
+a raw ``[B, T]`` mask or ``[B]`` sequence lengths from ``EmbedLayerNormalization`` or from a ``ReduceSum`` of a
+``[B, T]`` mask (Optimum's ``ORTOptimizer`` output). ``Attention`` also takes ``[2B]``, ``[B, S, T]`` and
+``[B, 1, M, M]`` masks, which ``MultiHeadAttention``'s ``key_padding_mask`` does not.
 Any other is left fused and float, with the reason.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from ..model.graph import constant_tensor
 from ..op.contract import MS_DOMAIN
 
 __all__ = [
@@ -87,20 +89,48 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
+def _rank(value: ir.Value) -> int | None:
+    """The rank of ``value``: from its shape, else through a ``Cast`` (as exporters cast the mask to int32)."""
+    if value.shape is not None:
+        return len(value.shape)
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Cast" and producer.inputs and producer.inputs[0] is not None:
+        return _rank(producer.inputs[0])
+    return None
+
+
+def _is_row_sum(value: ir.Value) -> bool:
+    """``ReduceSum(mask[B, T], axes=[1 or -1], keepdims=0)``: the ``[B]`` lengths Optimum's optimizer computes."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "ReduceSum" or producer.domain not in ("", "ai.onnx"):
+        return False
+    attrs = producer.attributes
+    if "keepdims" not in attrs or attrs["keepdims"].as_int() != 0 or producer.inputs[0] is None:
+        return False
+    if "axes" in attrs:  # before opset 13
+        axes = list(attrs["axes"].as_ints())
+    else:
+        tensor = constant_tensor(producer.inputs[1] if len(producer.inputs) > 1 else None)
+        axes = tensor.numpy().reshape(-1).tolist() if tensor is not None else []
+    return _rank(producer.inputs[0]) == 2 and axes in ([1], [-1])
+
+
 def _mask_is_supported(mask: ir.Value) -> bool:
-    """A ``[B, T]`` raw mask, or the ``[B]`` lengths from ``EmbedLayerNormalization`` (a ``[B]`` of unknown origin
-    may be ``Attention``'s ``[2B]`` end/start form, which ``MultiHeadAttention`` reads differently)."""
-    if mask.shape is not None and len(mask.shape) == 2:
+    """A ``[B, T]`` raw mask, or ``[B]`` lengths that come from ``EmbedLayerNormalization`` or a row sum of a
+    ``[B, T]`` mask (a ``[B]`` of unknown origin may be ``Attention``'s ``[2B]`` end/start form, which
+    ``MultiHeadAttention`` reads differently)."""
+    if _rank(mask) == 2:
         return True
     producer = mask.producer()
     op_type, output = _MASK_INDEX_PRODUCER
-    return (
+    from_embedding = (
         producer is not None
         and producer.domain == MS_DOMAIN
         and producer.op_type == op_type
         and len(producer.outputs) > output
         and producer.outputs[output] is mask
     )
+    return from_embedding or _is_row_sum(mask)
 
 
 def attention_terms(node: ir.Node, N: int) -> AttentionTerms:
