@@ -232,3 +232,28 @@ def test_gptq_calibrates_the_packed_qkv_weight() -> None:
     _, report = onnx_nf4.quantize_model(model, method="gptq", calibration=[feeds(model)])
     assert [layer.op_type for layer in report.layers] == ["Attention"]
     assert report.layers[0].output_error is not None  # calibrated, not the "mse" fallback
+
+
+def test_an_nf4_model_is_optimized_through_dequantize_and_quantized_again_to_the_same_bytes(
+    minilm_fp32_path: Path, minilm_optimized_path: Path, tmp_path: Path
+) -> None:
+    """The documented other order (docs/transformer_optimizer.md): ``dequantize`` -> optimizer -> ``quantize``.
+
+    Round-to-nearest re-encodes decoded NF4 weights to the same codes and scales, so the result holds the bytes of
+    "optimize, then quantize" (only initializer names differ).
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    nf4, float_again, optimized = tmp_path / "nf4.onnx", tmp_path / "deq.onnx", tmp_path / "deq_opt.onnx"
+    onnx_nf4.quantize_model(minilm_fp32_path, nf4)
+    onnx_nf4.dequantize_model(nf4, float_again)
+    optimize_model(str(float_again), "bert", num_heads=12, hidden_size=384).save_model_to_file(str(optimized))
+    requantized, _ = onnx_nf4.quantize_model(optimized)
+    direct, _ = onnx_nf4.quantize_model(minilm_optimized_path)
+
+    def nf4_bytes(model: onnx.ModelProto) -> list[tuple[str, bytes, bytes]]:
+        inits = {init.name: init.raw_data for init in model.graph.initializer}
+        return [(n.name, inits[n.input[1]], inits[n.input[2]]) for n in model.graph.node if n.op_type == "MatMulNF4"]
+
+    got, expected = nf4_bytes(requantized), nf4_bytes(direct)
+    assert len(got) == 24 and got == expected

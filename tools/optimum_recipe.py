@@ -97,11 +97,17 @@ def generation(work: Path, llm: Path | None, new_tokens: int) -> None:
         import llm_models
 
         llm = llm_models.make_llama_checkpoint(work / "tiny_llama", llm_models.TINY)
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm)
+    except ValueError:  # saved by transformers 5 ("TokenizersBackend"), which transformers 4.57 does not know
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(llm) / "tokenizer.json"))
     exported = work / "llm"
     ORTModelForCausalLM.from_pretrained(llm, export=True, use_cache=True).save_pretrained(exported)
     tokenizer.save_pretrained(exported)
-    prompt = tokenizer("The quick brown fox", return_tensors="pt")
+    encoded = tokenizer("The quick brown fox", return_tensors="pt")
+    prompt = {name: encoded[name] for name in ("input_ids", "attention_mask")}
 
     def greedy(model) -> list[int]:
         out = model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
