@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,21 +35,23 @@ olive = pytest.importorskip("olive")
 from onnx_nf4.olive.quantization import OnnxNF4Quantization, build_options  # noqa: E402
 
 
-def package_config() -> Path:
-    """What ``python -m onnx_nf4.olive --package-config`` prints."""
+def package_config(cache: Path) -> Path:
+    """What ``python -m onnx_nf4.olive --package-config`` prints (the file written under ``cache``)."""
     proc = subprocess.run([sys.executable, "-m", "onnx_nf4.olive", "--package-config"], cwd=REPO_ROOT,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache)},
                           capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
     return Path(proc.stdout.strip())
 
 
-def test_package_config_holds_olives_passes_and_this_one() -> None:
+def test_package_config_holds_olives_passes_and_this_one(tmp_path: Path) -> None:
     from olive.package_config import OlivePackageConfig
 
-    path = package_config()
+    path = package_config(tmp_path)
+    assert path.parent == tmp_path / "onnx_nf4" / "olive"
     config = OlivePackageConfig.parse_file_or_obj(str(path))
     assert config.import_pass_module(PASS_TYPE) is OnnxNF4Quantization
     assert set(OlivePackageConfig.load_default_config().passes) < set(config.passes)  # conversion, optimizer, ...
-    assert package_config() == path  # written once per content
+    assert package_config(tmp_path) == path  # written once per content
 
 
 def pass_config(**given):
@@ -167,7 +170,7 @@ def test_olive_run_quantizes_minilm_and_evaluates_it(minilm, minilm_fp32_path: P
         "--config",
         str(config),
         "--package-config",
-        str(package_config()),
+        str(package_config(tmp_path)),
     ]
     proc = subprocess.run(olive_cli, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
