@@ -135,8 +135,8 @@ def main() -> None:
             )
             f.write(bench_env.LOAD_NOTE + "\n\n")
             f.write(
-                f"{shape[0]} sentences padded to {shape[1]} tokens, median and minimum of {args.rounds} interleaved runs per "
-                f"variant; spinning off.\n\n{header}.\n\n"
+                f"{shape[0]} sentences padded to {shape[1]} tokens, median and minimum of {args.rounds} interleaved "
+                f"runs per variant; spinning off.\n\n{header}.\n\n"
             )
             f.write("\n\n".join(sections) + "\n")
 
