@@ -56,10 +56,13 @@ def quantize_model(
     format: str | None = None,
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
+    embedding_min_rows: int | None = None,
+    embedding_block_size: int | None = None,
     external_data: bool | None = None,
     accuracy_level: int | None = None,
     method: str | None = None,
     calibration: CalibrationData | None = None,
+    calibration_passes: int | None = None,
     on_progress: ProgressCallback | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> tuple[onnx.ModelProto | None, QuantizationReport]:
@@ -77,6 +80,12 @@ def quantize_model(
         exclude: regular expressions searched in node names and weight names; matches stay float.
         min_elements: weights with fewer elements stay float (default 4096, see
             :data:`onnx_nf4.passes.options.DEFAULT_MIN_ELEMENTS`).
+        embedding_min_rows: embedding tables (constant ``Gather`` data) with at least this many rows become NF4
+            lookups (default 16384: vocabularies, not position tables, see
+            :data:`onnx_nf4.passes.options.DEFAULT_EMBEDDING_MIN_ROWS`); a table tied to a quantized weight is
+            taken whatever its rows.
+        embedding_block_size: the block size of embedding tables and of the weights tied to them (default
+            ``min(block_size, 32)``, see :data:`onnx_nf4.passes.options.DEFAULT_EMBEDDING_BLOCK_SIZE`).
         external_data: with ``output_path``: ``True`` writes the tensors to ``<output file name>.data``,
             ``False`` keeps them in the protobuf, ``None`` (default) chooses external data when the input's or the
             output's tensors exceed 2 GB (writing a large input's NF4 output as one protobuf would need several
@@ -93,6 +102,9 @@ def quantize_model(
         calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
             the graph inputs, one batch), a sequence of feed dicts, or a callable returning an iterable of feed
             dicts (:mod:`onnx_nf4.methods.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
+        calibration_passes: ``method="gptq"``: ``None`` (default) runs the model over the calibration data once
+            per wave of layers; a number merges the waves into about that many runs (deep models, see
+            :func:`onnx_nf4.methods.calibrated.quantize_with_calibration`).
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
 
     Returns:
@@ -109,6 +121,8 @@ def quantize_model(
         "format": format,
         "exclude": exclude,
         "min_elements": min_elements,
+        "embedding_min_rows": embedding_min_rows,
+        "embedding_block_size": embedding_block_size,
         "external_data": external_data,
         "accuracy_level": accuracy_level,
         "method": method,
@@ -126,7 +140,7 @@ def quantize_model(
     quantize = QuantizeNF4Pass(options, on_progress=on_progress, prequantized=prequantized)
     output_errors: dict[str, float] = {}
     if calibration is not None:
-        calibrated, output_errors = _gptq_weights(model, quantize, calibration, on_progress)
+        calibrated, output_errors = _gptq_weights(model, quantize, calibration, calibration_passes, on_progress)
         quantize.prequantized = {**calibrated, **quantize.prequantized}
     report = quantize(model).report
     if output_errors:
@@ -140,6 +154,7 @@ def _gptq_weights(
     model: ir.Model,
     quantize: QuantizeNF4Pass,
     calibration: CalibrationData,
+    passes: int | None,
     on_progress: ProgressCallback | None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """GPTQ weights for ``quantize.prequantized``, and their output errors, keyed by weight name.
@@ -169,6 +184,7 @@ def _gptq_weights(
         block_size=options.block_size,
         double_quant=options.double_quant,
         scales_in_weight_dtype=options.format != "onnx_nf4",  # MatMulBnb4 stores the absmax in T
+        passes=passes,
         on_progress=on_progress,
     )
     return (
