@@ -184,3 +184,17 @@ def test_olive_run_quantizes_minilm_and_evaluates_it(minilm, minilm_fp32_path: P
     expected, _ = onnx_nf4.quantize_model(minilm_fp32_path, format="com.microsoft")
     ours = {init.name: init.raw_data for init in model.graph.initializer}
     assert ours == {init.name: init.raw_data for init in expected.graph.initializer}
+
+
+def test_gptq_reads_its_calibration_batches_from_an_olive_data_config(tmp_path: Path) -> None:
+    from onnx_nf4.olive.quantization import calibration_batches
+
+    path = str(linear_model(tmp_path / "m.onnx"))
+    data_config = {"name": "x", "type": "DummyDataContainer", "load_dataset_config": {
+        "input_shapes": [[1, 64]], "input_names": ["x"], "input_types": ["float32"]}}  # fmt: skip
+    batches = calibration_batches(data_config, path)
+    feeds = list(batches())
+    assert feeds and all(set(f) == {"x"} and f["x"].shape == (1, 64) and f["x"].dtype == np.float32 for f in feeds)
+    options = build_options(pass_config(method="gptq", min_elements=0), {}, path)
+    _, report = onnx_nf4.quantize_model(path, options=options, calibration=batches)
+    assert len(report.layers) == 2 and all(layer.output_error is not None for layer in report.layers)

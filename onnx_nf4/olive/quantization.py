@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ class OnnxNF4Quantization(Pass):
         options = build_options(config, model.model_attributes or {}, model.model_path)
         calibration = None
         if config.data_config is not None:
-            calibration = calibration_batches(config.data_config)
+            calibration = calibration_batches(config.data_config, model.model_path)
         _, report = quantize_model(
             model.model_path, output_path, options, external_data=config.save_as_external_data, calibration=calibration
         )
@@ -214,13 +214,31 @@ def _linear_node_names(model_path: str) -> list[str]:
     return names
 
 
-def calibration_batches(data_config: DataConfig | dict) -> Any:
-    """A callable returning the calibration feed dicts (numpy) of an Olive ``data_config``'s dataloader."""
+def calibration_batches(
+    data_config: DataConfig | dict, model_path: str
+) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """A callable returning the calibration feed dicts (numpy) of an Olive ``data_config``'s dataloader.
+
+    A batch is ``(inputs, label)`` or ``inputs`` (Olive's ``extract_input_data``); ``inputs`` is a dict by input name,
+    or one tensor / a sequence of tensors in the order of the model's graph inputs.
+    """
     container = validate_config(data_config, DataConfig).to_data_container()
+    model = onnx.load(model_path, load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    input_names = [value.name for value in model.graph.input if value.name not in initializers]
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
         for batch in container.create_dataloader():
-            data = batch[0] if isinstance(batch, (tuple, list)) else batch
-            yield {name: np.asarray(value) for name, value in data.items()}
+            data = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+            if isinstance(data, dict):
+                yield {name: np.asarray(value) for name, value in data.items()}
+                continue
+            values = list(data) if isinstance(data, (tuple, list)) else [data]
+            if len(values) != len(input_names):
+                raise ValueError(
+                    f"a calibration batch holds {len(values)} unnamed tensor(s) but the model has {len(input_names)} "
+                    f"inputs {input_names}: give the batches as dicts by input name"
+                )
+            yield {name: np.asarray(value) for name, value in zip(input_names, values, strict=True)}
 
     return batches
