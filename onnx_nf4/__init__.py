@@ -27,6 +27,7 @@ from .codec.codebook import NF4_CODE, NF4_THRESHOLDS
 from .codec.layout import QuantizedWeight, dequantize_weight, quantize_weight
 from .genai.export import export_genai
 from .genai.folder import quantize_genai_folder
+from .genai.perplexity import PerplexityResult, perplexity
 from .op import schema
 from .op.reference import REFERENCE_OPS, MatMulNF4
 from .op.sysinfo import SystemInfo, info
@@ -44,6 +45,7 @@ __all__ = [
     "REFERENCE_OPS",
     "DequantizeNF4Pass",
     "MatMulNF4",
+    "PerplexityResult",
     "QuantizationReport",
     "QuantizeNF4Pass",
     "QuantizeOptions",
@@ -56,6 +58,7 @@ __all__ = [
     "dequantize_weight",
     "export_genai",
     "info",
+    "perplexity",
     "quantize_blockwise",
     "quantize_genai_folder",
     "quantize_model",

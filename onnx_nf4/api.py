@@ -62,6 +62,7 @@ def quantize_model(
     accuracy_level: int | None = None,
     method: str | None = None,
     calibration: CalibrationData | None = None,
+    calibration_passes: int | None = None,
     on_progress: ProgressCallback | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> tuple[onnx.ModelProto | None, QuantizationReport]:
@@ -101,6 +102,9 @@ def quantize_model(
         calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
             the graph inputs, one batch), a sequence of feed dicts, or a callable returning an iterable of feed
             dicts (:mod:`onnx_nf4.methods.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
+        calibration_passes: ``method="gptq"``: ``None`` (default) runs the model over the calibration data once
+            per wave of layers; a number merges the waves into about that many runs (deep models, see
+            :func:`onnx_nf4.methods.calibrated.quantize_with_calibration`).
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
 
     Returns:
@@ -136,7 +140,7 @@ def quantize_model(
     quantize = QuantizeNF4Pass(options, on_progress=on_progress, prequantized=prequantized)
     output_errors: dict[str, float] = {}
     if calibration is not None:
-        calibrated, output_errors = _gptq_weights(model, quantize, calibration, on_progress)
+        calibrated, output_errors = _gptq_weights(model, quantize, calibration, calibration_passes, on_progress)
         quantize.prequantized = {**calibrated, **quantize.prequantized}
     report = quantize(model).report
     if output_errors:
@@ -150,6 +154,7 @@ def _gptq_weights(
     model: ir.Model,
     quantize: QuantizeNF4Pass,
     calibration: CalibrationData,
+    passes: int | None,
     on_progress: ProgressCallback | None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """GPTQ weights for ``quantize.prequantized``, and their output errors, keyed by weight name.
@@ -179,6 +184,7 @@ def _gptq_weights(
         block_size=options.block_size,
         double_quant=options.double_quant,
         scales_in_weight_dtype=options.format != "onnx_nf4",  # MatMulBnb4 stores the absmax in T
+        passes=passes,
         on_progress=on_progress,
     )
     return (

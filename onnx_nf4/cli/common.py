@@ -29,9 +29,11 @@ __all__ = [
     "CommandParser",
     "Progress",
     "UsageError",
+    "add_calibration_options",
     "add_external_data_option",
     "add_format_options",
     "add_quantize_options",
+    "check_calibration_options",
     "check_output_path",
     "file_bytes",
     "non_negative_int",
@@ -161,6 +163,35 @@ def quantize_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"block_size": args.block_size, "double_quant": args.double_quant, "exclude": tuple(args.exclude or ())}
 
 
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """``--calibration`` and ``--calibration-tokens`` (``--method gptq``)."""
+    parser.add_argument(
+        "--calibration",
+        metavar="TEXT_OR_NPZ",
+        type=Path,
+        help="--method gptq: an .npz with one batch of the model's inputs, arrays named after the graph inputs "
+        "(rows where an attention_mask input is 0 are left out); for an onnxruntime-genai folder also a UTF-8 "
+        "text file, tokenized with the folder's tokenizer and cut into windows of 512 tokens (or an .npz with "
+        "input_ids; the other decoder inputs are those of a prefill)",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        metavar="N",
+        type=non_negative_int,
+        help="genai folders: read at most N tokens of a calibration text (default 4096)",
+    )
+
+
+def check_calibration_options(args: argparse.Namespace) -> None:
+    """Refuse ``--method gptq`` without ``--calibration`` (and the reverse) or a calibration file that is missing."""
+    if args.method == "gptq" and args.calibration is None:
+        raise UsageError("--method gptq needs --calibration TEXT_OR_NPZ (the model's inputs)")
+    if args.method != "gptq" and (args.calibration is not None or args.calibration_tokens is not None):
+        raise UsageError(f"--calibration is used by --method gptq only, not by --method {args.method}")
+    if args.calibration is not None and not args.calibration.is_file():
+        raise CLIError(f"{args.calibration}: calibration file not found")
+
+
 def add_external_data_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--external-data`` / ``--no-external-data`` (``args.external_data``: ``True``, ``False`` or ``None``)."""
     parser.add_argument(
@@ -244,9 +275,10 @@ class Progress:
     the work done until then rather than the instant between the bar's creation and its first update.
     """
 
-    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, stream: TextIO | None = None, *, unit: str = "layer") -> None:
         self._enabled = enabled
         self._stream = stream
+        self._unit = unit
         self._bar: Any = None
 
     def update(self, done: int, total: int, layer: str) -> None:
@@ -265,7 +297,7 @@ class Progress:
 
             self._bar = tqdm(
                 total=None,
-                unit="layer",
+                unit=self._unit,
                 file=self._stream or sys.stderr,
                 leave=False,
                 mininterval=0,

@@ -6,6 +6,7 @@ Subcommands:
   ``com.microsoft::MatMulBnb4``), with a progress bar on stderr and a per-layer report on stdout.
 * ``inspect MODEL``: what is quantized, block sizes, bits per weight (either format, or a float model).
 * ``dequantize IN OUT``: back to float ``MatMul`` (for debugging).
+* ``perplexity FOLDER TEXT``: perplexity of an onnxruntime-genai folder on a text file.
 * ``info``: versions, the custom-op library, the CPU kernel set chosen, CUDA support (:mod:`onnx_nf4.op.sysinfo`).
 
 Every expected failure (unreadable or invalid model, bad option, write error) is reported as one line
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from google.protobuf.message import DecodeError
 
 from ..version import __version__
-from . import dequantize, export_bnb, export_genai, info, inspect, quantize
+from . import dequantize, export_bnb, export_genai, info, inspect, perplexity, quantize
 from .common import PROG, CLIError, CommandParser, UsageError, usage_line
 
 __all__ = ["SUBCOMMAND_PROVIDERS", "build_parser", "main"]
@@ -37,7 +38,7 @@ __all__ = ["SUBCOMMAND_PROVIDERS", "build_parser", "main"]
 #: ``add_arguments(parser)`` and ``run(args) -> int``, which reports an expected failure by raising
 #: :class:`CLIError` (or :class:`UsageError`), ``OSError`` or ``ValueError``; it imports its optional dependencies
 #: inside ``run``.
-SUBCOMMANDS = (quantize, inspect, dequantize, info, export_bnb, export_genai)
+SUBCOMMANDS = (quantize, inspect, dequantize, info, export_bnb, export_genai, perplexity)
 
 #: Subcommands defined outside this package, as ``"module:function"``. ``function(subparsers)`` receives the
 #: ``argparse`` sub-parsers action, adds its parser with ``subparsers.add_parser(...)`` and sets

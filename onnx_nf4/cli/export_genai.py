@@ -7,9 +7,20 @@ Registered by :mod:`onnx_nf4.cli.entry`; the work is
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from .common import CLIError, add_format_options, add_quantize_options, print_folder_reports, quantize_options
+from ..methods import METHODS
+from .common import (
+    CLIError,
+    Progress,
+    add_calibration_options,
+    add_format_options,
+    add_quantize_options,
+    check_calibration_options,
+    print_folder_reports,
+    quantize_options,
+)
 
 __all__ = ["DESCRIPTION", "HELP", "NAME", "add_arguments", "run"]
 
@@ -53,6 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quantize_options(parser)
     add_format_options(parser)
     parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="rtn",
+        help="float checkpoints: how codes and block scales are chosen (see onnx-nf4 quantize --help; default rtn)",
+    )
+    add_calibration_options(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
         "--builder-option",
         metavar="KEY=VALUE",
         type=_key_value,
@@ -65,16 +84,21 @@ def run(args: argparse.Namespace) -> int:
     """Run ``onnx-nf4 export-genai`` with the parsed ``args``; returns the exit status."""
     from ..genai.export import BuilderError, export_genai
 
-    options = quantize_options(args, format=args.format, accuracy_level=args.accuracy_level)
+    options = quantize_options(args, format=args.format, accuracy_level=args.accuracy_level, method=args.method)
+    check_calibration_options(args)
     try:
-        reports = export_genai(
-            args.hf_dir,
-            args.output,
-            options,
-            execution_provider=args.execution_provider,
-            quantize_float=args.quantize_float,
-            builder_options=dict(args.builder_option or ()),
-        )
+        with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+            reports = export_genai(
+                args.hf_dir,
+                args.output,
+                options,
+                execution_provider=args.execution_provider,
+                quantize_float=args.quantize_float,
+                builder_options=dict(args.builder_option or ()),
+                calibration=args.calibration,
+                calibration_tokens=args.calibration_tokens,
+                on_progress=progress.update,
+            )
     except BuilderError as err:
         raise CLIError(str(err)) from None
     print_folder_reports(reports, None, args.output)

@@ -12,9 +12,11 @@ from .common import (
     CLIError,
     Progress,
     UsageError,
+    add_calibration_options,
     add_external_data_option,
     add_format_options,
     add_quantize_options,
+    check_calibration_options,
     check_output_path,
     file_bytes,
     non_negative_int,
@@ -51,15 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="rtn",
         help="how codes and block scales are chosen (same format): rtn = round to nearest at the absmax, "
         "byte for byte onnxruntime's quantizer (default); mse = per block, the scale minimizing its squared "
-        "error (data-free); gptq = codes with error feedback on calibration data (needs --calibration)",
+        "error weighted towards the large weights (data-free); gptq = codes with error feedback on calibration "
+        "data (needs --calibration)",
     )
-    parser.add_argument(
-        "--calibration",
-        metavar="FILE.npz",
-        type=Path,
-        help="--method gptq: one batch of the model's inputs, arrays named after the graph inputs "
-        "(rows where an attention_mask input is 0 are left out)",
-    )
+    add_calibration_options(parser)
     parser.add_argument(
         "--min-elements",
         metavar="N",
@@ -101,16 +98,11 @@ def run(args: argparse.Namespace) -> int:
         accuracy_level=args.accuracy_level,
         method=args.method,
     )
-    if args.method == "gptq" and args.calibration is None:
-        raise UsageError("--method gptq needs --calibration FILE.npz (the model's inputs)")
-    if args.method != "gptq" and args.calibration is not None:
-        raise UsageError(f"--calibration is used by --method gptq only, not by --method {args.method}")
+    check_calibration_options(args)
     if args.input.is_dir():
-        if args.method == "gptq":
-            raise UsageError("--method gptq calibrates one model file, not an onnxruntime-genai folder")
         return _quantize_folder(args, options)
-    if args.calibration is not None and not args.calibration.is_file():
-        raise CLIError(f"{args.calibration}: calibration file not found")
+    if args.calibration_tokens is not None:
+        raise UsageError("--calibration-tokens applies to a text calibration of a genai folder")
     check_output_path(args.output)
     input_bytes = file_bytes(args.input)
     with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
@@ -132,6 +124,13 @@ def _quantize_folder(args: argparse.Namespace, options: QuantizeOptions) -> int:
             "(IN must be an ONNX model file or an onnxruntime-genai model folder)"
         )
     with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        reports = quantize_genai_folder(args.input, args.output, options, on_progress=progress.update)
+        reports = quantize_genai_folder(
+            args.input,
+            args.output,
+            options,
+            calibration=args.calibration,
+            calibration_tokens=args.calibration_tokens,
+            on_progress=progress.update,
+        )
     print_folder_reports(reports, args.input, args.output)
     return 0

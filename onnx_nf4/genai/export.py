@@ -34,6 +34,7 @@ import numpy as np
 
 from ..codec.layout import QuantizedWeight, dequantize_weight
 from ..model.io import load_model
+from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
 from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
@@ -209,6 +210,11 @@ def export_genai(
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
     accuracy_level: int | None = None,
+    method: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_tokens: int | None = None,
+    calibration_passes: int | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, QuantizationReport]:
     """Export a transformers checkpoint folder to an onnxruntime-genai folder with NF4 weights.
 
@@ -225,6 +231,10 @@ def export_genai(
             float checkpoint is always quantized.
         builder_options: extra options for the model builder (its ``--extra_options``, e.g.
             ``{"fuse_mlp_gate_up": True}``).
+        method, calibration, calibration_tokens, calibration_passes: a float checkpoint only, as in
+            :func:`onnx_nf4.genai.folder.quantize_genai_folder` (``method="gptq"`` calibrates the built decoder on
+            a text file, tokenized with the checkpoint's tokenizer, or an ``.npz`` of decoder inputs).
+        on_progress: ``on_progress(done, total, layer)`` while a float checkpoint's folder is quantized.
 
     Returns:
         The quantization report of each model file of the folder.
@@ -247,10 +257,19 @@ def export_genai(
         exclude=exclude,
         min_elements=min_elements,
         accuracy_level=accuracy_level,
+        method=method,
     )
+    if options.method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs calibration data (a text file or an .npz of decoder inputs)")
+    if options.method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
     require_library(options)
     precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
+    if kind.bnb_nf4 and options.method != "rtn":
+        raise CheckpointError(
+            f"method {options.method!r} chooses codes for float weights; a bitsandbytes checkpoint keeps its own"
+        )
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
     if kind.double_quant and options.format != "onnx_nf4":
@@ -266,7 +285,15 @@ def export_genai(
         built = Path(work) / "genai_float"
         if not kind.bnb_nf4:
             run_builder(hf_dir, built, **build)
-            return quantize_genai_folder(built, out_dir, options)
+            return quantize_genai_folder(
+                built,
+                out_dir,
+                options,
+                calibration=calibration,
+                calibration_tokens=calibration_tokens,
+                calibration_passes=calibration_passes,
+                on_progress=on_progress,
+            )
         layers = write_float_checkpoint(hf_dir, Path(work) / "hf_float")
         run_builder(Path(work) / "hf_float", built, **build)
 

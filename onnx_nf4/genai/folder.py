@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,21 @@ from ..model.io import external_tensors, load_model
 from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
+from .config import (
+    GENAI_CONFIG,
+    GenaiFolderError,
+    config_sections,
+    decoder_section,
+    is_genai_folder,
+    model_filenames,
+    path_inside,
+    read_genai_config,
+)
 
 __all__ = [
     "GENAI_CONFIG",
     "GenaiFolderError",
+    "decoder_section",
     "is_genai_folder",
     "model_filenames",
     "quantize_genai_folder",
@@ -42,66 +53,8 @@ __all__ = [
     "write_genai_folder",
 ]
 
-#: The configuration file that makes a folder an onnxruntime-genai model.
-GENAI_CONFIG = "genai_config.json"
-
 #: ``quantize_file(source, destination, external_data) -> report``: writes the quantized model ``destination``.
 QuantizeFile = Callable[[Path, Path, bool | None], QuantizationReport]
-
-
-class GenaiFolderError(ValueError):
-    """A folder that is not a usable onnxruntime-genai model, or an output folder that cannot be written."""
-
-
-def is_genai_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory holding ``genai_config.json``."""
-    return (Path(path) / GENAI_CONFIG).is_file()
-
-
-def read_genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``genai_config.json`` of ``folder``.
-
-    Raises:
-        GenaiFolderError: ``folder`` is not a directory, has no config, or the config is not a JSON object.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise GenaiFolderError(f"{folder}: not a directory")
-    path = folder / GENAI_CONFIG
-    if not path.is_file():
-        raise GenaiFolderError(f"{folder}: no {GENAI_CONFIG} (not an onnxruntime-genai model folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GenaiFolderError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise GenaiFolderError(f"{path}: expected a JSON object with a 'model' section")
-    return config
-
-
-def _sections(node: Any) -> Iterator[dict[str, Any]]:
-    """Every JSON object of ``node`` (recursively) that has a string ``"filename"`` ending in ``.onnx``."""
-    if isinstance(node, dict):
-        filename = node.get("filename")
-        if isinstance(filename, str) and filename.endswith(".onnx"):
-            yield node
-        for value in node.values():
-            yield from _sections(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _sections(value)
-
-
-def model_filenames(config: Mapping[str, Any]) -> list[str]:
-    """The ONNX model files a genai config names (``"filename"`` keys ending in ``.onnx``), in order, once each."""
-    return list(dict.fromkeys(section["filename"] for section in _sections(config.get("model", {}))))
-
-
-def _inside(folder: Path, name: str) -> Path:
-    path = (folder / name).resolve()
-    if not path.is_relative_to(folder.resolve()):
-        raise GenaiFolderError(f"{folder / GENAI_CONFIG}: model file {name!r} is outside the folder")
-    return path
 
 
 def _data_files(model_path: Path) -> set[Path]:
@@ -138,7 +91,7 @@ def _copy(files: list[Path], in_dir: Path, stage: Path) -> None:
 
 
 def _set_library(config: dict[str, Any], filenames: set[str], library_name: str) -> None:
-    for section in _sections(config.get("model", {})):
+    for section in config_sections(config.get("model", {})):
         if section["filename"] not in filenames:
             continue
         options = section.setdefault("session_options", {})
@@ -188,7 +141,7 @@ def write_genai_folder(
     names = model_filenames(config)
     if not names:
         raise GenaiFolderError(f"{in_dir / GENAI_CONFIG}: names no .onnx model file")
-    sources = {name: _inside(in_dir, name) for name in names}
+    sources = {name: path_inside(in_dir, name) for name in names}
     for name, source in sources.items():
         if not source.is_file():
             raise GenaiFolderError(f"{in_dir / GENAI_CONFIG}: model file {name!r} not found in {in_dir}")
@@ -236,6 +189,10 @@ def quantize_genai_folder(
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
     accuracy_level: int | None = None,
+    method: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_tokens: int | None = None,
+    calibration_passes: int | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> dict[str, QuantizationReport]:
     """Quantize an onnxruntime-genai model folder into a new folder that onnxruntime-genai loads as it is.
@@ -246,6 +203,13 @@ def quantize_genai_folder(
         options: the :class:`~onnx_nf4.QuantizeOptions` of every model; the keyword arguments override its
             fields as in :func:`onnx_nf4.quantize_model`. ``external_data`` ``None`` (default) keeps each model's
             layout: a model with external data is written with external data.
+        calibration: ``method="gptq"``: a text file or an ``.npz`` of decoder inputs
+            (:func:`onnx_nf4.genai.calibration.decoder_calibration`); only the decoder is calibrated, so a folder
+            naming other models is refused.
+        calibration_tokens: at most this many tokens of a calibration text (default
+            :data:`~onnx_nf4.genai.calibration.DEFAULT_CALIBRATION_TOKENS`).
+        calibration_passes: runs of the decoder over the calibration data (default
+            :data:`~onnx_nf4.genai.calibration.DEFAULT_CALIBRATION_PASSES`).
         on_progress: ``on_progress(done, total, weight_name)``, per model file.
 
     Returns:
@@ -266,12 +230,29 @@ def quantize_genai_folder(
         exclude=exclude,
         min_elements=min_elements,
         accuracy_level=accuracy_level,
+        method=method,
     )
+    if options.method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs calibration data (a text file or an .npz of decoder inputs)")
+    if options.method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
     require_library(options)
+    batches = None
+    if calibration is not None:
+        from .calibration import DEFAULT_CALIBRATION_PASSES, DEFAULT_CALIBRATION_TOKENS, decoder_calibration
+
+        names = model_filenames(read_genai_config(in_dir))
+        decoder = decoder_section(in_dir)["filename"]
+        if names != [decoder]:
+            raise GenaiFolderError(f"{in_dir}: method 'gptq' calibrates the decoder only; the config also names "
+                                   f"{[name for name in names if name != decoder]}")  # fmt: skip
+        batches = decoder_calibration(in_dir, calibration, max_tokens=calibration_tokens or DEFAULT_CALIBRATION_TOKENS)
+        calibration_passes = calibration_passes or DEFAULT_CALIBRATION_PASSES
 
     def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
         file_options = options if options.external_data is not None else options.replace(external_data=external_data)
-        _, report = quantize_model(source, target, file_options, on_progress=on_progress)
+        _, report = quantize_model(source, target, file_options, calibration=batches,
+                                   calibration_passes=calibration_passes, on_progress=on_progress)  # fmt: skip
         return report
 
     return write_genai_folder(in_dir, out_dir, quantize_file)

@@ -6,8 +6,9 @@ stock onnxruntime. Only the choice differs:
 
 * ``rtn``: scale = the block's absmax, each code the nearest; byte for byte onnxruntime's
   ``MatMulBnb4Quantizer`` and bitsandbytes (:func:`onnx_nf4.codec.layout.quantize_weight`).
-* ``mse``: per block, the scale minimizing the block's squared error (:mod:`onnx_nf4.methods.mse`), then the
-  nearest codes at the scale actually stored (:mod:`onnx_nf4.methods.storage`).
+* ``mse``: per block, the scale minimizing the block's squared error weighted towards its large weights
+  (:mod:`onnx_nf4.methods.mse`), then the nearest codes at the scale actually stored
+  (:mod:`onnx_nf4.methods.storage`).
 * ``gptq``: the ``mse`` scales, then codes chosen row by row along K with error feedback weighted by the layer's
   input statistics ``H = X^T X`` (:mod:`onnx_nf4.methods.gptq`), collected on calibration data
   (:mod:`onnx_nf4.methods.calibration`).
@@ -28,7 +29,7 @@ from ..codec.layout import QuantizedWeight, quantize_weight
 from ..codec.validation import as_float_array, check_block_size, check_finite
 from .gptq import DEFAULT_DAMP, PreparedHessian, gptq_codes
 from .grid import reciprocal, scaled_codes
-from .mse import block_errors, search_scales
+from .mse import block_errors, block_weights, search_scales
 from .storage import store_scales
 
 __all__ = [
@@ -43,8 +44,8 @@ __all__ = [
 
 #: How codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same for all): ``"rtn"``,
 #: each element to its nearest code with the block's absmax as scale (byte for byte onnxruntime's quantizer);
-#: ``"mse"``, per block the scale minimizing the block's squared error (data-free); ``"gptq"``, codes with error
-#: feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
+#: ``"mse"``, per block the scale minimizing the block's weighted squared error (data-free); ``"gptq"``, codes with
+#: error feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
 METHODS = ("rtn", "mse", "gptq")
 
 
@@ -127,7 +128,7 @@ def encode_weight(
             raise ValueError(f"tensor {name!r}: the Hessian is {hessian.size} x {hessian.size}, expected {K} x {K}")
     k_blocks = -(-K // bs)
     blocks = weight_blocks(w, bs)
-    errors = (lambda scales: block_errors(blocks, scales)) if double_quant else None
+    errors = (lambda scales: block_errors(blocks, scales, block_weights(blocks))) if double_quant else None
     stored = store_scales(search_scales(blocks).reshape(N, k_blocks), double_quant=double_quant,
                           dtype=scale_dtype, block_errors=errors)  # fmt: skip
     if method == "mse":

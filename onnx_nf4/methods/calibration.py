@@ -197,8 +197,8 @@ class ActivationCollector:
             on_batch: called with the number of batches done after each one.
 
         Raises:
-            ValueError: no batch, a batch whose names do not match the graph inputs, or an activation whose last
-                axis changes between batches.
+            ValueError: no batch, a batch whose names do not match the graph inputs, an activation that is not
+                finite, or an activation whose last axis changes between batches.
         """
         wanted = list(dict.fromkeys(activations))
         fetch = [name for name in dict.fromkeys(name for name, _ in wanted) if name not in self.input_names]
@@ -221,6 +221,11 @@ class ActivationCollector:
                 if h.matrix.shape[0] != x.shape[1]:
                     raise ValueError(f"activation {name!r} has {x.shape[1]} features in batch {count - 1}, "
                                      f"{h.matrix.shape[0]} before")  # fmt: skip
+                if not np.all(np.isfinite(x)):
+                    raise ValueError(
+                        f"calibration batch {count - 1}: activation {name!r} holds NaN or Inf (the model overflows "
+                        "on this input, or the input itself is not finite); GPTQ needs finite statistics"
+                    )
                 h.add(x)
             del results
             if on_batch is not None:
