@@ -97,7 +97,7 @@ def test_example_runs_and_reports_sizes_accuracy_and_search(minilm, tmp_path: Pa
     results = [run_cli(command, tmp_path) for command in commands]
     for command, result in zip(commands, results, strict=True):
         assert result.returncode == 0, (command, result.stderr[-2000:])
-    assert "4.500 bits per weight" in results[0].stdout
+    assert "4.762 bits per weight" in results[0].stdout  # MatMuls at block 64, the word embedding at 32
     assert "double quantization" in results[1].stdout
     assert "com.microsoft" in results[2].stdout
     assert (work / "minilm_nf4_dq.onnx").exists() and (work / "minilm_nf4_dequantized.onnx").exists()
