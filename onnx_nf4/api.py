@@ -56,6 +56,8 @@ def quantize_model(
     format: str | None = None,
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
+    embedding_min_rows: int | None = None,
+    embedding_block_size: int | None = None,
     external_data: bool | None = None,
     accuracy_level: int | None = None,
     method: str | None = None,
@@ -78,6 +80,12 @@ def quantize_model(
         exclude: regular expressions searched in node names and weight names; matches stay float.
         min_elements: weights with fewer elements stay float (default 4096, see
             :data:`onnx_nf4.passes.options.DEFAULT_MIN_ELEMENTS`).
+        embedding_min_rows: embedding tables (constant ``Gather`` data) with at least this many rows become NF4
+            lookups (default 16384: vocabularies, not position tables, see
+            :data:`onnx_nf4.passes.options.DEFAULT_EMBEDDING_MIN_ROWS`); a table tied to a quantized weight is
+            taken whatever its rows.
+        embedding_block_size: the block size of embedding tables and of the weights tied to them (default
+            ``min(block_size, 32)``, see :data:`onnx_nf4.passes.options.DEFAULT_EMBEDDING_BLOCK_SIZE`).
         external_data: with ``output_path``: ``True`` writes the tensors to ``<output file name>.data``,
             ``False`` keeps them in the protobuf, ``None`` (default) chooses external data when the input's or the
             output's tensors exceed 2 GB (writing a large input's NF4 output as one protobuf would need several
@@ -113,6 +121,8 @@ def quantize_model(
         "format": format,
         "exclude": exclude,
         "min_elements": min_elements,
+        "embedding_min_rows": embedding_min_rows,
+        "embedding_block_size": embedding_block_size,
         "external_data": external_data,
         "accuracy_level": accuracy_level,
         "method": method,

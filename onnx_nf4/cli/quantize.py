@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..methods import METHODS
-from ..passes.options import DEFAULT_MIN_ELEMENTS, QuantizeOptions
+from ..passes.options import DEFAULT_EMBEDDING_MIN_ROWS, DEFAULT_MIN_ELEMENTS, QuantizeOptions
 from .common import (
     CLIError,
     Progress,
@@ -31,9 +31,10 @@ __all__ = ["DESCRIPTION", "HELP", "NAME", "add_arguments", "run"]
 
 #: The subcommand's name, its line in ``onnx-nf4 --help`` and the paragraph of its own ``--help``.
 NAME = "quantize"
-HELP = "rewrite MatMul/Gemm layers with constant weights to NF4"
+HELP = "rewrite MatMul/Gemm layers with constant weights and embedding tables to NF4"
 DESCRIPTION = (
-    "Rewrite the MatMul/Gemm layers whose weight is a constant to NF4 and print a per-layer report. "
+    "Rewrite the MatMul/Gemm layers whose weight is a constant, and the vocabulary embedding (a Gather over a "
+    "constant table; a table tied to a MatMul/Gemm weight is stored once), to NF4 and print a per-layer report. "
     "OUT may equal IN: the model is written to a temporary file and then renamed."
 )
 
@@ -63,6 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MIN_ELEMENTS,
         help=f"leave weights with fewer than N elements in float (default {DEFAULT_MIN_ELEMENTS})",
     )
+    parser.add_argument(
+        "--embedding-min-rows",
+        metavar="ROWS",
+        type=non_negative_int,
+        default=DEFAULT_EMBEDDING_MIN_ROWS,
+        help="embedding tables (Gather over a constant table) with at least ROWS rows become NF4 lookups (default "
+        f"{DEFAULT_EMBEDDING_MIN_ROWS}: vocabularies, not position tables); a table tied to a quantized "
+        "MatMul/Gemm weight is taken whatever its size; --exclude keeps any table float",
+    )
+    parser.add_argument(
+        "--embedding-block-size",
+        metavar="BS",
+        type=int,
+        help="block size of the embedding tables and of the weights tied to them (default: the smaller of "
+        "--block-size and 32)",
+    )
     add_external_data_option(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -75,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         args,
         format=args.format,
         min_elements=args.min_elements,
+        embedding_min_rows=args.embedding_min_rows,
+        embedding_block_size=args.embedding_block_size,
         external_data=args.external_data,
         accuracy_level=args.accuracy_level,
         method=args.method,

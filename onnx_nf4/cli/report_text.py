@@ -39,7 +39,13 @@ def format_quantization_report(report: QuantizationReport) -> str:
         lines.append(render_table(("layer", "op", "reason"), rows, align="<<<"))
     if lines:
         lines.append("")
-    double = ", double quantization" if report.double_quant else ""
+    tables = any(layer.op_type == "Gather" for layer in report.layers)
+    double = (
+        f" (embedding tables {report.table_block_size})"
+        if tables and report.table_block_size != report.block_size
+        else ""
+    )
+    double += ", double quantization" if report.double_quant else ""
     double += f", accuracy level {report.accuracy_level}" if report.accuracy_level else ""
     if report.layers:
         distinct = sum(not layer.shared for layer in report.layers)
@@ -51,6 +57,19 @@ def format_quantization_report(report: QuantizationReport) -> str:
         lines.append(
             f"weights: {format_bytes(report.bytes_before)} -> {format_bytes(report.bytes_after)} "
             f"(size ratio {report.size_ratio:.4f}, {report.bits_per_weight:.3f} bits per weight)"
+        )
+    for title, weights in (
+        ("float copies kept (a node that was not rewritten reads them; counted above)", report.kept_float),
+        ("float weights no MatMul/Gemm/Gather reads (left float)", report.left_float),
+    ):
+        if weights:
+            lines.append(f"{title}:")
+            rows = [(w.name, "x".join(map(str, w.shape)), format_bytes(w.nbytes), w.reason) for w in weights]
+            lines.append(render_table(("tensor", "shape", "bytes", "reason"), rows, align="<<><"))
+    if report.tensor_bytes_before:
+        lines.append(
+            f"all constant tensors: {format_bytes(report.tensor_bytes_before)} -> "
+            f"{format_bytes(report.tensor_bytes_after)}"
         )
     already = report.already_quantized
     if already:

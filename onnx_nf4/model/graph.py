@@ -12,6 +12,7 @@ from ..op.contract import ONNX_DOMAINS
 __all__ = [
     "Initializers",
     "UniqueNames",
+    "constant_bytes",
     "constant_tensor",
     "float_attr",
     "int_attr",
@@ -132,3 +133,17 @@ def remove_unused_initializers(model: ir.Model) -> None:
         for name, value in list(graph.initializers.items()):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 del graph.initializers[name]
+
+
+def constant_bytes(model: ir.Model) -> int:
+    """Bytes of every constant tensor of ``model``: the initializers of every graph and the ``value`` of every
+    ``Constant`` node (in graphs and functions), from shapes and types (external data is not read)."""
+    total = sum(value.const_value.nbytes for graph in model.graphs() for value in graph.initializers.values()
+                if value.const_value is not None)  # fmt: skip
+    nodes = [*ir.traversal.RecursiveGraphIterator(model.graph)]
+    nodes += [node for function in model.functions.values() for node in ir.traversal.RecursiveGraphIterator(function)]
+    for node in nodes:
+        value = node.attributes.get("value") if node.op_type == "Constant" and node.domain in ONNX_DOMAINS else None
+        if value is not None and value.type == ir.AttributeType.TENSOR:
+            total += value.as_tensor().nbytes
+    return total

@@ -11,6 +11,9 @@ Recognized nodes (in the main graph and in control-flow subgraphs):
   optional double-quantization statistics); the optional bias (input 6) is not counted as weight storage.
 * ``com.microsoft::MatMulBnb4`` (onnxruntime's contrib op): codes ``B`` and ``absmax`` (inputs 1 and 2), attributes
   ``K``, ``N``, ``block_size``, ``quant_type`` (1 = NF4, 0 = FP4).
+* ``onnx_nf4.lookup::GatherNF4`` / ``GatherNF4DQ`` (:mod:`onnx_nf4.op.lookup`, an NF4 embedding table ``E[V, H]``):
+  shown as the weight ``[K = H, N = V]`` it stores (a tied ``MatMulNF4`` / ``MatMulBnb4`` reads the same tensors,
+  counted once); tensors read through a ``Reshape`` (``MatMulBnb4``'s flat bytes) are those of the ``Reshape``'s input.
 * ``MatMul`` / ``Gemm`` of the default domain, left in float: with their weight's shape when ``B`` is a constant
   in the sense of :mod:`onnx_nf4.passes.quantize` (an initializer that is not a graph input, or a ``Constant`` node).
 """
@@ -33,6 +36,7 @@ from ..op.contract import (
     is_bnb4,
     is_matmul_nf4,
 )
+from ..op.lookup import LookupInput, is_lookup
 from .graph import constant_tensor
 
 __all__ = ["FloatLayer", "ModelSummary", "QuantizedLayer", "summarize_model"]
@@ -46,7 +50,7 @@ class QuantizedLayer:
 
     Attributes:
         node: node name (``"<op_type>#<index>"`` when the node has none).
-        op: ``"onnx_nf4::MatMulNF4"`` or ``"com.microsoft::MatMulBnb4"``.
+        op: ``"onnx_nf4::MatMulNF4"``, ``"com.microsoft::MatMulBnb4"`` or ``"onnx_nf4.lookup::GatherNF4"`` (``DQ``).
         K: reduction size (rows of the equivalent ``MatMul`` weight ``W[K, N]``).
         N: output features (columns of ``W``).
         block_size: weight elements per absmax block.
@@ -202,6 +206,8 @@ def summarize_model(model: ir.Model) -> ModelSummary:
             summary.quantized.append(_quantized_layer(summary, node, name, WEIGHT_INPUTS))
         elif is_bnb4(node.domain, node.op_type):
             summary.quantized.append(_quantized_layer(summary, node, name, BNB4_WEIGHT_INPUTS))
+        elif is_lookup(node.domain, node.op_type):
+            summary.quantized.append(_lookup_layer(summary, node, name))
         elif node.domain in ONNX_DOMAINS and node.op_type in ("MatMul", "Gemm"):
             b = _input(node, Input.B)
             tensor = constant_tensor(b)
@@ -246,4 +252,38 @@ def _quantized_layer(summary: ModelSummary, node: ir.Node, name: str, weight_inp
         tensors=tuple(tensors),
         has_bias=is_nf4 and _input(node, Input.BIAS) is not None,
         accuracy_level=_int_attr(node, "accuracy_level") if is_nf4 else None,
+    )
+
+
+def _through_reshape(value: ir.Value | None) -> ir.Value | None:
+    """``value``, or the input of the ``Reshape`` that produces it (a lookup reading ``MatMulBnb4``'s flat bytes)."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Reshape" and producer.domain in ONNX_DOMAINS:
+        return producer.inputs[0]
+    return value
+
+
+def _lookup_layer(summary: ModelSummary, node: ir.Node, name: str) -> QuantizedLayer:
+    """Describe a ``GatherNF4`` / ``GatherNF4DQ`` node and record the bytes of its table's tensors."""
+    tensors = []
+    for position in list(LookupInput)[1:]:
+        value = _through_reshape(_input(node, position))
+        tensor = constant_tensor(value)
+        if value is not None and tensor is not None:
+            summary.tensor_bytes[value.name] = tensor.nbytes  # type: ignore[index]
+            tensors.append(value.name)
+    packed = _input(node, LookupInput.PACKED)
+    shape = packed.shape if packed is not None else None
+    known = shape is not None and len(shape) == 3 and all(isinstance(d, int) for d in shape)
+    absmax = _through_reshape(_input(node, LookupInput.ABSMAX))
+    return QuantizedLayer(
+        node=name,
+        op=f"{node.domain}::{node.op_type}",
+        K=_int_attr(node, "row_size"),
+        N=int(shape[0]) if known else 0,  # type: ignore[index]
+        block_size=2 * int(shape[2]) if known else 0,  # type: ignore[index]
+        quant_type="NF4",
+        double_quant=absmax is not None and absmax.dtype == ir.DataType.UINT8,
+        tensors=tuple(tensors),  # type: ignore[arg-type]
+        has_bias=False,
     )

@@ -27,6 +27,7 @@ from .contract import (
     expected_shapes,
     shape_mismatch,
 )
+from .lookup import register_lookup_schemas
 
 __all__ = ["DOMAIN", "MS_DOMAIN", "OPSET_VERSION", "OP_TYPE", "is_registered", "register"]
 
@@ -148,7 +149,9 @@ def is_registered() -> bool:
 
 
 def register() -> None:
-    """Register the ``MatMulNF4`` schema with ``onnx.defs`` (a no-op when it is already registered)."""
+    """Register the ``MatMulNF4`` schema, and those of the NF4 embedding lookup (:mod:`.lookup`), with
+    ``onnx.defs`` (a no-op when they are already registered)."""
     with _lock:
         if not is_registered():
             defs.register_schema(_build_schema())
+    register_lookup_schemas()

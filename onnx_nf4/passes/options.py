@@ -17,13 +17,34 @@ from ..codec.validation import check_block_size
 from ..methods import METHODS
 from ..op.contract import DOMAIN, MS_DOMAIN
 
-__all__ = ["ACCURACY_LEVELS", "DEFAULT_MIN_ELEMENTS", "FORMATS", "METHODS", "QuantizeOptions"]
+__all__ = [
+    "ACCURACY_LEVELS",
+    "DEFAULT_EMBEDDING_BLOCK_SIZE",
+    "DEFAULT_EMBEDDING_MIN_ROWS",
+    "DEFAULT_MIN_ELEMENTS",
+    "FORMATS",
+    "METHODS",
+    "QuantizeOptions",
+]
 
 #: Weights with fewer elements are kept in float. 4096 elements (e.g. 64 x 64) is 16 KiB of float32: below it
 #: NF4 saves less than 14 KiB per weight, while such small matrices (classifier heads, gates, projections to a
 #: handful of outputs) are where the 4-bit error is least diluted; an extra custom op also costs more than the
 #: bytes it saves. Every MatMul of a transformer layer is far above it.
 DEFAULT_MIN_ELEMENTS = 4096
+
+#: Embedding tables (constant ``Gather`` data) with fewer rows stay float, unless the same values are a quantized
+#: ``MatMul`` / ``Gemm`` weight (a tied embedding, stored once). Vocabularies have 30k rows and more (BERT 30522,
+#: Llama 32000, GPT-2 50257, SmolLM2 49152); learned position tables 512 to 8192 rows and token-type tables 2: a
+#: vocabulary is large (most of a small model's file) and each token reads one row, whereas a position table is
+#: small and adds its error to every token.
+DEFAULT_EMBEDDING_MIN_ROWS = 16384
+
+#: The largest block size of embedding tables (and of the weights tied to them) by default: a token reads one row,
+#: so a row's error is the token's whole input; and a tied table is also the ``lm_head``, whose error every logit
+#: carries. Measured on SmolLM2-135M (tied, block 64 elsewhere): the tied table at block 64 raised the perplexity
+#: 2.2 % above the folder with a float table, at block 32 it is below it (docs/embeddings.md).
+DEFAULT_EMBEDDING_BLOCK_SIZE = 32
 
 #: Output formats: ``onnx_nf4::MatMulNF4`` and onnxruntime's ``com.microsoft::MatMulBnb4``.
 FORMATS = (DOMAIN, MS_DOMAIN)
@@ -44,7 +65,12 @@ class QuantizeOptions:
         format: ``"onnx_nf4"`` (``onnx_nf4::MatMulNF4``) or ``"com.microsoft"`` (``MatMulBnb4``).
         exclude: regular expressions; a node whose name or weight name matches one (``re.search``) stays float.
             A single string is one pattern.
-        min_elements: weights with fewer elements stay float (>= 0).
+        min_elements: weights with fewer elements stay float (>= 0); embedding tables too.
+        embedding_min_rows: embedding tables (the constant 2-D float data of a ``Gather`` on axis 0) with at
+            least this many rows become NF4 lookups (``onnx_nf4.lookup::GatherNF4``); a table with the values of a
+            quantized ``MatMul`` / ``Gemm`` weight (tied) is taken whatever its rows, and stored once.
+        embedding_block_size: the block size of embedding tables and of the weights tied to them; ``None``
+            (default): ``min(block_size, DEFAULT_EMBEDDING_BLOCK_SIZE)``.
         external_data: for a written model: ``True`` writes the tensors to ``<file name>.data``, ``False`` keeps
             them in the protobuf, ``None`` decides by size (above 2 GB: external).
         accuracy_level: the ``MatMulNF4`` attribute written on every node, one of :data:`ACCURACY_LEVELS`
@@ -58,6 +84,8 @@ class QuantizeOptions:
     format: str = "onnx_nf4"
     exclude: tuple[str, ...] = ()
     min_elements: int = DEFAULT_MIN_ELEMENTS
+    embedding_min_rows: int = DEFAULT_EMBEDDING_MIN_ROWS
+    embedding_block_size: int | None = None
     external_data: bool | None = None
     accuracy_level: int = 0
     method: str = "rtn"
@@ -80,6 +108,11 @@ class QuantizeOptions:
         if int(self.min_elements) < 0:
             raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
         set_(self, "min_elements", int(self.min_elements))
+        if int(self.embedding_min_rows) < 0:
+            raise ValueError(f"embedding_min_rows must be >= 0, got {self.embedding_min_rows}")
+        set_(self, "embedding_min_rows", int(self.embedding_min_rows))
+        if self.embedding_block_size is not None:
+            set_(self, "embedding_block_size", check_block_size(self.embedding_block_size))
         if self.external_data is not None:
             set_(self, "external_data", bool(self.external_data))
         if self.accuracy_level not in ACCURACY_LEVELS:
@@ -89,6 +122,13 @@ class QuantizeOptions:
             raise ValueError("accuracy_level is not supported by com.microsoft::MatMulBnb4; use format='onnx_nf4'")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    @property
+    def table_block_size(self) -> int:
+        """The block size of embedding tables (and tied weights): :attr:`embedding_block_size` when set."""
+        if self.embedding_block_size is not None:
+            return self.embedding_block_size
+        return min(self.block_size, DEFAULT_EMBEDDING_BLOCK_SIZE)
 
     @property
     def patterns(self) -> tuple[re.Pattern[str], ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LayerReport", "QuantizationReport", "SkippedLayer"]
+__all__ = ["FloatWeight", "LayerReport", "QuantizationReport", "SkippedLayer"]
 
 
 @dataclass(frozen=True)
@@ -12,16 +12,17 @@ class LayerReport:
     """One rewritten node.
 
     Attributes:
-        node: name of the rewritten node (``MatMul`` / ``Gemm``).
+        node: name of the rewritten node (``MatMul`` / ``Gemm``, or the ``Gather`` of an embedding table).
         weight: name of its weight initializer (a weight shared by several nodes appears once per node,
             with ``shared=True`` after the first).
-        shape: ``(K, N)`` of the weight as used by the node.
+        shape: ``(K, N)`` of the weight as used by the node; for a ``Gather`` over ``E[V, H]``, ``(H, V)``: the
+            ``MatMul`` weight ``E.T`` whose layout the lookup reads (that of a tied ``lm_head``).
         bytes_before: bytes of the float weight.
         bytes_after: bytes of this weight's NF4 tensors (codes, absmax, and with double quantization the nested
             absmax and offset; the 256-entry nested code table, one per graph, is in
             :attr:`QuantizationReport.shared_bytes`).
         rel_rms_error: ``rms(W - dequant(W)) / rms(W)`` (0 for an all-zero weight).
-        op_type: the original op type (``MatMul`` or ``Gemm``).
+        op_type: the original op type (``MatMul``, ``Gemm`` or ``Gather``).
         fused_bias: whether a following ``Add`` (or Gemm's C) was fused into the node.
         shared: whether the weight was already quantized for an earlier node.
         output_error: ``method="gptq"``: ``||X (W - dequant(W))|| / ||X W||`` over the calibration rows ``X``
@@ -50,6 +51,16 @@ class SkippedLayer:
     reason: str
 
 
+@dataclass(frozen=True)
+class FloatWeight:
+    """A float constant that stays in the model: its name, shape, bytes and why it stays."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    reason: str
+
+
 @dataclass
 class QuantizationReport:
     """Every rewritten and skipped node of a run, plus the settings used."""
@@ -67,6 +78,18 @@ class QuantizationReport:
     already_quantized: list[str] = field(default_factory=list)
     #: How codes and scales were chosen: ``"rtn"``, ``"mse"`` or ``"gptq"`` (:mod:`onnx_nf4.methods`).
     method: str = "rtn"
+    #: Quantized weights whose float tensor stays in the model too, because a node that was not rewritten
+    #: still reads it (counted in :attr:`bytes_after`: the file holds both).
+    kept_float: list[FloatWeight] = field(default_factory=list)
+    #: Float constants of at least ``min_elements`` elements that no ``MatMul`` / ``Gemm`` / ``Gather`` reads
+    #: (e.g. the weight of a fused ``com.microsoft::Attention``): never quantized, listed with their readers.
+    left_float: list[FloatWeight] = field(default_factory=list)
+    #: Bytes of every constant tensor of the model (initializers and ``Constant`` nodes, all graphs), before and
+    #: after the pass: what the written file holds besides the graph's structure.
+    tensor_bytes_before: int = 0
+    tensor_bytes_after: int = 0
+    #: The block size of the embedding tables and the weights tied to them (``QuantizeOptions.table_block_size``).
+    table_block_size: int = 0
 
     @property
     def bytes_before(self) -> int:
@@ -75,8 +98,10 @@ class QuantizationReport:
 
     @property
     def bytes_after(self) -> int:
-        """NF4 bytes of the distinct quantized weights, shared tensors included once."""
-        return sum(layer.bytes_after for layer in self.layers if not layer.shared) + self.shared_bytes
+        """NF4 bytes of the distinct quantized weights, shared tensors included once, plus the float copies that
+        stay (:attr:`kept_float`)."""
+        kept = sum(weight.nbytes for weight in self.kept_float)
+        return sum(layer.bytes_after for layer in self.layers if not layer.shared) + self.shared_bytes + kept
 
     @property
     def size_ratio(self) -> float:

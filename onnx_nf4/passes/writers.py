@@ -62,6 +62,11 @@ class Writer(ABC):
         self.initializers = initializers
 
     @abstractmethod
+    def row_blocks(self, K: int) -> bool:
+        """Whether the stored blocks of a ``K``-row weight are those of the ``MatMulNF4`` layout (blocks along K
+        inside one column, i.e. inside one row of a tied embedding table), so that a lookup can read them."""
+
+    @abstractmethod
     def check_prequantized(self, q: QuantizedWeight, w: np.ndarray, weight: str) -> None:
         """Raise ``ValueError`` when the format cannot store the given NF4 weight ``q`` of ``w`` exactly."""
 
@@ -79,6 +84,9 @@ class NF4Writer(Writer):
     domain, op_type = DOMAIN, OP_TYPE
     dtypes = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     fuses_bias = True
+
+    def row_blocks(self, K: int) -> bool:
+        return True
 
     def check_prequantized(self, q: QuantizedWeight, w: np.ndarray, weight: str) -> None:
         pass  # MatMulNF4 stores every QuantizedWeight as it is
@@ -118,6 +126,9 @@ class Bnb4Writer(Writer):
     domain, op_type = MS_DOMAIN, BNB4_OP_TYPE
     dtypes = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
     fuses_bias = False
+
+    def row_blocks(self, K: int) -> bool:
+        return K % self.options.block_size == 0  # flat blocks over W.T then never span two columns
 
     def check_prequantized(self, q: QuantizedWeight, w: np.ndarray, weight: str) -> None:
         if q.nested is not None or q.K % q.block_size:
