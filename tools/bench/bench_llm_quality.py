@@ -43,6 +43,7 @@ VARIANTS: dict[str, list[str]] = {
     "gptq-b64": ["--block-size", "64", "--method", "gptq", "--calibration-tokens", "2048"],
     "gptq-b32": ["--block-size", "32", "--method", "gptq", "--calibration-tokens", "2048"],
     "rtn-b64-lmhead-float": ["--block-size", "64", "--exclude", "lm_head"],
+    "rtn-b64-table-b16": ["--block-size", "64", "--embedding-block-size", "16"],
 }
 
 
