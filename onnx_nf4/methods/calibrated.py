@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from ..codec.layout import QuantizedWeight, dequantize_weight
 from ..model.graph import node_label
-from ..op.contract import ONNX_DOMAINS
+from ..op.contract import MS_DOMAIN, ONNX_DOMAINS
 from . import encode_weight
 from .calibration import ActivationCollector, CalibrationData, Hessian
 from .gptq import DEFAULT_DAMP, PreparedHessian, relative_output_error
@@ -93,14 +93,17 @@ def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[Calib
     """The :class:`CalibratedLayer` of each ``(weight name, transpose)`` in ``keys`` used by main-graph nodes.
 
     A ``MatMul`` with the weight as ``B`` reads its ``A`` as is; a ``Gemm`` reads ``A`` transposed when
-    ``transA=1`` and its weight as ``B.T`` when ``transB=1``. Keys used by no main-graph node (only inside an
+    ``transA=1`` and its weight as ``B.T`` when ``transB=1``; a ``com.microsoft::Attention`` reads its input as
+    ``A`` of its packed QKV weight. Keys used by no main-graph node (only inside an
     ``If`` / ``Loop`` / ``Scan`` body) are left out: their inputs are not values the collector can return.
     """
     wanted = set(keys)
     found: dict[tuple[str, bool], list[tuple[str, bool]]] = {}
     first_node: dict[tuple[str, bool], str] = {}
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
+        linear = node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS
+        attention = node.op_type == "Attention" and node.domain == MS_DOMAIN
+        if not (linear or attention) or len(node.inputs) < 2:
             continue
         a, b = node.inputs[0], node.inputs[1]
         if a is None or b is None or not a.name or not b.name:
