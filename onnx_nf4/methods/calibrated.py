@@ -34,7 +34,14 @@ from . import encode_weight
 from .calibration import ActivationCollector, CalibrationData, Hessian
 from .gptq import DEFAULT_DAMP, PreparedHessian, relative_output_error
 
-__all__ = ["DEFAULT_HESSIAN_BUDGET", "CalibratedLayer", "CalibratedWeight", "find_layers", "quantize_with_calibration"]
+__all__ = [
+    "DEFAULT_HESSIAN_BUDGET",
+    "CalibratedLayer",
+    "CalibratedWeight",
+    "find_layers",
+    "quantize_with_calibration",
+    "weights_with_other_uses",
+]
 
 #: With ``passes``: the most bytes of ``X^T X`` sums (float64 ``[K, K]`` per activation) held at once, 1 GiB. A
 #: Llama of 1 B parameters (hidden 2048, MLP 5632, 22 layers) has about 8 GB of them.
@@ -134,7 +141,7 @@ def _reads_weight(node: ir.Node, index: int) -> bool:
     return index == 1 and node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS
 
 
-def _weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
+def weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
     """The names in ``weights`` that a node also reads other than as a ``MatMul`` / ``Gemm`` weight.
 
     A tied embedding is one: the builder's graph reads ``lm_head``'s weight through ``Transpose -> Gather`` too.
@@ -151,7 +158,7 @@ def _weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
 
 def _dependencies(model: ir.Model, activations: Sequence[str], weights: set[str]) -> dict[str, set[str]]:
     """For each activation, the names in ``weights`` it is computed from through their ``MatMul`` / ``Gemm`` uses
-    (:func:`_weights_with_other_uses`)."""
+    (:func:`weights_with_other_uses`)."""
     memo: dict[int, frozenset[str]] = {}
 
     def of_value(value: ir.Value) -> frozenset[str]:
@@ -267,7 +274,7 @@ def quantize_with_calibration(
     layers = list({layer.key: layer for layer in layers}.values())
     activations = list(dict.fromkeys(name for layer in layers for name, _ in layer.activations))
     sizes = {name: _weight_k(model, layer) for layer in layers for name, _ in layer.activations}
-    shared = _weights_with_other_uses(model, {layer.weight for layer in layers})
+    shared = weights_with_other_uses(model, {layer.weight for layer in layers})
     fed_weights = [layer.weight for layer in layers if layer.weight not in shared] if sequential else []
     collector = ActivationCollector(model, activations, fed_weights)
     waves = _waves(model, layers) if sequential else [(activations, layers)]

@@ -62,7 +62,8 @@ class Hessian:
     def add(self, x: np.ndarray) -> None:
         """Add the rows of ``x[rows, K]`` (products in float32, the sum kept in float64)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        self.matrix += x.T @ x
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.matrix += x.T @ x
         self.rows += x.shape[0]
 
 
@@ -233,6 +234,11 @@ class ActivationCollector:
                         "on this input, or the input itself is not finite); GPTQ needs finite statistics"
                     )
                 h.add(x)
+                if not np.all(np.isfinite(np.einsum("ii->i", h.matrix))):
+                    raise ValueError(
+                        f"calibration batch {count - 1}: the statistics X^T X of activation {name!r} overflow "
+                        f"float32 (largest magnitude {float(np.abs(x).max()):.3g}); GPTQ needs finite statistics"
+                    )
             del results
             if on_batch is not None:
                 on_batch(count)
