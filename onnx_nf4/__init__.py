@@ -11,10 +11,10 @@ layer     package                     owns
 1         :mod:`onnx_nf4.codec`       the NF4 format: codebook, codec, compiled encoder, double quant, layout
 2         :mod:`onnx_nf4.op`          the ``MatMulNF4`` op: contract, schema, numpy reference, CuPy path
 3         :mod:`onnx_nf4.model`       model files and graphs: load/save, streaming writer, graph helpers
-4         :mod:`onnx_nf4.methods`     how codes and scales are chosen (rtn, mse, gptq) and calibration data
+4         :mod:`onnx_nf4.methods`     how codes and scales are chosen (rtn, gptq) and calibration data
 5         :mod:`onnx_nf4.passes`      the ``onnx_ir`` passes, their options and report
 6         :mod:`onnx_nf4.api`         ``quantize_model`` / ``dequantize_model``: load, pass, save
-7         integrations                :mod:`onnx_nf4.torch`, :mod:`onnx_nf4.genai`
+7         integrations                :mod:`onnx_nf4.torch`, :mod:`onnx_nf4.genai`, :mod:`onnx_nf4.olive`
 8         :mod:`onnx_nf4.cli`         the ``onnx-nf4`` command line
 ========  ==========================  =========================================================================
 """

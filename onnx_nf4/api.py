@@ -96,9 +96,8 @@ def quantize_model(
             node that uses it, named as in the report).
             With ``method="gptq"`` the calibrated weights are reported first, then every weight again as written.
         method: how codes and block scales are chosen (:mod:`onnx_nf4.methods`; the output format is the same):
-            ``"rtn"`` (default: round to nearest at the absmax, byte for byte onnxruntime's quantizer), ``"mse"``
-            (data-free: per block, the scale minimizing its squared error) or ``"gptq"`` (codes with error
-            feedback on each layer's input statistics; needs ``calibration``).
+            ``"rtn"`` (default: round to nearest at the absmax, byte for byte onnxruntime's quantizer) or
+            ``"gptq"`` (codes with error feedback on each layer's input statistics; needs ``calibration``).
         calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
             the graph inputs, one batch), a sequence of feed dicts, or a callable returning an iterable of feed
             dicts (:mod:`onnx_nf4.methods.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
@@ -162,7 +161,7 @@ def _gptq_weights(
     Only the main-graph weights that the pass will rewrite, in one orientation, that the caller did not
     prequantize, that no other node reads (a tied embedding table: its NF4 tensors also serve the lookup, at the
     table block size, so they keep the data-free choice) and (``com.microsoft``) whose K is a multiple of the block
-    size; the pass gives any other weight ``"mse"``.
+    size; the pass gives any other weight the scale search alone (:data:`onnx_nf4.methods.SCALE_SEARCH`).
     """
     from .methods.calibrated import find_layers, quantize_with_calibration, weights_with_other_uses
 

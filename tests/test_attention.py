@@ -231,7 +231,7 @@ def test_gptq_calibrates_the_packed_qkv_weight() -> None:
     model = attention_model(mask="2d")
     _, report = onnx_nf4.quantize_model(model, method="gptq", calibration=[feeds(model)])
     assert [layer.op_type for layer in report.layers] == ["Attention"]
-    assert report.layers[0].output_error is not None  # calibrated, not the "mse" fallback
+    assert report.layers[0].output_error is not None  # calibrated, not the scale-search fallback
 
 
 def test_an_nf4_model_is_optimized_through_dequantize_and_quantized_again_to_the_same_bytes(

@@ -20,7 +20,7 @@ def test_defaults():
     assert (options.block_size, options.double_quant, options.format) == (64, False, "onnx_nf4")
     assert (options.exclude, options.min_elements, options.external_data) == ((), DEFAULT_MIN_ELEMENTS, None)
     assert (options.accuracy_level, options.method) == (0, "rtn")
-    assert FORMATS == ("onnx_nf4", "com.microsoft") and METHODS == ("rtn", "mse", "gptq")
+    assert FORMATS == ("onnx_nf4", "com.microsoft") and METHODS == ("rtn", "gptq")
 
 
 def test_frozen_and_normalized():

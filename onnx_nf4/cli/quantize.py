@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import METHODS, check_method
 from ..passes.options import DEFAULT_EMBEDDING_MIN_ROWS, DEFAULT_MIN_ELEMENTS, QuantizeOptions
 from .common import (
     CLIError,
@@ -39,6 +39,14 @@ DESCRIPTION = (
 )
 
 
+def _method(text: str) -> str:
+    """``--method``: one of :data:`onnx_nf4.methods.METHODS`; a removed method's error says why it is gone."""
+    try:
+        return check_method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``onnx-nf4 quantize`` to its parser."""
     parser.add_argument("input", metavar="IN", type=Path, help="float ONNX model, or an onnxruntime-genai model folder")
@@ -49,12 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_format_options(parser)
     parser.add_argument(
         "--method",
-        choices=METHODS,
+        metavar="{" + ",".join(METHODS) + "}",
+        type=_method,
         default="rtn",
         help="how codes and block scales are chosen (same format): rtn = round to nearest at the absmax, "
-        "byte for byte onnxruntime's quantizer (default); mse = per block, the scale minimizing its squared "
-        "error weighted towards the large weights (data-free); gptq = codes with error feedback on calibration "
-        "data (needs --calibration)",
+        "byte for byte onnxruntime's quantizer (default); gptq = per-block scales weighted towards the large "
+        "weights, then codes with error feedback on calibration data (needs --calibration)",
     )
     add_calibration_options(parser)
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""How NF4 codes and block scales are chosen: ``rtn`` (default), ``mse`` (data-free), ``gptq`` (calibration).
+"""How NF4 codes and block scales are chosen: ``rtn`` (default) or ``gptq`` (calibration).
 
 Every method writes the same format (the ``MatMulNF4`` layout: codes plus one float32 scale per block, or its
 double-quantized form), so models from any method run on every kernel and, as ``com.microsoft::MatMulBnb4``, on
@@ -6,14 +6,15 @@ stock onnxruntime. Only the choice differs:
 
 * ``rtn``: scale = the block's absmax, each code the nearest; byte for byte onnxruntime's
   ``MatMulBnb4Quantizer`` and bitsandbytes (:func:`onnx_nf4.codec.layout.quantize_weight`).
-* ``mse``: per block, the scale minimizing the block's squared error weighted towards its large weights
-  (:mod:`onnx_nf4.methods.mse`), then the nearest codes at the scale actually stored
-  (:mod:`onnx_nf4.methods.storage`).
-* ``gptq``: the ``mse`` scales, then codes chosen row by row along K with error feedback weighted by the layer's
-  input statistics ``H = X^T X`` (:mod:`onnx_nf4.methods.gptq`), collected on calibration data
-  (:mod:`onnx_nf4.methods.calibration`).
+* ``gptq``: per block, the scale minimizing the block's squared error weighted towards its large weights
+  (:mod:`onnx_nf4.methods.mse`, stored by :mod:`onnx_nf4.methods.storage`), then codes chosen row by row along K
+  with error feedback weighted by the layer's input statistics ``H = X^T X`` (:mod:`onnx_nf4.methods.gptq`),
+  collected on calibration data (:mod:`onnx_nf4.methods.calibration`).
 
-:func:`encode_weight` applies one of them to one weight; :mod:`.calibrated` runs GPTQ over a whole model.
+:func:`encode_weight` applies one of them to one weight; :mod:`.calibrated` runs GPTQ over a whole model. A
+weight GPTQ has no statistics for (e.g. a tied lm_head) gets the scale search alone, :data:`SCALE_SEARCH`. That
+search is no longer a method of its own (``--method mse``): data-free, it measured worse than ``rtn`` on a real LLM
+at block 32 (``docs/methods.md``), and a method that can lose to round-to-nearest is not offered.
 
 Layer 4: owns the methods and calibration data (:mod:`.calibration`: loading, batching, ``X^T X`` per layer). May
 import :mod:`onnx_nf4.model`, :mod:`onnx_nf4.op`, :mod:`onnx_nf4.codec` and :mod:`onnx_nf4.runtime`.
@@ -34,7 +35,9 @@ from .storage import store_scales
 
 __all__ = [
     "DEFAULT_DAMP",
+    "ENCODINGS",
     "METHODS",
+    "SCALE_SEARCH",
     "PreparedHessian",
     "check_method",
     "encode_flat_mse",
@@ -44,13 +47,24 @@ __all__ = [
 
 #: How codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same for all): ``"rtn"``,
 #: each element to its nearest code with the block's absmax as scale (byte for byte onnxruntime's quantizer);
-#: ``"mse"``, per block the scale minimizing the block's weighted squared error (data-free); ``"gptq"``, codes with
-#: error feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
-METHODS = ("rtn", "mse", "gptq")
+#: ``"gptq"``, codes with error feedback on the layers' input statistics (needs calibration data, see
+#: :func:`onnx_nf4.quantize_model`).
+METHODS = ("rtn", "gptq")
+
+#: The encoding of a ``gptq`` weight without statistics: the weighted scale search, then the nearest codes.
+SCALE_SEARCH = "mse"
+
+#: What :func:`encode_weight` takes: the methods and the scale search alone.
+ENCODINGS = (*METHODS, SCALE_SEARCH)
 
 
 def check_method(method: str) -> str:
-    """Return ``method`` if it is one of :data:`METHODS`, else raise ``ValueError``."""
+    """Return ``method`` if it is one of :data:`METHODS`, else raise ``ValueError`` (saying why ``"mse"`` is gone)."""
+    if method == SCALE_SEARCH:
+        raise ValueError(
+            "method 'mse' is no longer offered: data-free, it measured worse than rtn on a real LLM (docs/methods.md); "
+            "use 'rtn', or 'gptq' with calibration data (its scales come from the same search)"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
@@ -94,7 +108,8 @@ def encode_weight(
     Args:
         w: float16/32/64 weight ``[K, N]``.
         block_size: elements per block along K, a power of two in [16, 4096].
-        method: ``"rtn"``, ``"mse"`` or ``"gptq"`` (see the package docstring).
+        method: one of :data:`ENCODINGS`: ``"rtn"``, ``"gptq"``, or :data:`SCALE_SEARCH` (see the package
+            docstring).
         double_quant: store the scales as 8-bit codes (bitsandbytes' ``compress_statistics``).
         hessian: ``gptq`` only, required: ``X^T X`` of the layer's inputs, ``[K, K]``, or a
             :class:`~onnx_nf4.methods.gptq.PreparedHessian` (shared by the weights reading the same input; its
@@ -110,7 +125,8 @@ def encode_weight(
             of shape ``[K, K]``.
         TypeError: ``w`` is not a float array.
     """
-    check_method(method)
+    if method not in ENCODINGS:
+        raise ValueError(f"method must be one of {ENCODINGS}, got {method!r}")
     bs = check_block_size(block_size)
     w = as_float_array(w, name)
     if w.ndim != 2:
@@ -131,7 +147,7 @@ def encode_weight(
     errors = (lambda scales: block_errors(blocks, scales, block_weights(blocks))) if double_quant else None
     stored = store_scales(search_scales(blocks).reshape(N, k_blocks), double_quant=double_quant,
                           dtype=scale_dtype, block_errors=errors)  # fmt: skip
-    if method == "mse":
+    if method == SCALE_SEARCH:
         codes, _ = scaled_codes(blocks, reciprocal(stored.decoded.reshape(-1))[:, None])
         codes = codes.reshape(N, k_blocks * bs)
     else:
@@ -143,7 +159,8 @@ def encode_weight(
 def encode_flat_mse(
     w: np.ndarray, block_size: int = 64, *, scale_dtype: type = np.float32, name: str = "weight"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``method="mse"`` in the flat layout of :func:`onnx_nf4.quantize_blockwise` (``com.microsoft``).
+    """The scale search alone (:data:`SCALE_SEARCH`) in the flat layout of :func:`onnx_nf4.quantize_blockwise`
+    (``com.microsoft``).
 
     Blocks are ``block_size`` consecutive elements of ``w.reshape(-1)`` (the last one may be partial; it is
     searched as if zero-padded), so they may run across rows. Returns ``(packed uint8 [(n + 1) // 2],

@@ -137,8 +137,13 @@ def _weight_k(model: ir.Model, layer: CalibratedLayer) -> int:
 
 
 def _reads_weight(node: ir.Node, index: int) -> bool:
-    """Whether input ``index`` of ``node`` is the weight of a ``MatMul`` / ``Gemm`` (the use GPTQ quantizes)."""
-    return index == 1 and node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS
+    """Whether input ``index`` of ``node`` is the weight of a ``MatMul`` / ``Gemm`` or the packed QKV weight of a
+    ``com.microsoft::Attention`` (the uses GPTQ quantizes)."""
+    if index != 1:
+        return False
+    return (node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS) or (
+        node.op_type == "Attention" and node.domain == MS_DOMAIN
+    )
 
 
 def weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:

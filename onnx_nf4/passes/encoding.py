@@ -13,7 +13,7 @@ import onnx_ir as ir
 from ..codec import native as native_codec
 from ..codec.blockwise import quantize_blockwise
 from ..codec.layout import QuantizedWeight, nf4_rel_rms_error, quantize_weight, quantize_weight_and_error
-from ..methods import encode_flat_mse
+from ..methods import SCALE_SEARCH, encode_flat_mse
 from ..methods import encode_weight as encode_with_method
 from .options import QuantizeOptions
 
@@ -31,16 +31,16 @@ def encode_weight(w: np.ndarray, options: QuantizeOptions, *, name: str) -> Quan
     (and double quantization when ``options.double_quant``).
 
     ``"rtn"``: every element rounds to its nearest NF4 code, each block scaled by its absmax
-    (:func:`onnx_nf4.codec.layout.quantize_weight`). ``"mse"``: the scale search of :mod:`onnx_nf4.methods.mse`.
-    ``"gptq"`` weights come computed (with their layer's calibration statistics) as the pass's ``prequantized``;
-    one that reaches this function has no statistics (e.g. a weight used inside a subgraph) and gets ``"mse"``.
+    (:func:`onnx_nf4.codec.layout.quantize_weight`). ``"gptq"`` weights come computed (with their layer's
+    calibration statistics) as the pass's ``prequantized``; one that reaches this function has no statistics (e.g.
+    a weight used inside a subgraph) and gets the scale search of :mod:`onnx_nf4.methods.mse` alone.
 
     Raises:
         ValueError: ``w`` holds NaN/Inf (the message names ``name``).
     """
     if options.method == "rtn":
         return quantize_weight(w, options.block_size, double_quant=options.double_quant, name=name)
-    return encode_with_method(w, options.block_size, method="mse", double_quant=options.double_quant, name=name)
+    return encode_with_method(w, options.block_size, method=SCALE_SEARCH, double_quant=options.double_quant, name=name)
 
 
 def encode_weight_and_error(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[QuantizedWeight, float]:
@@ -65,7 +65,7 @@ def encode_flat(w: np.ndarray, options: QuantizeOptions, *, name: str) -> tuple[
 
     When ``K % block_size == 0`` the blocks are those of :func:`encode_weight`, whose bytes are returned. Methods
     other than ``"rtn"`` search the scales of these flat blocks and choose the codes for the scales as
-    ``MatMulBnb4`` stores them, in the weight's dtype (``"gptq"`` without statistics: ``"mse"``).
+    ``MatMulBnb4`` stores them, in the weight's dtype (``"gptq"`` without statistics: the scale search).
     """
     K, bs = w.shape[0], options.block_size
     if options.method != "rtn":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..codec.validation import check_block_size
-from ..methods import METHODS
+from ..methods import METHODS, check_method
 from ..op.contract import DOMAIN, MS_DOMAIN
 
 __all__ = [
@@ -76,7 +76,8 @@ class QuantizeOptions:
         accuracy_level: the ``MatMulNF4`` attribute written on every node, one of :data:`ACCURACY_LEVELS`
             (``onnx_nf4`` format only: ``MatMulBnb4`` has no such attribute).
         method: how codes and block scales are chosen, one of :data:`METHODS` (``"gptq"`` needs calibration
-            data, given to :func:`onnx_nf4.quantize_model`; weights it has no statistics for get ``"mse"``).
+            data, given to :func:`onnx_nf4.quantize_model`; weights it has no statistics for get the scale search
+            alone).
     """
 
     block_size: int = 64
@@ -120,8 +121,7 @@ class QuantizeOptions:
         set_(self, "accuracy_level", int(self.accuracy_level))
         if self.accuracy_level and self.format == MS_DOMAIN:
             raise ValueError("accuracy_level is not supported by com.microsoft::MatMulBnb4; use format='onnx_nf4'")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_method(self.method)
 
     @property
     def table_block_size(self) -> int:

@@ -76,7 +76,7 @@ class QuantizationReport:
     accuracy_level: int = 0
     #: The ``MatMulNF4`` / ``MatMulBnb4`` nodes the model already had (left as they were), by name.
     already_quantized: list[str] = field(default_factory=list)
-    #: How codes and scales were chosen: ``"rtn"``, ``"mse"`` or ``"gptq"`` (:mod:`onnx_nf4.methods`).
+    #: How codes and scales were chosen: ``"rtn"`` or ``"gptq"`` (:mod:`onnx_nf4.methods`).
     method: str = "rtn"
     #: Quantized weights whose float tensor stays in the model too, because a node that was not rewritten
     #: still reads it (counted in :attr:`bytes_after`: the file holds both).

@@ -38,8 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 VARIANTS: dict[str, list[str]] = {
     "rtn-b64": ["--block-size", "64"],
     "rtn-b32": ["--block-size", "32"],
-    "mse-b64": ["--block-size", "64", "--method", "mse"],
-    "mse-b32": ["--block-size", "32", "--method", "mse"],
     "gptq-b64": ["--block-size", "64", "--method", "gptq", "--calibration-tokens", "2048"],
     "gptq-b32": ["--block-size", "32", "--method", "gptq", "--calibration-tokens", "2048"],
     "rtn-b64-lmhead-float": ["--block-size", "64", "--exclude", "lm_head"],
