@@ -54,7 +54,7 @@ def gguf_path() -> Path:
 
 
 def _build_atomically(out: Path, build: Callable[[Path], None]) -> Path:
-    """``build(tmp)`` into a temporary folder beside ``out``, renamed to ``out`` when it returns; ``out`` if it exists."""
+    """``build(tmp)`` into a temporary folder beside ``out``, then renamed to ``out``; an existing ``out`` is kept."""
     if out.exists():
         print(f"kept {out}")
         return out
