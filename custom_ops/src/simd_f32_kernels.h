@@ -10,6 +10,8 @@
 //                                   the NF4 values of the kLanes even k and the kLanes odd k of a group;
 //   ScaleTable(table, s)            the table times the vector s (a block's exact weights, for Decode);
 //   kMaxGemvRows                    rows of A per weight-streaming pass;
+//   kGemvColumns                    columns per weight-streaming pass of a single row (their scaled tables and
+//                                   accumulators fit the registers);
 //   kOutlinedPanel                  whether the Y^T tiles call the panel decode out of line;
 //   kGemmMr, kGemmNv, kGemmKc       GEMM register tile (kGemmMr rows x kGemmNv vectors of columns) and the K per
 //                                   decoded panel;
@@ -141,10 +143,79 @@ void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// One row m against NC consecutive columns [n, n + NC): the decode step of an LLM (M = 1), where K is small
+// enough that fixed costs per column (a horizontal sum, the call) would weigh. Per block, each column's table is
+// scaled by its block scale (Isa::ScaleTable), so the decode yields the exact weights fl32(NF4[q] * s) (rule 2 of
+// the spec) and the products accumulate across blocks with no per-block reduction; each group of A (its even and
+// odd k) is loaded once for all NC columns, whose codes follow each other in memory (one sequential stream). Needs
+// the whole row of A in one L1 chunk (no partial sums in Y). In the last block, k >= K get weight 0 (a group wholly
+// past K is skipped, the straddling one masked), so that an infinite scale never meets A's zero padding.
+template <class Isa, int NC>
+__attribute__((noinline)) void GemvRowColumns(const GemvArgs& g, int64_t m, int64_t n) {
+  using Vec = typename Isa::Vec;
+  constexpr int64_t kGroup = Isa::kGroup, kL = Isa::kLanes;
+  const Problem& p = *g.p;
+  const Nf4Weight& w = p.w;
+  const int64_t bs = w.block_size, kb = w.k_blocks, col_bytes = kb * bs / 2;
+  const uint8_t* codes = w.packed + n * col_bytes;
+  const float* arow = g.ap + m * g.kpad;
+  const typename Isa::Table table = Isa::LoadTable();
+  for (int c = 0; c < NC; ++c) PrefetchScales(w, n + NC + c);
+  Vec acc[NC][2];
+  for (int c = 0; c < NC; ++c) acc[c][0] = acc[c][1] = Isa::Zero();
+  // Block b, of which the first `real` k are below K.
+  auto block = [&](int64_t b, int64_t real) {
+    typename Isa::Table scaled[NC];
+    for (int c = 0; c < NC; ++c) scaled[c] = Isa::ScaleTable(table, Isa::Set1(BlockScale(w, n + c, b)));
+    const float* a = arow + b * bs;
+    const uint8_t* cb = codes + b * (bs / 2);
+    const int64_t full = real / kGroup * kGroup;  // k of the groups wholly below K
+    for (int64_t j = 0; j < full; j += kGroup) {
+      const Vec ae = Isa::Load(a + j), ao = Isa::Load(a + j + kL);
+      for (int c = 0; c < NC; ++c) {
+        Vec we, wo;
+        Isa::Decode(cb + c * col_bytes + j / 2, scaled[c], &we, &wo);
+        acc[c][0] = Isa::Fmadd(we, ae, acc[c][0]);
+        acc[c][1] = Isa::Fmadd(wo, ao, acc[c][1]);
+      }
+    }
+    if (full < real) {  // the group across K: lane l holds k = full + 2l (even) and full + 2l + 1 (odd)
+      alignas(64) uint32_t even_lanes[kL], odd_lanes[kL];
+      for (int64_t l = 0; l < kL; ++l) {
+        even_lanes[l] = full + 2 * l < real ? ~0u : 0u;
+        odd_lanes[l] = full + 2 * l + 1 < real ? ~0u : 0u;
+      }
+      const Vec me = Isa::Load(reinterpret_cast<const float*>(even_lanes));
+      const Vec mo = Isa::Load(reinterpret_cast<const float*>(odd_lanes));
+      const Vec ae = Isa::Load(a + full), ao = Isa::Load(a + full + kL);
+      for (int c = 0; c < NC; ++c) {
+        Vec we, wo;
+        Isa::Decode(cb + c * col_bytes + full / 2, scaled[c], &we, &wo);
+        acc[c][0] = Isa::Fmadd(Isa::And(we, me), ae, acc[c][0]);
+        acc[c][1] = Isa::Fmadd(Isa::And(wo, mo), ao, acc[c][1]);
+      }
+    }
+  };
+  for (int64_t b = 0; b + 1 < kb; ++b) block(b, bs);
+  block(kb - 1, w.K - (kb - 1) * bs);
+  for (int c = 0; c < NC; ++c) {
+    const float base = p.bias != nullptr ? p.bias[n + c] : 0.0f;
+    p.Y[m * w.N + n + c] = base + Isa::Sum(Isa::Add(acc[c][0], acc[c][1]));
+  }
+}
+
 template <class Isa>
 void GemvTask(void* data, size_t task) {
   const GemvArgs& g = *static_cast<const GemvArgs*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * kGemvCols, n1 = MinI64(n0 + kGemvCols, g.p->w.N);
+  // A single row whose K fits L1 in one piece (the chunk of GemvRows): NC columns at a time.
+  if (g.p->M == 1 && g.kpad * static_cast<int64_t>(sizeof(float)) <= 32768) {
+    constexpr int NC = Isa::kGemvColumns;
+    int64_t n = n0;
+    for (; n + NC <= n1; n += NC) GemvRowColumns<Isa, NC>(g, 0, n);
+    for (; n < n1; ++n) GemvRowColumns<Isa, 1>(g, 0, n);
+    return;
+  }
   ForRowGroups<Isa::kMaxGemvRows>(g.p->M,
                                   [&](auto rows, int64_t m0) { GemvRows<Isa, decltype(rows)::kValue>(g, m0, n0, n1); });
 }
@@ -159,7 +230,7 @@ void GemvF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   GemvArgs g{&p, ap, kpad, {}};
   const int64_t last_real = w.K - (w.k_blocks - 1) * w.block_size;  // real k in the last block, >= 1
   for (int64_t l = 0; l < Isa::kLanes; ++l) g.last_block_lanes[l] = 2 * l < last_real ? ~0u : 0u;
-  par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), GemvTask<Isa>, &g);
+  par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), p.M * w.N * w.K, GemvTask<Isa>, &g);
 }
 
 // ---------------------------------------------------------------- float32, medium M (Y^T tiles)
@@ -288,7 +359,7 @@ void TileGemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) 
   const int64_t tiles = CeilDiv(w.N, TN);
   auto* yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(tiles * TN * mpad)));
   TileArgs g{&p, at, yt, kpad, mpad};
-  par.For(static_cast<size_t>(tiles), TileTask<Isa, TN, V>, &g);
+  par.For(static_cast<size_t>(tiles), p.M * w.N * w.K, TileTask<Isa, TN, V>, &g);
 }
 
 // ---------------------------------------------------------------- float32, large M (packed GEMM)
@@ -533,8 +604,9 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.col_tasks = CeilDiv(g.groups, g.task_groups);
   const int64_t row_tasks = MinI64(CeilDiv(kGemmMinTasks, g.col_tasks), MaxI64(1, g.slivers / 4));
   g.task_slivers = CeilDiv(g.slivers, row_tasks);
-  par.For(static_cast<size_t>(g.slivers), PackSliversTask<Isa>, &g);
-  par.For(static_cast<size_t>(g.col_tasks * CeilDiv(g.slivers, g.task_slivers)), PackedGemmTask<Isa>, &g);
+  par.For(static_cast<size_t>(g.slivers), p.M * w.K, PackSliversTask<Isa>, &g);
+  par.For(static_cast<size_t>(g.col_tasks * CeilDiv(g.slivers, g.task_slivers)), p.M * w.N * w.K, PackedGemmTask<Isa>,
+          &g);
 }
 
 }  // namespace
