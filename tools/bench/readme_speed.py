@@ -35,6 +35,10 @@ MODEL_COLUMNS = {  # bench_models variant (MiniLM name or LLM label prefix) -> R
     "nbits128_acc4": "`MatMulNBits` b128 acc. 4",
     "int4": "genai builder int4 (b32 acc. 4)",
 }
+LLM_SECTIONS = {  # the start of a bench_models LLM section title -> the README's name of the model
+    "Llama": "LLM (Llama-shaped)",
+    "SmolLM2": "SmolLM2-135M",
+}
 LLM_LABEL_PREFIX = {  # the start of bench_models' LLM_LABELS
     "fp32 (": "fp32",
     "int4 (": "int4",
@@ -122,13 +126,14 @@ def models_table(results: str) -> list[str]:
                 for threads in dict.fromkeys(c[1] for c in cells):
                     ms = {c[0]: float(c[2]) for c in cells if c[1] == threads}
                     rows.append(row("MiniLM, ms per batch", label, threads, ms, "ms", False))
-            elif title.startswith("Llama"):
+            elif title.startswith(tuple(LLM_SECTIONS)):
+                what = next(v for p, v in LLM_SECTIONS.items() if title.startswith(p))
                 name = {c[0]: next(v for p, v in LLM_LABEL_PREFIX.items() if c[0].startswith(p)) for c in cells}
                 prefill = {name[c[0]]: float(c[2]) for c in cells}
                 decode = {name[c[0]]: float(c[4]) for c in cells}
                 threads = cells[0][1]
-                rows.append(row("LLM, prefill ms (64 tokens)", label, threads, prefill, "ms", False))
-                rows.append(row("LLM, decode tok/s", label, threads, decode, "tok/s", True))
+                rows.append(row(f"{what}, prefill ms (64 tokens)", label, threads, prefill, "ms", False))
+                rows.append(row(f"{what}, decode tok/s", label, threads, decode, "tok/s", True))
     return rows
 
 
