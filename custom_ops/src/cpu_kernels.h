@@ -109,6 +109,11 @@ void Avx512MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scra
 // unknown value is ignored.
 const KernelSet& Dispatch();
 
+// The L1 data cache of one core in bytes, as the CPU reports it (sysconf, which glibc answers from CPUID), read
+// once; 32 KiB where it reports nothing, and clamped to [16 KiB, 1 MiB]. Weight streaming sizes the pieces of K
+// whose activation rows stay in L1 with it.
+int64_t L1DataCacheBytes();
+
 // --- helpers shared by the ISA modules ---
 
 // Position of k in "code order" of group size G (even, dividing K_pad): within each run of G consecutive k,

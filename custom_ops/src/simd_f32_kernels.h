@@ -41,6 +41,7 @@ struct GemvArgs {
   const Problem* p;
   const float* ap;  // [M][K_pad] in code order
   int64_t kpad;
+  int64_t l1_bytes;  // L1DataCacheBytes()
   // Per lane of a block's reduced sum, whether it holds a real k of the last block (all bits set) or only padding
   // (zero): lane l sums k = (k_blocks - 1) * block_size + 2l + {0, 1} + multiples of kGroup, so it holds a real
   // k iff the first of them is < K.
@@ -122,11 +123,11 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
 }
 
 // Columns [n0, n1) for MR rows; one row gets up to 4 groups per step, two rows 2 (block size permitting).
-// K is walked in chunks whose MR activation rows fit in L1 (32 KiB), partial sums accumulating in Y.
+// K is walked in chunks whose MR activation rows fit in L1, partial sums accumulating in Y.
 template <class Isa, int MR>
 void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t bs = g.p->w.block_size, kb = g.p->w.k_blocks, groups = bs / Isa::kGroup;
-  const int64_t chunk = MaxI64(1, (int64_t{32768} / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
+  const int64_t chunk = MaxI64(1, (g.l1_bytes / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
   for (int64_t b0 = 0; b0 < kb; b0 += chunk) {
     const int64_t b1 = MinI64(kb, b0 + chunk);
     const bool pieces = chunk < kb;
@@ -209,7 +210,7 @@ void GemvTask(void* data, size_t task) {
   const GemvArgs& g = *static_cast<const GemvArgs*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * kGemvCols, n1 = MinI64(n0 + kGemvCols, g.p->w.N);
   // A single row whose K fits L1 in one piece (the chunk of GemvRows): NC columns at a time.
-  if (g.p->M == 1 && g.kpad * static_cast<int64_t>(sizeof(float)) <= 32768) {
+  if (g.p->M == 1 && g.kpad * static_cast<int64_t>(sizeof(float)) <= g.l1_bytes) {
     constexpr int NC = Isa::kGemvColumns;
     int64_t n = n0;
     for (; n + NC <= n1; n += NC) GemvRowColumns<Isa, NC>(g, 0, n);
@@ -227,7 +228,7 @@ void GemvF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const int64_t kpad = w.k_blocks * w.block_size;
   auto* ap = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kpad)));
   for (int64_t m = 0; m < p.M; ++m) PackRowCodeOrder(p.A + m * w.K, w.K, Isa::kGroup, ap + m * kpad);
-  GemvArgs g{&p, ap, kpad, {}};
+  GemvArgs g{&p, ap, kpad, L1DataCacheBytes(), {}};
   const int64_t last_real = w.K - (w.k_blocks - 1) * w.block_size;  // real k in the last block, >= 1
   for (int64_t l = 0; l < Isa::kLanes; ++l) g.last_block_lanes[l] = 2 * l < last_real ? ~0u : 0u;
   par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), p.M * w.N * w.K, GemvTask<Isa>, &g);
