@@ -365,14 +365,15 @@ void TileGemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) 
 
 // ---------------------------------------------------------------- float32, large M (packed GEMM)
 //
-// BLIS-style. A is packed once per call into slivers of Isa::kGemmMr rows, [sliver][k][kGemmMr] (natural k order,
-// rows past M zero). A task owns a range of column groups (kGemmNr = kLanes * Isa::kGemmNv columns each) and a
-// range of slivers. Per chunk of Isa::kGemmKc rows of K and per column group, it decodes the exact weights
-// W[k, n] = fl32(NF4[q] * s) (rule 2 of the spec) into a kGemmKc x kGemmNr panel ([k][column], L1), then sweeps
-// its slivers through the panel with a kGemmMr x kGemmNr register tile: per k, kGemmNv vector loads of the panel,
-// kGemmMr broadcasts of A, kGemmMr * kGemmNv FMAs. Partial sums live in Y between chunks (float32 stores and loads
-// are exact); the bias is added to the complete sum. Only k < K is ever read from the panel, so the padding codes
-// never reach the arithmetic. Each weight is decoded once per task (once per call unless the rows are split).
+// BLIS-style, like onnxruntime's MLAS SGEMM: A is read in place, W decoded into panels. A task owns a range of
+// column groups (kGemmNr = kLanes * Isa::kGemmNv columns each) and a range of slivers (Isa::kGemmMr rows of A).
+// Per chunk of Isa::kGemmKc rows of K and per column group, it decodes the exact weights W[k, n] = fl32(NF4[q] * s)
+// (rule 2 of the spec) into a kGemmKc x kGemmNr panel ([k][column], L1), then sweeps its slivers through the panel
+// with a kGemmMr x kGemmNr register tile: per k, kGemmNv vector loads of the panel, kGemmMr broadcasts of A (one
+// float from each row), kGemmMr * kGemmNv FMAs. A last, partial sliver is copied per chunk into a zero-padded stack
+// tile (no read past row M). Partial sums live in Y between chunks (float32 stores and loads are exact); the bias is
+// added to the complete sum. Only k < K is ever read from the panel, so the padding codes never reach the
+// arithmetic. Each weight is decoded once per task (once per call unless the rows are split).
 
 template <class Isa>
 struct GemmShape {
@@ -385,7 +386,6 @@ struct GemmShape {
 
 struct PackedGemmArgs {
   const Problem* p;
-  const float* ap;    // [slivers][K][kMr]
   const float* bias;  // [groups * kNr], zero past N; nullptr without bias
   int64_t slivers, groups;
   int64_t task_groups;   // column groups per task
@@ -477,11 +477,11 @@ __attribute__((noinline)) void DecodeGemmPanel(const Nf4Weight& w, int64_t n0, i
   }
 }
 
-// One kMr x kNr tile of C (row stride ldc) += the sliver ap ([k][kMr]) times the panel ([k][kNr]) over kc k;
-// starts from zero unless `accumulate`; adds `bias` ([kNr]) at the end when given.
+// One kMr x kNr tile of C (row stride ldc) += the kMr rows of A at a (row stride lda) times the panel ([k][kNr])
+// over kc k; starts from zero unless `accumulate`; adds `bias` ([kNr]) at the end when given.
 template <class Isa>
-__attribute__((noinline)) void GemmMicroTile(const float* ap, const float* panel, int64_t kc, float* c, int64_t ldc,
-                                             bool accumulate, const float* bias) {
+__attribute__((noinline)) void GemmMicroTile(const float* a, int64_t lda, const float* panel, int64_t kc, float* c,
+                                             int64_t ldc, bool accumulate, const float* bias) {
   using Vec = typename Isa::Vec;
   using S = GemmShape<Isa>;
   constexpr int kMr = S::kMr, kNv = S::kNv;
@@ -499,8 +499,8 @@ __attribute__((noinline)) void GemmMicroTile(const float* ap, const float* panel
     Vec b[kNv];
     for (int v = 0; v < kNv; ++v) b[v] = Isa::Load(panel + k * kNr + v * kL);
     for (int m = 0; m < kMr; ++m) {
-      const Vec a = Isa::Set1(ap[k * kMr + m]);
-      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Fmadd(a, b[v], acc[m][v]);
+      const Vec am = Isa::Set1(a[m * lda + k]);
+      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Fmadd(am, b[v], acc[m][v]);
     }
   }
   if (bias != nullptr) {
@@ -524,7 +524,8 @@ void PackedGemmTask(void* data, size_t task) {
   const int64_t g0 = tc * g.task_groups, g1 = MinI64(g.groups, g0 + g.task_groups);
   const int64_t s0 = tr * g.task_slivers, s1 = MinI64(g.slivers, s0 + g.task_slivers);
   alignas(64) float panel[kKc * kNr];
-  alignas(64) float edge[kMr * kNr];  // a tile that overhangs Y (last rows or columns)
+  alignas(64) float edge[kMr * kNr];    // a tile that overhangs Y (last rows or columns)
+  alignas(64) float edge_a[kMr * kKc];  // the rows of a last, partial sliver, zero past M
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = MinI64(kKc, K - k0);
     const bool accumulate = k0 > 0, last = k0 + kc == K;
@@ -534,57 +535,32 @@ void PackedGemmTask(void* data, size_t task) {
       const float* bias = last && g.bias != nullptr ? g.bias + n0 : nullptr;
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t m0 = s * kMr, mc = MinI64(kMr, p.M - m0);
-        const float* ap = g.ap + s * kMr * K + k0 * kMr;
+        const float* a = p.A + m0 * K + k0;
+        int64_t lda = K;
+        if (mc < kMr) {  // rows past M must not be read: a zero-padded copy of this chunk of the sliver
+          std::memset(edge_a, 0, sizeof(edge_a));
+          for (int64_t m = 0; m < mc; ++m) std::memcpy(edge_a + m * kKc, a + m * K, sizeof(float) * kc);
+          a = edge_a;
+          lda = kKc;
+        }
         float* y = p.Y + m0 * N + n0;
         if (mc == kMr && nc == kNr) {
-          GemmMicroTile<Isa>(ap, panel, kc, y, N, accumulate, bias);
+          GemmMicroTile<Isa>(a, lda, panel, kc, y, N, accumulate, bias);
           continue;
         }
         for (int64_t m = 0; m < mc; ++m) {
           if (accumulate) std::memcpy(edge + m * kNr, y + m * N, sizeof(float) * nc);
         }
-        GemmMicroTile<Isa>(ap, panel, kc, edge, kNr, accumulate, bias);
+        GemmMicroTile<Isa>(a, lda, panel, kc, edge, kNr, accumulate, bias);
         for (int64_t m = 0; m < mc; ++m) std::memcpy(y + m * N, edge + m * kNr, sizeof(float) * nc);
       }
     }
   }
 }
 
-// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k], zero for rows past M. Per 8 k and 8 rows, the rows are
-// transposed in registers and each k's values stored with a mask (no write past the sliver's row range).
-template <class Isa>
-void PackSliver(const Problem& p, int64_t s, float* ap) {
-  constexpr int64_t kMr = GemmShape<Isa>::kMr;
-  const int64_t K = p.w.K, rows = MinI64(kMr, p.M - s * kMr);
-  float* dst = ap + s * kMr * K;
-  const float* a = p.A + s * kMr * K;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t m0 = 0; m0 < kMr; m0 += 8) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(MinI64(8, kMr - m0))), lane);
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      __m256 r[8];
-      for (int64_t m = 0; m < 8; ++m) {
-        r[m] = m0 + m < rows ? _mm256_loadu_ps(a + (m0 + m) * K + k) : _mm256_setzero_ps();
-      }
-      Transpose8x8(r);
-      for (int64_t j = 0; j < 8; ++j) _mm256_maskstore_ps(dst + (k + j) * kMr + m0, mask, r[j]);
-    }
-    for (; k < K; ++k) {
-      for (int64_t m = m0; m < MinI64(kMr, m0 + 8); ++m) dst[k * kMr + m] = m < rows ? a[m * K + k] : 0.0f;
-    }
-  }
-}
-
-template <class Isa>
-void PackSliversTask(void* data, size_t task) {
-  const PackedGemmArgs& g = *static_cast<const PackedGemmArgs*>(data);
-  PackSliver<Isa>(*g.p, static_cast<int64_t>(task), const_cast<float*>(g.ap));
-}
-
 constexpr int64_t kGemmMinTasks = 16;  // tasks per call when the shape allows (load balance over threads)
 
-// Y = A @ W (+ bias) for many rows: A packed once (in parallel), then tasks of column groups x slivers.
+// Y = A @ W (+ bias) for many rows: tasks of column groups x slivers.
 template <class Isa>
 void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   using S = GemmShape<Isa>;
@@ -593,8 +569,6 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.p = &p;
   g.slivers = CeilDiv(p.M, S::kMr);
   g.groups = CeilDiv(w.N, S::kNr);
-  auto* ap = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(g.slivers * S::kMr * w.K)));
-  g.ap = ap;
   if (p.bias != nullptr) {
     auto* bias = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(g.groups * S::kNr)));
     std::memcpy(bias, p.bias, sizeof(float) * static_cast<size_t>(w.N));
@@ -605,7 +579,6 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.col_tasks = CeilDiv(g.groups, g.task_groups);
   const int64_t row_tasks = MinI64(CeilDiv(kGemmMinTasks, g.col_tasks), MaxI64(1, g.slivers / 4));
   g.task_slivers = CeilDiv(g.slivers, row_tasks);
-  par.For(static_cast<size_t>(g.slivers), p.M * w.K, PackSliversTask<Isa>, &g);
   par.For(static_cast<size_t>(g.col_tasks * CeilDiv(g.slivers, g.task_slivers)), p.M * w.N * w.K, PackedGemmTask<Isa>,
           &g);
 }
