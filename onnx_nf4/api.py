@@ -1,7 +1,7 @@
 """The public entry points: :func:`quantize_model` and its debugging inverse :func:`dequantize_model`.
 
-Each is load -> pass -> save: :func:`onnx_nf4.model_io.load_model`, then :class:`~onnx_nf4.passes.QuantizeNF4Pass`
-or :class:`~onnx_nf4.passes.DequantizeNF4Pass`, then :func:`onnx_nf4.model_io.save_model` or a protobuf.
+Each is load -> pass -> save: :func:`onnx_nf4.model.io.load_model`, then :class:`~onnx_nf4.passes.QuantizeNF4Pass`
+or :class:`~onnx_nf4.passes.DequantizeNF4Pass`, then :func:`onnx_nf4.model.io.save_model` or a protobuf.
 
 Return convention of both: ``(model, report)`` / ``model`` where ``model`` is an ``onnx.ModelProto`` when no
 ``output_path`` is given, and ``None`` when it is (the model is then written there, atomically, with external
@@ -21,12 +21,12 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from .calibration import CalibrationData
-from .layout import QuantizedWeight
-from .model_io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
-from .options import QuantizeOptions
+from .codec.layout import QuantizedWeight
+from .methods.calibration import CalibrationData
+from .model.io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
 from .passes import DequantizeNF4Pass, DequantizeResult, ProgressCallback, QuantizeNF4Pass
-from .report import QuantizationReport
+from .passes.options import QuantizeOptions
+from .passes.report import QuantizationReport
 
 __all__ = ["dequantize", "dequantize_model", "quantize_model"]
 
@@ -56,10 +56,13 @@ def quantize_model(
     format: str | None = None,
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
+    embedding_min_rows: int | None = None,
+    embedding_block_size: int | None = None,
     external_data: bool | None = None,
     accuracy_level: int | None = None,
     method: str | None = None,
     calibration: CalibrationData | None = None,
+    calibration_passes: int | None = None,
     on_progress: ProgressCallback | None = None,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> tuple[onnx.ModelProto | None, QuantizationReport]:
@@ -69,14 +72,20 @@ def quantize_model(
         model_or_path: an ONNX file, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (an ``ir.Model`` is
             rewritten in place; the others are not modified).
         output_path: where to write the result; ``None`` returns it instead.
-        options: the :class:`~onnx_nf4.options.QuantizeOptions` (default: ``QuantizeOptions()``). The keyword
+        options: the :class:`~onnx_nf4.QuantizeOptions` (default: ``QuantizeOptions()``). The keyword
             arguments below override its fields; ``None`` leaves a field as it is.
         block_size: elements per absmax block (a power of two in [16, 4096]; default 64).
         double_quant: 8-bit quantize the absmax too (bitsandbytes' ``compress_statistics``).
         format: ``"onnx_nf4"`` (``onnx_nf4::MatMulNF4``, default) or ``"com.microsoft"`` (``MatMulBnb4``).
         exclude: regular expressions searched in node names and weight names; matches stay float.
         min_elements: weights with fewer elements stay float (default 4096, see
-            :data:`onnx_nf4.options.DEFAULT_MIN_ELEMENTS`).
+            :data:`onnx_nf4.passes.options.DEFAULT_MIN_ELEMENTS`).
+        embedding_min_rows: embedding tables (constant ``Gather`` data) with at least this many rows become NF4
+            lookups (default 16384: vocabularies, not position tables, see
+            :data:`onnx_nf4.passes.options.DEFAULT_EMBEDDING_MIN_ROWS`); a table tied to a quantized weight is
+            taken whatever its rows.
+        embedding_block_size: the block size of embedding tables and of the weights tied to them (default
+            ``min(block_size, 32)``, see :data:`onnx_nf4.passes.options.DEFAULT_EMBEDDING_BLOCK_SIZE`).
         external_data: with ``output_path``: ``True`` writes the tensors to ``<output file name>.data``,
             ``False`` keeps them in the protobuf, ``None`` (default) chooses external data when the input's or the
             output's tensors exceed 2 GB (writing a large input's NF4 output as one protobuf would need several
@@ -92,15 +101,18 @@ def quantize_model(
             feedback on each layer's input statistics; needs ``calibration``).
         calibration: ``method="gptq"`` only: the model's inputs, as a path to an ``.npz`` file (arrays named after
             the graph inputs, one batch), a sequence of feed dicts, or a callable returning an iterable of feed
-            dicts (:mod:`onnx_nf4.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
+            dicts (:mod:`onnx_nf4.methods.calibration`). Rows where an ``attention_mask`` input is 0 are left out.
+        calibration_passes: ``method="gptq"``: ``None`` (default) runs the model over the calibration data once
+            per wave of layers; a number merges the waves into about that many runs (deep models, see
+            :func:`onnx_nf4.methods.calibrated.quantize_with_calibration`).
         prequantized: NF4 weights to insert as given, keyed by weight initializer name.
 
     Returns:
         ``(model, report)``: the rewritten ``ModelProto`` (``None`` when ``output_path`` is given) and the
-        :class:`~onnx_nf4.report.QuantizationReport` listing every rewritten and skipped node.
+        :class:`~onnx_nf4.passes.report.QuantizationReport` listing every rewritten and skipped node.
 
     Raises:
-        onnx_nf4.model_io.ModelLoadError: the input file cannot be read as an ONNX model.
+        onnx_nf4.model.io.ModelLoadError: the input file cannot be read as an ONNX model.
         ValueError: invalid settings, or a ``prequantized`` weight that does not fit its node.
     """
     given: dict[str, Any] = {
@@ -109,6 +121,8 @@ def quantize_model(
         "format": format,
         "exclude": exclude,
         "min_elements": min_elements,
+        "embedding_min_rows": embedding_min_rows,
+        "embedding_block_size": embedding_block_size,
         "external_data": external_data,
         "accuracy_level": accuracy_level,
         "method": method,
@@ -126,7 +140,7 @@ def quantize_model(
     quantize = QuantizeNF4Pass(options, on_progress=on_progress, prequantized=prequantized)
     output_errors: dict[str, float] = {}
     if calibration is not None:
-        calibrated, output_errors = _gptq_weights(model, quantize, calibration, on_progress)
+        calibrated, output_errors = _gptq_weights(model, quantize, calibration, calibration_passes, on_progress)
         quantize.prequantized = {**calibrated, **quantize.prequantized}
     report = quantize(model).report
     if output_errors:
@@ -140,6 +154,7 @@ def _gptq_weights(
     model: ir.Model,
     quantize: QuantizeNF4Pass,
     calibration: CalibrationData,
+    passes: int | None,
     on_progress: ProgressCallback | None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """GPTQ weights for ``quantize.prequantized``, and their output errors, keyed by weight name.
@@ -169,6 +184,7 @@ def _gptq_weights(
         block_size=options.block_size,
         double_quant=options.double_quant,
         scales_in_weight_dtype=options.format != "onnx_nf4",  # MatMulBnb4 stores the absmax in T
+        passes=passes,
         on_progress=on_progress,
     )
     return (
@@ -204,7 +220,7 @@ def dequantize_model(
     (``external_data`` as for :func:`quantize_model`).
 
     Raises:
-        onnx_nf4.model_io.ModelLoadError: the input file cannot be read as an ONNX model.
+        onnx_nf4.model.io.ModelLoadError: the input file cannot be read as an ONNX model.
         ValueError: a node that breaks the op's contract (the message names it).
     """
     model, _ = dequantize(model_or_path, output_path, external_data=external_data)

@@ -3,7 +3,7 @@
 Each builder returns an ``onnx.ModelProto`` at opset 18 (IR 10) with a float activation input ``"A"`` of shape
 ``["M", K]`` (``["M", K]`` or a given shape), and names its weights and nodes so that tests can refer to them.
 :func:`run_reference` evaluates a model with ``onnx.reference`` and the ``MatMulNF4`` reference op;
-:func:`reference_matmul` is the reference product with a :class:`~onnx_nf4.layout.QuantizedWeight`.
+:func:`reference_matmul` is the reference product with a :class:`~onnx_nf4.codec.layout.QuantizedWeight`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_nf4.layout import QuantizedWeight, dequantize_weight
+from onnx_nf4.codec.layout import QuantizedWeight, dequantize_weight
 
 OPSET = 18
 IR_VERSION = 10
@@ -270,14 +270,14 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[
     """All outputs of ``model`` under ``onnx.reference.ReferenceEvaluator`` with the ``MatMulNF4`` op."""
     from onnx.reference import ReferenceEvaluator
 
-    from onnx_nf4.reference import MatMulNF4
+    from onnx_nf4.op.reference import MatMulNF4
 
     return ReferenceEvaluator(model, new_ops=[MatMulNF4]).run(None, feeds)
 
 
 def reference_matmul(q: QuantizedWeight, a: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``onnx_nf4.reference.matmul_nf4`` of ``a`` with the NF4 weight ``q`` (``Y`` of ``a``'s dtype)."""
-    from onnx_nf4.reference import matmul_nf4
+    """``onnx_nf4.op.reference.matmul_nf4`` of ``a`` with the NF4 weight ``q`` (``Y`` of ``a``'s dtype)."""
+    from onnx_nf4.op.reference import matmul_nf4
 
     nested = q.nested
     return matmul_nf4(

@@ -10,7 +10,7 @@ from models import activations, gemm_model, if_model, matmul_model, run_referenc
 from onnx import numpy_helper
 
 from onnx_nf4 import QuantizationReport, dequantize_model, quantize_model
-from onnx_nf4.model_io import ModelLoadError
+from onnx_nf4.model.io import ModelLoadError
 
 
 def graphs(graph: onnx.GraphProto):
@@ -143,11 +143,19 @@ def test_minilm_end_to_end(minilm_fp32_path, minilm_inputs, tmp_path):
 
     q_path = tmp_path / "minilm_bnb4.onnx"
     _, report = quantize_model(minilm_fp32_path, q_path, format="com.microsoft")
-    assert len(report.layers) == 36
-    assert {s.reason for s in report.skipped} == {"B is not a constant (neither an initializer nor a Constant node)"}
-    assert report.size_ratio == pytest.approx((0.5 + 4 / 64) / 4)  # 4 bits + a float32 absmax per 64 weights
+    assert [layer.op_type for layer in report.layers].count("MatMul") == 36
+    assert [(layer.op_type, layer.shape) for layer in report.layers if layer.op_type == "Gather"] == [
+        ("Gather", (384, 30522))  # the word embedding; position (512 rows) and token-type tables stay float
+    ]
+    reasons = {s.reason.split(",")[0].split(" (")[0] for s in report.skipped}
+    assert reasons == {"B is not a constant", "table has 512 rows", "table has 768 elements"}
+    block = {"MatMul": 64, "Gather": 32}  # the word embedding: the embedding block size, min(64, 32)
+    nf4_bytes = sum(k * n * (0.5 + 4 / block[layer.op_type]) for layer in report.layers for k, n in [layer.shape])
+    float_bytes = sum(4 * k * n for layer in report.layers for k, n in [layer.shape])
+    assert report.size_ratio == pytest.approx(nf4_bytes / float_bytes)  # 4 bits + a float32 absmax per block
     _, nf4_report = quantize_model(minilm_fp32_path, tmp_path / "minilm_nf4.onnx")
-    assert len(nf4_report.layers) == 36 and all(layer.fused_bias for layer in nf4_report.layers)
+    matmuls = [layer for layer in nf4_report.layers if layer.op_type == "MatMul"]
+    assert len(matmuls) == 36 and all(layer.fused_bias for layer in matmuls)
     onnx.checker.check_model(str(tmp_path / "minilm_nf4.onnx"), full_check=True, check_custom_domain=True)
 
     def run(path):

@@ -1,7 +1,7 @@
 """Atomic output: a quantizer killed while writing, or a full disk, leaves the input intact and no output.
 
 ``onnx-nf4 quantize`` writes into a hidden temporary directory ``.<OUT name>.<random>.tmp`` beside ``OUT`` and
-renames the finished files into place (:func:`onnx_nf4.model_io.save_model`). The kill test runs the real CLI
+renames the finished files into place (:func:`onnx_nf4.model.io.save_model`). The kill test runs the real CLI
 on a 285 MB model, watches that directory from this process and sends SIGKILL as soon as a file in it has
 bytes, so the process dies in the middle of writing; no hook in the product is involved. A killed process
 cannot clean up, so its temporary directory stays behind (hidden, never under ``OUT``'s name).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from onnx_nf4.model_io import load_model
+from onnx_nf4.model.io import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))

@@ -3,7 +3,7 @@
 * API (:func:`onnx_nf4.quantize_model`, :func:`onnx_nf4.dequantize_model`): a documented exception type
   (``ModelLoadError`` for unreadable files, ``ValueError`` for bad settings and inconsistent NF4 nodes), or a
   layer left in float with the reason in ``report.skipped`` for weights NF4 cannot hold.
-* CLI (``onnx_nf4.cli.main``, run in this process so that an unexpected exception fails the test with its
+* CLI (``onnx_nf4.cli.entry``, run in this process so that an unexpected exception fails the test with its
   traceback): exit status 1 (2 for a usage error) and one line ``onnx-nf4: error: ...``.
 * The C++ op (crafted ``MatMulNF4`` models whose attributes disagree with their tensors, run in onnxruntime
   with this package's library): an onnxruntime error. These run in a worker subprocess, so that a crash fails
@@ -24,8 +24,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4 import cli, dequantize_model, quantize_model
-from onnx_nf4.model_io import ModelLoadError
+from onnx_nf4 import dequantize_model, quantize_model
+from onnx_nf4.cli import entry as cli
+from onnx_nf4.model.io import ModelLoadError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import activations, run_reference, weight

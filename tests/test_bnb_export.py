@@ -38,8 +38,8 @@ from bnb_models import (  # noqa: E402
     torch_output,
 )
 
-from onnx_nf4.codec import dequantize_blockwise  # noqa: E402
-from onnx_nf4.reference import MatMulNF4  # noqa: E402
+from onnx_nf4.codec.blockwise import dequantize_blockwise  # noqa: E402
+from onnx_nf4.op.reference import MatMulNF4  # noqa: E402
 from onnx_nf4.torch import BnbFormatError, export, to_quantized_weight  # noqa: E402
 from onnx_nf4.torch.bnb_modules import bnb_weight  # noqa: E402
 

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4.calibration import calibration_batches, collect_hessians, load_calibration_file
-from onnx_nf4.layout import dequantize_weight
+from onnx_nf4.codec.layout import dequantize_weight
 from onnx_nf4.methods.calibrated import _waves, find_layers, quantize_with_calibration
+from onnx_nf4.methods.calibration import calibration_batches, collect_hessians, load_calibration_file
 
 pytest.importorskip("onnxruntime")
 
@@ -176,9 +176,9 @@ def test_quantize_model_with_each_method(rng) -> None:
     print(errors)
     for method in ("rtn", "mse", "gptq"):
         assert errors[method, "onnx_nf4"] == pytest.approx(errors[method, "com.microsoft"], rel=1e-3)
-    # Measured on held-out rows: rtn 0.1105, mse 0.0889, gptq 0.0847 (the inputs here are barely correlated).
-    assert errors["mse", "onnx_nf4"] < 0.83 * errors["rtn", "onnx_nf4"]
-    assert errors["gptq", "onnx_nf4"] < 0.97 * errors["mse", "onnx_nf4"]
+    # Measured on held-out rows: rtn 0.1105, mse 0.0935, gptq 0.0844 (the inputs here are barely correlated).
+    assert errors["mse", "onnx_nf4"] < 0.87 * errors["rtn", "onnx_nf4"]
+    assert errors["gptq", "onnx_nf4"] < 0.93 * errors["mse", "onnx_nf4"]
 
 
 def test_quantize_model_method_arguments(rng) -> None:
@@ -192,14 +192,14 @@ def test_quantize_model_method_arguments(rng) -> None:
 
 
 def test_command_line_method_options(tmp_path, rng, capsys) -> None:
-    from onnx_nf4 import cli
+    from onnx_nf4.cli import entry as cli
 
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(_model(rng), source)
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, **_batch(rng, 8, 32))
     for args, message, status in [
-        (["--method", "gptq"], "--method gptq needs --calibration FILE.npz", 2),
+        (["--method", "gptq"], "--method gptq needs --calibration TEXT_OR_NPZ", 2),
         (["--method", "mse", "--calibration", str(calibration)], "used by --method gptq only", 2),
         (["--method", "gptq", "--calibration", str(tmp_path / "none.npz")], "calibration file not found", 1),
     ]:

@@ -1,7 +1,7 @@
 """The ``onnx-nf4`` command line: quantize / inspect / dequantize round trips and every error case.
 
 The commands run as ``python -m onnx_nf4`` subprocesses (exit status, stdout and stderr as a user sees them);
-the few tests that need to patch the process call :func:`onnx_nf4.cli.main` in-process.
+the few tests that need to patch the process call :func:`onnx_nf4.cli.entry` in-process.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4 import cli
-from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise
-from onnx_nf4.layout import dequantize_weight, quantize_weight
+from onnx_nf4.cli import entry as cli
+from onnx_nf4.cli.common import Progress
+from onnx_nf4.codec.blockwise import dequantize_blockwise, quantize_blockwise
+from onnx_nf4.codec.layout import dequantize_weight, quantize_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K, N, N2 = 128, 96, 64  # first MatMul [K, N] (+ bias), Gemm weight [N2, N] with transB=1
@@ -131,7 +132,7 @@ def expected_nf4_output(
 def run_reference(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     from onnx.reference import ReferenceEvaluator
 
-    from onnx_nf4.reference import MatMulNF4
+    from onnx_nf4.op.reference import MatMulNF4
 
     return ReferenceEvaluator(str(path), new_ops=[MatMulNF4]).run(["Y"], inputs)[0]
 
@@ -419,7 +420,7 @@ def test_interrupted_quantization_leaves_the_input_intact(float_model: Path, mon
     def interrupt(self, done: int, total: int, name: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli._Progress, "update", interrupt)
+    monkeypatch.setattr(Progress, "update", interrupt)
     assert cli.main(["quantize", str(float_model), str(float_model)]) == 130
     assert capsys.readouterr().err == "onnx-nf4: interrupted\n"
     assert float_model.read_bytes() == before
@@ -432,7 +433,7 @@ def test_interrupted_quantization_leaves_the_input_intact(float_model: Path, mon
 
 def test_progress_bar_counts_layers() -> None:
     stream = io.StringIO()
-    with cli._Progress(enabled=True, stream=stream) as progress:
+    with Progress(enabled=True, stream=stream) as progress:
         progress.update(1, 2, "first_weight")
         progress.update(2, 2, "second_weight")
     assert "2/2" in stream.getvalue()
@@ -441,7 +442,7 @@ def test_progress_bar_counts_layers() -> None:
 
 def test_disabled_progress_bar_writes_nothing() -> None:
     stream = io.StringIO()
-    with cli._Progress(enabled=False, stream=stream) as progress:
+    with Progress(enabled=False, stream=stream) as progress:
         progress.update(1, 1, "weight")
     assert stream.getvalue() == ""
 
@@ -450,7 +451,7 @@ def test_subcommand_registered_from_another_module(tmp_path: Path, monkeypatch, 
     (tmp_path / "nf4_cli_plugin.py").write_text(
         textwrap.dedent(
             """
-            from onnx_nf4.cli import CLIError
+            from onnx_nf4.cli.common import CLIError
 
             def add_hello_parser(subparsers):
                 parser = subparsers.add_parser("hello", help="say hello")

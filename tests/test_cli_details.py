@@ -18,7 +18,9 @@ import onnx_ir as ir
 import pytest
 from test_cli import _inputs, expected_nf4_output, make_float_model, run_reference
 
-from onnx_nf4 import QuantizeNF4Pass, cli, quantize_model
+from onnx_nf4 import QuantizeNF4Pass, quantize_model
+from onnx_nf4.cli import entry as cli
+from onnx_nf4.cli.common import Progress
 
 
 @pytest.fixture
@@ -191,7 +193,7 @@ def test_dequantize_says_how_many_layers(float_model: Path, tmp_path: Path, caps
 
 def test_progress_bar_names_layers_and_starts_its_clock_with_the_run():
     stream = io.StringIO()
-    with cli._Progress(enabled=True, stream=stream) as progress:
+    with Progress(enabled=True, stream=stream) as progress:
         time.sleep(0.2)  # loading and planning, before the first weight is done
         progress.update(1, 2, "encoder.layer.0.attention.self.query")
         progress.update(2, 2, "encoder.layer.0.attention.self.key")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_nf4.codebook import NF4_CODE, NF4_CODE_I8, NF4_I8_LEVELS, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS, NF4_ZERO_CODE
+from onnx_nf4.codec import codebook
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEADER = REPO_ROOT / "custom_ops" / "include" / "onnx_nf4" / "nf4_codebook.h"
@@ -56,9 +56,9 @@ def test_header_says_generated():
 @pytest.mark.parametrize(
     ("macro", "table"),
     [
-        ("ONNX_NF4_CODEBOOK_VALUES", NF4_CODE),
-        ("ONNX_NF4_THRESHOLD_VALUES", NF4_THRESHOLDS),
-        ("ONNX_NF4_BNB_MIDPOINT_VALUES", NF4_MIDPOINTS_BNB),
+        ("ONNX_NF4_CODEBOOK_VALUES", codebook.NF4_CODE),
+        ("ONNX_NF4_THRESHOLD_VALUES", codebook.NF4_THRESHOLDS),
+        ("ONNX_NF4_BNB_MIDPOINT_VALUES", codebook.NF4_MIDPOINTS_BNB),
     ],
 )
 def test_list_macro_bit_equal(macro, table):
@@ -68,7 +68,9 @@ def test_list_macro_bit_equal(macro, table):
     assert _bits(parsed) == _bits(table)
 
 
-@pytest.mark.parametrize(("prefix", "table"), [("ONNX_NF4_CODE", NF4_CODE), ("ONNX_NF4_THRESHOLD", NF4_THRESHOLDS)])
+@pytest.mark.parametrize(
+    ("prefix", "table"), [("ONNX_NF4_CODE", codebook.NF4_CODE), ("ONNX_NF4_THRESHOLD", codebook.NF4_THRESHOLDS)]
+)
 def test_scalar_macros_bit_equal(prefix, table):
     text = HEADER.read_text()
     found = dict(re.findall(rf"^#define {prefix}_(\d+) \(({_HEXFLOAT})\)$", text, flags=re.M))
@@ -78,21 +80,21 @@ def test_scalar_macros_bit_equal(prefix, table):
 
 def test_count_macros():
     text = HEADER.read_text()
-    assert re.search(rf"^#define ONNX_NF4_NUM_CODES {NF4_CODE.size}$", text, flags=re.M)
-    assert re.search(rf"^#define ONNX_NF4_NUM_THRESHOLDS {NF4_THRESHOLDS.size}$", text, flags=re.M)
-    assert re.search(rf"^#define ONNX_NF4_ZERO_CODE {NF4_ZERO_CODE}$", text, flags=re.M)
+    assert re.search(rf"^#define ONNX_NF4_NUM_CODES {codebook.NF4_CODE.size}$", text, flags=re.M)
+    assert re.search(rf"^#define ONNX_NF4_NUM_THRESHOLDS {codebook.NF4_THRESHOLDS.size}$", text, flags=re.M)
+    assert re.search(rf"^#define ONNX_NF4_ZERO_CODE {codebook.NF4_ZERO_CODE}$", text, flags=re.M)
 
 
 def test_int8_table():
     """The int8 table of accuracy_level 4: round(NF4 * 127) in codebook.py, copied exactly into the header."""
-    assert NF4_I8_LEVELS == 127 and NF4_CODE_I8.dtype == np.int8
-    scaled = NF4_CODE.astype(np.float64) * NF4_I8_LEVELS
+    assert codebook.NF4_I8_LEVELS == 127 and codebook.NF4_CODE_I8.dtype == np.int8
+    scaled = codebook.NF4_CODE.astype(np.float64) * codebook.NF4_I8_LEVELS
     assert np.all(np.abs(scaled - np.round(scaled)) < 0.49)  # no tie: rounding is unambiguous
-    np.testing.assert_array_equal(NF4_CODE_I8, np.round(scaled).astype(np.int8))
+    np.testing.assert_array_equal(codebook.NF4_CODE_I8, np.round(scaled).astype(np.int8))
     text = HEADER.read_text()
-    assert re.search(rf"^#define ONNX_NF4_I8_LEVELS {NF4_I8_LEVELS}$", text, flags=re.M)
+    assert re.search(rf"^#define ONNX_NF4_I8_LEVELS {codebook.NF4_I8_LEVELS}$", text, flags=re.M)
     items = [int(v) for v in _macro_body(text, "ONNX_NF4_CODEBOOK_I8_VALUES").split(",")]
-    assert items == NF4_CODE_I8.tolist()
+    assert items == codebook.NF4_CODE_I8.tolist()
 
 
 def test_float_literal_roundtrip():
@@ -152,9 +154,9 @@ def test_header_compiles_to_same_bits(compiler, flags, tmp_path):
     lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
     got = [[int(tok) for tok in line.split()] for line in lines]
     assert got == [
-        _bits(NF4_CODE),
-        _bits(NF4_THRESHOLDS),
-        _bits(NF4_MIDPOINTS_BNB),
-        _bits([NF4_CODE[13], NF4_THRESHOLDS[8]]),
-        NF4_CODE_I8.tolist(),
+        _bits(codebook.NF4_CODE),
+        _bits(codebook.NF4_THRESHOLDS),
+        _bits(codebook.NF4_MIDPOINTS_BNB),
+        _bits([codebook.NF4_CODE[13], codebook.NF4_THRESHOLDS[8]]),
+        codebook.NF4_CODE_I8.tolist(),
     ]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from oracle_vectors import case_names, f32_bits, parametrize_cases
 
-from onnx_nf4.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
-from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise, unpack_nibbles
+from onnx_nf4.codec.blockwise import dequantize_blockwise, quantize_blockwise, unpack_nibbles
+from onnx_nf4.codec.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
 
 BLOCK_SIZES = (64, 128)
 

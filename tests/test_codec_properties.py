@@ -1,6 +1,6 @@
 """Property tests: the codec against a straightforward per-element definition of NF4 quantization.
 
-The reference below shares nothing with ``onnx_nf4.codec`` but the tables: it computes every float32 operation
+The reference below shares nothing with ``onnx_nf4.codec.blockwise`` but the tables: it computes every float32 operation
 in float64 and rounds once (exact for one float32 +, *, / by the double-rounding theorem), finds blocks with
 ``np.maximum.reduceat``, counts the bounds below each scaled value by broadcasting, and unpacks nibbles
 arithmetically.
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnx_nf4.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
-from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise
+from onnx_nf4.codec.blockwise import dequantize_blockwise, quantize_blockwise
+from onnx_nf4.codec.codebook import NF4_CODE, NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
 
 SETTINGS = {
     "deadline": None,

@@ -1,4 +1,4 @@
-"""onnx_nf4.contract: the one Python statement of MatMulNF4's rules, checked against the C++ validator's source."""
+"""onnx_nf4.op.contract: the one Python statement of MatMulNF4's rules, checked against the C++ validator's source."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from onnx_nf4 import contract
-from onnx_nf4.contract import (
+from onnx_nf4.op import contract
+from onnx_nf4.op.contract import (
     Attributes,
     ContractError,
     Input,

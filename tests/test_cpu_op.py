@@ -1,4 +1,4 @@
-"""The C++ ``MatMulNF4`` CPU op against the numpy reference (``onnx_nf4.reference.matmul_nf4``).
+"""The C++ ``MatMulNF4`` CPU op against the numpy reference (``onnx_nf4.op.reference.matmul_nf4``).
 
 Needs the compiled library (``pip install .`` or ``tools/build_dev.sh``); skipped without it. The SIMD kernel
 sets are each checked by re-running a few cases in a subprocess with ``ONNX_NF4_CPU_ISA`` capped.
@@ -329,10 +329,10 @@ def test_padding_never_reaches_the_arithmetic(isa):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_minilm_embeddings_match_reference(minilm_fp32_path, minilm_inputs, tmp_path, double_quant):
     """The NF4 MiniLM in onnxruntime with the C++ op gives the embeddings of the reference runtime
-    (``onnx.reference`` with ``onnx_nf4.reference.REFERENCE_OPS``), on 4 of the sentences."""
+    (``onnx.reference`` with ``onnx_nf4.op.reference.REFERENCE_OPS``), on 4 of the sentences."""
     from onnx.reference import ReferenceEvaluator
 
-    from onnx_nf4.reference import REFERENCE_OPS
+    from onnx_nf4.op.reference import REFERENCE_OPS
 
     path = tmp_path / "minilm_nf4.onnx"
     onnx_nf4.quantize_model(str(minilm_fp32_path), str(path), block_size=64, double_quant=double_quant)

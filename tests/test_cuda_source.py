@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_DIR = REPO / "custom_ops" / "cuda"

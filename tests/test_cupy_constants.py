@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 SOURCE = (Path(__file__).resolve().parents[1] / "custom_ops" / "cuda" / "matmul_nf4.cu").read_text()
 

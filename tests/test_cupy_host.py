@@ -1,4 +1,4 @@
-"""The host side of the CuPy path (``onnx_nf4.cupy_backend``), without a GPU.
+"""The host side of the CuPy path (``onnx_nf4.op.cupy_backend``), without a GPU.
 
 Covers what runs on the CPU: finding and preprocessing the kernel source, the launch plan, argument validation
 and the marshalling of kernel arguments. The device is replaced by a stand-in CuPy module whose arrays are numpy
@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnx_nf4
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 SM_COUNT = 132
 
@@ -202,7 +202,7 @@ def _host(x) -> HostArray:
 
 
 class FakeCupy:
-    """The parts of CuPy that onnx_nf4.cupy_backend uses; kernels record their launches instead of running."""
+    """The parts of CuPy that onnx_nf4.op.cupy_backend uses; kernels record their launches instead of running."""
 
     ndarray = HostArray
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise
-from onnx_nf4.double_quant import (
+from onnx_nf4.codec.blockwise import dequantize_blockwise, quantize_blockwise
+from onnx_nf4.codec.double_quant import (
     DYNAMIC_CODE,
     NestedAbsmax,
     _lut_codes,
@@ -262,7 +262,7 @@ def test_lut_codes_match_float32_arithmetic_without_overflowing():
     """Scales whose float32 reciprocal overflows (zero, subnormal) give the codes float32 arithmetic gives."""
     import warnings
 
-    from onnx_nf4.double_quant import _DYNAMIC_LUT, _LUT_BINS, _lut_codes
+    from onnx_nf4.codec.double_quant import _DYNAMIC_LUT, _LUT_BINS, _lut_codes
 
     f32 = np.float32
     rng = np.random.default_rng(7)
@@ -292,7 +292,7 @@ def test_lut_codes_match_float32_arithmetic_without_overflowing():
 def test_mean_of_values_near_the_float32_limit():
     import warnings
 
-    from onnx_nf4.double_quant import quantize_absmax, torch_mean_f32
+    from onnx_nf4.codec.double_quant import quantize_absmax, torch_mean_f32
 
     x = np.full(1000, 3e38, np.float32)
     with warnings.catch_warnings():

@@ -18,7 +18,7 @@ import pytest
 
 import onnx_nf4
 from onnx_nf4 import quantize_model
-from onnx_nf4.model_io import ModelLoadError, external_tensors
+from onnx_nf4.model.io import ModelLoadError, external_tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -129,7 +129,7 @@ def test_output_runs_and_matches_the_reference(small_models, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from onnx.reference import ReferenceEvaluator
 
-    from onnx_nf4.reference import MatMulNF4
+    from onnx_nf4.op.reference import MatMulNF4
     from onnx_nf4.runtime import CustomOpLibraryNotFoundError, session_options
 
     one, _ = small_models

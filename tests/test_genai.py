@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from onnx_nf4.cli import main
-from onnx_nf4.genai import GenaiFolderError, quantize_genai_folder
+from onnx_nf4.genai.folder import GenaiFolderError, quantize_genai_folder
 from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -150,12 +150,12 @@ def test_folder_without_genai_config_is_refused(tmp_path, capsys):
 
 
 def test_folder_without_the_op_library_is_refused_before_any_work(float_genai, tmp_path, monkeypatch, capsys):
-    import onnx_nf4.runtime
+    import onnx_nf4.runtime.library
 
     def missing() -> str:
         raise CustomOpLibraryNotFoundError("the onnx_nf4 custom-op library is not built; searched: nowhere")
 
-    monkeypatch.setattr(onnx_nf4.runtime, "custom_op_library", missing)
+    monkeypatch.setattr(onnx_nf4.runtime.library, "custom_op_library", missing)
     assert main(["quantize", str(float_genai), str(tmp_path / "out"), "-q"]) == 1
     assert "custom-op library is not built" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -258,7 +258,7 @@ def test_export_genai_keeps_bitsandbytes_bytes_and_tokens(bnb_checkpoints, doubl
 
 
 def test_export_genai_bitsandbytes_to_com_microsoft(bnb_checkpoints, tmp_path):
-    from onnx_nf4.genai_export import export_genai
+    from onnx_nf4.genai.export import export_genai
 
     hf_dir = bnb_checkpoints[False]
     export_genai(hf_dir, tmp_path / "genai", format="com.microsoft")
@@ -271,7 +271,7 @@ def test_export_genai_bitsandbytes_to_com_microsoft(bnb_checkpoints, tmp_path):
 
 @double_quant_cases
 def test_export_genai_quantize_float_quantizes_lm_head(bnb_checkpoints, double_quant, library, tmp_path):
-    from onnx_nf4.genai_export import export_genai
+    from onnx_nf4.genai.export import export_genai
 
     hf_dir = bnb_checkpoints[double_quant]
     reports = export_genai(hf_dir, tmp_path / "genai", quantize_float=True, block_size=32)
@@ -297,7 +297,7 @@ def test_export_genai_refuses_accuracy_level_with_com_microsoft(float_checkpoint
 def test_export_genai_float_checkpoint_equals_build_then_quantize(
     float_checkpoint, float_genai, prompt, library, tmp_path
 ):
-    from onnx_nf4.genai_export import export_genai
+    from onnx_nf4.genai.export import export_genai
 
     reports = export_genai(float_checkpoint, tmp_path / "exported", block_size=128)
     quantize_genai_folder(float_genai, tmp_path / "quantized", block_size=128)
@@ -378,7 +378,7 @@ def test_export_genai_refuses_double_quant_as_com_microsoft(bnb_checkpoints, tmp
 
 
 def test_export_genai_refuses_fused_double_quantized_layers(bnb_checkpoints, tmp_path):
-    from onnx_nf4.genai_export import export_genai
+    from onnx_nf4.genai.export import export_genai
 
     with pytest.raises(ValueError, match="fuses double-quantized layers"):
         export_genai(bnb_checkpoints[True], tmp_path / "out", builder_options={"fuse_qkv": True})

@@ -25,8 +25,8 @@ import pytest
 from models import reference_matmul
 
 import onnx_nf4
-from onnx_nf4.codebook import NF4_CODE_I8, NF4_I8_LEVELS
-from onnx_nf4.codec import unpack_nibbles
+from onnx_nf4.codec.blockwise import unpack_nibbles
+from onnx_nf4.codec.codebook import NF4_CODE_I8, NF4_I8_LEVELS
 from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
 
 ort = pytest.importorskip("onnxruntime")

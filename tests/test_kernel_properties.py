@@ -1,4 +1,4 @@
-"""Property tests: the C++ ``MatMulNF4`` CPU op against the numpy reference ``onnx_nf4.reference.matmul_nf4``.
+"""Property tests: the C++ ``MatMulNF4`` CPU op against the numpy reference ``onnx_nf4.op.reference.matmul_nf4``.
 
 Hypothesis draws the shapes (K, N, rows, rank of ``A``), the block size, the activation dtype (float32, float16,
 bfloat16), double quantization, bias, threads, and the value distributions of the weight and of ``A`` (normal,
@@ -26,8 +26,8 @@ from models import float32_tolerance, reference_matmul
 from onnx import helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4.codebook import NF4_CODE, NF4_THRESHOLDS
-from onnx_nf4.double_quant import NestedAbsmax
+from onnx_nf4.codec.codebook import NF4_CODE, NF4_THRESHOLDS
+from onnx_nf4.codec.double_quant import NestedAbsmax
 from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library, session_options
 
 ort = pytest.importorskip("onnxruntime")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from oracle_vectors import f32_bits, parametrize_cases
 
-from onnx_nf4.codebook import NF4_CODE, NF4_THRESHOLDS
-from onnx_nf4.codec import unpack_nibbles
-from onnx_nf4.double_quant import dequantize_absmax, quantize_absmax
-from onnx_nf4.layout import QuantizedWeight, dequantize_weight, quantize_weight
+from onnx_nf4.codec.blockwise import unpack_nibbles
+from onnx_nf4.codec.codebook import NF4_CODE, NF4_THRESHOLDS
+from onnx_nf4.codec.double_quant import dequantize_absmax, quantize_absmax
+from onnx_nf4.codec.layout import QuantizedWeight, dequantize_weight, quantize_weight
 
 BLOCK_SIZES = (64, 128)
 

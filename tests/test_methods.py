@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_nf4.codebook import NF4_CODE
-from onnx_nf4.codec import quantize_blockwise, unpack_nibbles
-from onnx_nf4.double_quant import dequantize_absmax, quantize_absmax
-from onnx_nf4.layout import dequantize_weight, quantize_weight
+from onnx_nf4.codec.blockwise import quantize_blockwise, unpack_nibbles
+from onnx_nf4.codec.codebook import NF4_CODE
+from onnx_nf4.codec.double_quant import dequantize_absmax, quantize_absmax
+from onnx_nf4.codec.layout import dequantize_weight, quantize_weight
 from onnx_nf4.methods import METHODS, PreparedHessian, check_method, encode_weight, weight_blocks
 from onnx_nf4.methods.gptq import gptq_codes, inverse_hessian_factor, relative_output_error
 from onnx_nf4.methods.grid import nf4_codes, reciprocal, scaled_codes
-from onnx_nf4.methods.mse import block_errors, search_scales
+from onnx_nf4.methods.mse import block_errors, block_weights, search_scales
 from onnx_nf4.methods.storage import store_scales
 
 
@@ -57,15 +57,33 @@ def test_mse_scale_never_loses_to_absmax_and_ties_go_to_absmax() -> None:
     blocks = weight_blocks(_weight(rng, 512, 64), 64)
     absmax = np.abs(blocks).max(axis=1)
     scales = search_scales(blocks)
-    assert np.all(scales <= absmax) and np.all(scales >= 0.5 * absmax - 1e-12)
-    rtn, mse = block_errors(blocks, absmax), block_errors(blocks, scales)
-    assert np.all(mse <= rtn)
+    weights = block_weights(blocks)
+    rtn, mse = block_errors(blocks, absmax, weights), block_errors(blocks, scales, weights)
+    assert np.all(mse <= rtn)  # the weighted error, block by block
     gain = 1 - mse.sum() / rtn.sum()
-    assert gain > 0.08, gain  # about 11% lower squared error on heavy-tailed weights
+    assert gain > 0.12, gain  # measured 14.4% lower weighted error on heavy-tailed weights
+    plain_gain = 1 - block_errors(blocks, scales).sum() / block_errors(blocks, absmax).sum()
+    assert plain_gain > 0.06, plain_gain  # and 7.8% lower plain squared error
     # A block lying exactly on the NF4 grid at its absmax has zero error there: it keeps the absmax.
     on_grid = np.tile(NF4_CODE * np.float32(0.37), 4)[None, :]
     assert search_scales(on_grid)[0] == np.float32(0.37)
     assert search_scales(np.zeros((2, 16), np.float32)).tolist() == [0.0, 0.0]
+
+
+def test_mse_keeps_the_outliers_a_plain_least_squares_scale_clips() -> None:
+    """One large weight among small ones: the weighted search keeps it, where an unweighted one would clip it."""
+    rng = np.random.default_rng(11)
+    blocks = (rng.standard_normal((256, 64)) * 0.01).astype(np.float32)
+    blocks[:, 5] = 0.2 * np.sign(rng.standard_normal(256)).astype(np.float32)  # 20 sigma
+    scales = search_scales(blocks)
+    _, values = scaled_codes(blocks, reciprocal(scales)[:, None])
+    outlier_error = np.abs(values[:, 5] * scales - blocks[:, 5])
+    assert np.all(outlier_error <= 0.01 * 0.2)
+    # The best scale for the plain squared error clips the outlier by far more (coarse search down to 0.5).
+    alphas = np.linspace(0.5, 1.0, 51, dtype=np.float32)
+    plain = np.stack([block_errors(blocks, np.abs(blocks).max(axis=1) * a) for a in alphas])
+    clipped = np.abs(blocks).max(axis=1) * alphas[np.argmin(plain, axis=0)]
+    assert np.median(np.abs(blocks[:, 5]) - clipped) > 0.03 * 0.2  # measured 0.04 * 0.2
 
 
 def test_mse_weight_error_is_lower_and_padding_codes_are_zero() -> None:

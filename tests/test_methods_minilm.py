@@ -22,10 +22,11 @@ ort = pytest.importorskip("onnxruntime")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINEAR_LAYERS = 36
 
-# Measured (tools/bench/RESULTS_methods.md): rtn 0.9745 / 0.9696 (mean / min), mse 0.9772 / 0.9681,
-# gptq 0.9901 / 0.9857, gptq with double quantization 0.9901 / 0.9855.
+# Measured (tools/bench/RESULTS_methods.md): rtn 0.9745 / 0.9696 (mean / min), mse 0.9767 / 0.9700 (weighted
+# towards large weights; no worse than rtn on either figure, which the bound enforces), gptq 0.9901 / 0.9857, gptq
+# with double quantization 0.9901 / 0.9855.
 BOUNDS = {
-    ("mse", False): (0.9765, 0.9670),
+    ("mse", False): (0.9760, 0.9696),
     ("gptq", False): (0.9885, 0.9835),
     ("gptq", True): (0.9880, 0.9830),
 }

@@ -1,4 +1,4 @@
-"""The one relative RMS error of the package (onnx_nf4.metrics)."""
+"""The one relative RMS error of the package (onnx_nf4.codec.metrics)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from onnx_nf4.layout import dequantize_weight, quantize_weight
-from onnx_nf4.metrics import nf4_rel_rms_error, rel_rms_error
+from onnx_nf4.codec.layout import dequantize_weight, nf4_rel_rms_error, quantize_weight
+from onnx_nf4.codec.metrics import rel_rms_error
 
 
 def _direct(w: np.ndarray, wq: np.ndarray) -> float:

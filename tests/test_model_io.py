@@ -12,8 +12,8 @@ import pytest
 from models import matmul_model
 from onnx import numpy_helper
 
-from onnx_nf4 import model_io
-from onnx_nf4.model_io import ModelLoadError, load_model, save_model
+from onnx_nf4.model import io as model_io
+from onnx_nf4.model.io import ModelLoadError, load_model, save_model
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The compiled NF4 encoder (onnx_nf4.native_codec) against the numpy reference, byte for byte.
+"""The compiled NF4 encoder (onnx_nf4.codec.native) against the numpy reference, byte for byte.
 
 Every oracle vector, both roundings, every block size, float16 / bfloat16 / float64 input, K not a multiple of the
 block, zero and subnormal blocks, any strides, several thread counts, scaled values at and next to every decision
@@ -22,11 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle_vectors import f32_bits, parametrize_cases
 
-from onnx_nf4 import native_codec
-from onnx_nf4.codebook import NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
-from onnx_nf4.codec import quantize_blockwise
-from onnx_nf4.layout import quantize_weight, quantize_weight_and_error
-from onnx_nf4.metrics import nf4_error_sums
+from onnx_nf4.codec import native as native_codec
+from onnx_nf4.codec.blockwise import quantize_blockwise
+from onnx_nf4.codec.codebook import NF4_MIDPOINTS_BNB, NF4_THRESHOLDS
+from onnx_nf4.codec.layout import nf4_error_sums, quantize_weight, quantize_weight_and_error
 
 pytestmark = pytest.mark.skipif(not native_codec.available(), reason="the custom-op library is not built")
 pytest_generate_tests = parametrize_cases
@@ -387,7 +386,7 @@ def test_error_sums_of_a_zero_weight():
 def test_flat_error_sums():
     w = np.random.default_rng(4).standard_normal(1001).astype(np.float32)
     packed, absmax, sums = native_codec.encode_flat(w, 64, sums=True)
-    from onnx_nf4.codec import dequantize_blockwise
+    from onnx_nf4.codec.blockwise import dequantize_blockwise
 
     diff = (w - dequantize_blockwise(packed, absmax, w.shape, 64)).astype(np.float64)
     assert sums.squared_error == pytest.approx(float(diff @ diff), rel=1e-12)
@@ -401,8 +400,8 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {tests_dir!r})
 import test_native_codec as t
-from onnx_nf4 import native_codec
-from onnx_nf4.layout import quantize_weight_and_error
+from onnx_nf4.codec import native as native_codec
+from onnx_nf4.codec.layout import quantize_weight_and_error
 rng = np.random.default_rng(0)
 for dtype in t.DTYPES:
     for bs in (16, 64, 4096):
@@ -493,8 +492,8 @@ def test_pass_error_of_the_bnb4_format(K, dtype):
     absmax as stored (float16) is the metric of the weight the model holds."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnx_nf4.codec import dequantize_blockwise
-    from onnx_nf4.metrics import rel_rms_error
+    from onnx_nf4.codec.blockwise import dequantize_blockwise
+    from onnx_nf4.codec.metrics import rel_rms_error
     from onnx_nf4.passes import QuantizeNF4Pass
 
     w = np.random.default_rng(K).standard_normal((K, 96)).astype(dtype)

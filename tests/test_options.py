@@ -12,7 +12,7 @@ from models import matmul_model, shared_weight_model
 
 import onnx_nf4
 from onnx_nf4 import DequantizeNF4Pass, QuantizeNF4Pass, QuantizeOptions, quantize_model
-from onnx_nf4.options import DEFAULT_MIN_ELEMENTS, FORMATS, METHODS
+from onnx_nf4.passes.options import DEFAULT_MIN_ELEMENTS, FORMATS, METHODS
 
 
 def test_defaults():
@@ -87,13 +87,13 @@ def test_passes_report_through_their_results_only():
 
 
 def test_the_version_is_written_once():
-    """pyproject.toml reads the version from onnx_nf4/__init__.py (scikit-build-core's regex provider)."""
+    """pyproject.toml reads the version from onnx_nf4/version.py (scikit-build-core's regex provider)."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     root = Path(__file__).resolve().parents[1]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
     version = pyproject["tool"]["scikit-build"]["metadata"]["version"]
-    assert version == {"provider": "scikit_build_core.metadata.regex", "input": "onnx_nf4/__init__.py"}
+    assert version == {"provider": "scikit_build_core.metadata.regex", "input": "onnx_nf4/version.py"}
     text = (root / version["input"]).read_text()
     (found,) = re.findall(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)  # the provider's default regex
     assert found == onnx_nf4.__version__

@@ -30,8 +30,8 @@ from models import (
 from onnx import helper, numpy_helper
 
 from onnx_nf4 import QuantizeNF4Pass, quantize_model
-from onnx_nf4.codec import dequantize_blockwise, quantize_blockwise
-from onnx_nf4.layout import dequantize_weight, quantize_weight
+from onnx_nf4.codec.blockwise import dequantize_blockwise, quantize_blockwise
+from onnx_nf4.codec.layout import dequantize_weight, quantize_weight
 
 
 def quantize(model: onnx.ModelProto, **kwargs) -> tuple[onnx.ModelProto, object]:

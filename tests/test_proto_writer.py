@@ -1,4 +1,4 @@
-"""onnx_nf4.proto_writer.write_model writes the same ModelProto as onnx_ir.save, streaming large tensors."""
+"""onnx_nf4.model.proto_writer.write_model writes the same ModelProto as onnx_ir.save, streaming large tensors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_nf4 import proto_writer
-from onnx_nf4.proto_writer import write_model
+from onnx_nf4.model import proto_writer
+from onnx_nf4.model.proto_writer import write_model
 
 
 def _canonical(proto: onnx.ModelProto) -> bytes:

@@ -10,9 +10,9 @@ from models import activations, make_model, tensor_info, weight
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnx_nf4.codebook import NF4_CODE
-from onnx_nf4.layout import QuantizedWeight, dequantize_weight, quantize_weight
-from onnx_nf4.reference import MatMulNF4, matmul_nf4
+from onnx_nf4.codec.codebook import NF4_CODE
+from onnx_nf4.codec.layout import QuantizedWeight, dequantize_weight, quantize_weight
+from onnx_nf4.op.reference import MatMulNF4, matmul_nf4
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 EPS = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float16): 2.0**-11, BF16: 2.0**-8}  # unit roundoff

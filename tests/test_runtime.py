@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from onnx_nf4 import runtime
+from onnx_nf4.runtime import library as runtime
 
 NAME = runtime._library_file_name()
 

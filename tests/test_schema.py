@@ -11,7 +11,7 @@ from models import IR_VERSION, OPSET, tensor_info
 from onnx import defs, helper
 
 import onnx_nf4
-from onnx_nf4 import schema
+from onnx_nf4.op import schema
 
 
 def _model(a_type, a_shape, *, K=100, N=24, block_size=64, b_shape=None, absmax_shape=None, bias_shape=None,
@@ -133,5 +133,5 @@ def test_checker_rejects_a_wrong_activation_type():
 
 
 def test_package_import_registers_the_schema():
-    assert onnx_nf4.schema.is_registered()
+    assert onnx_nf4.op.schema.is_registered()
     assert defs.has("MatMulNF4", "onnx_nf4")

@@ -21,7 +21,8 @@ import onnx
 import pytest
 
 import onnx_nf4
-from onnx_nf4 import cli, sysinfo
+from onnx_nf4.cli import entry as cli
+from onnx_nf4.op import sysinfo
 from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

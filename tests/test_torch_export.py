@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from onnx_nf4.api import quantize_model  # noqa: E402
 from onnx_nf4.cli import main  # noqa: E402
-from onnx_nf4.layout import dequantize_weight, quantize_weight  # noqa: E402
+from onnx_nf4.codec.layout import dequantize_weight, quantize_weight  # noqa: E402
 from onnx_nf4.torch import export  # noqa: E402
 
 

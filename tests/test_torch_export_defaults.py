@@ -16,7 +16,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from bnb_models import REL_TOL, bnb_tensors, graph_tensors, nf4_nodes, ort_session, relative_error  # noqa: E402
 from bnb_models import to_linear4bit as bnb_linear  # noqa: E402
 
-from onnx_nf4.layout import dequantize_weight, quantize_weight  # noqa: E402
+from onnx_nf4.codec.layout import dequantize_weight, quantize_weight  # noqa: E402
 from onnx_nf4.torch import export  # noqa: E402
 
 

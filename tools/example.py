@@ -34,10 +34,10 @@ import minilm  # tools/minilm.py, beside this file
 
 from onnx_nf4 import quantize_model
 from onnx_nf4.cli import main as onnx_nf4_cli
-from onnx_nf4.model_io import load_model
-from onnx_nf4.model_summary import summarize_model
-from onnx_nf4.reference import REFERENCE_OPS
-from onnx_nf4.text_table import format_bytes, render_table
+from onnx_nf4.cli.text_table import format_bytes, render_table
+from onnx_nf4.model.io import load_model
+from onnx_nf4.model.summary import summarize_model
+from onnx_nf4.op.reference import REFERENCE_OPS
 
 #: Semantic search queries, each paraphrasing one of ``minilm.SENTENCES`` without sharing its key words.
 QUERIES: tuple[str, ...] = (

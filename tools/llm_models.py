@@ -217,13 +217,13 @@ def build_genai(
     execution_provider: str = "cpu",
     extra_options: dict[str, object] | None = None,
 ) -> Path:
-    """Run onnxruntime-genai's model builder on ``hf_dir`` offline (:func:`onnx_nf4.genai_export.run_builder`).
+    """Run onnxruntime-genai's model builder on ``hf_dir`` offline (:func:`onnx_nf4.genai.export.run_builder`).
 
     ``precision``: ``fp32`` or ``int4`` (``MatMulNBits``, block 32 by default) on ``cpu``; ``extra_options`` are
     the builder's ``--extra_options``. Returns ``out_dir``.
     """
     _offline_env()
-    from onnx_nf4.genai_export import run_builder
+    from onnx_nf4.genai.export import run_builder
 
     return run_builder(
         hf_dir, out_dir, precision=precision, execution_provider=execution_provider, extra_options=extra_options

@@ -3,8 +3,8 @@
 The file is the oracle of the codec tests: for every test weight it holds what bitsandbytes' CPU
 ``quantize_4bit(..., quant_type="nf4")`` and onnxruntime's ``quantize_matmul_bnb4`` (the function behind
 ``MatMulBnb4Quantizer``) produce at block sizes 64 and 128, plus the code table and the two libraries' decision
-bounds, measured by probing each library (not restated from the project's ``onnx_nf4.codebook``). The key layout is
-described in ``tests/data/README.md``.
+bounds, measured by probing each library (not restated from the project's
+``onnx_nf4.codec.codebook``). The key layout is described in ``tests/data/README.md``.
 
 The output is a pure function of the seed and the two libraries' arithmetic: the weights come from a seeded numpy
 generator, the archive is written uncompressed with fixed member dates, and no version or time is stored in it.

@@ -1,11 +1,15 @@
 // matmul_nf4.cu: the CUDA kernels of onnx_nf4::MatMulNF4 (docs/MatMulNF4.md, docs/gpu.md).
 //
-// One source, two compilers:
+// One source, three compilers:
 //   * nvcc, as part of libonnx_nf4_ops (custom_ops/cmake/cuda.cmake): the kernels plus the host launcher
 //     LaunchMatMulNF4 (matmul_nf4_cuda.h);
-//   * NVRTC, through cupy.RawModule (onnx_nf4/cupy_backend.py): NVRTC defines __CUDACC_RTC__, which hides the
+//   * NVRTC, through cupy.RawModule (onnx_nf4/op/cupy_backend.py): NVRTC defines __CUDACC_RTC__, which hides the
 //     host code; the kernels use no header but the NF4 table (which the Python loader inlines) and take
-//     only pointers and ints, so they are named by the same template-ids from both sides.
+//     only pointers and ints, so they are named by the same template-ids from both sides;
+//   * the host C++ compiler with ONNX_NF4_CUDA_EMU defined (custom_ops/cuda/emu, tests/cuda_emu.py): kernels and
+//     launcher run on the CPU under a CUDA-semantics emulation. Every inline PTX statement sits in a small wrapper
+//     with an #ifdef ONNX_NF4_CUDA_EMU branch (and so does the launch statement); without the macro the PTX is
+//     the same as with no branch at all.
 //
 // Kernels (Y[M, N] = A[M, K] @ W + bias; W[k, n] = NF4[code] * scale, fp32 accumulation):
 //   nf4_gemv_simt<T, MT>  CUDA cores, one warp per output column n (k_split warps per column, reduced in
@@ -61,21 +65,33 @@ __constant__ float c_nf4[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_VALUES};
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(f16 v) {
+#ifdef ONNX_NF4_CUDA_EMU
+  return cuda_emu::ptx::cvt_f32_f16(v.bits);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
   return f;
+#endif
 }
 __device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(static_cast<u32>(v.bits) << 16); }
 
 __device__ __forceinline__ u16 f32_to_f16_bits(float v) {
+#ifdef ONNX_NF4_CUDA_EMU
+  return cuda_emu::ptx::cvt_rn_f16_f32(v);
+#else
   u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return h;
+#endif
 }
 __device__ __forceinline__ u16 f32_to_bf16_bits(float v) {
+#ifdef ONNX_NF4_CUDA_EMU
+  return cuda_emu::ptx::cvt_rn_bf16_f32(v);
+#else
   u16 h;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return h;
+#endif
 }
 
 template <typename T>
@@ -112,16 +128,28 @@ __device__ __forceinline__ u32 split_pair(float v) {
 
 // Streaming 128-bit load of packed codes: read once, so not kept in L1.
 __device__ __forceinline__ void ld_stream_v4(const void* p, u32 (&q)[4]) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ld_global_nc_v4(p, q);
+#else
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3])
                : "l"(p));
+#endif
 }
 __device__ __forceinline__ void ld_stream_v2(const void* p, u32& a, u32& b) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ld_global_nc_v2(p, a, b);
+#else
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+#endif
 }
 // Cached 128-bit read-only load (activations, reused by every warp of the SM).
 __device__ __forceinline__ void ld_v4(const void* p, u32 (&q)[4]) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ld_global_nc_v4(p, q);
+#else
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(q[0]), "=r"(q[1]), "=r"(q[2]), "=r"(q[3]) : "l"(p));
+#endif
 }
 
 // Bytes [off, off + 16) of a packed row of row_bytes bytes (off % 8 == 0, row_bytes % 8 == 0); bytes past the
@@ -233,7 +261,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float partial[kWarps][MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cols_per_cta = kWarps / k_split;
-  const int n = blockIdx.x * cols_per_cta + warp / k_split;
+  const i64 n = static_cast<i64>(blockIdx.x) * cols_per_cta + warp / k_split;  // i64: N may be near 2^31
   const int ks = warp % k_split;
   const int m0 = blockIdx.y * MT;
   const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
@@ -270,24 +298,22 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {  // word j: bytes 4j..4j+3, k = k0 + 8j .. k0 + 8j + 7
         const float s = j < 2 ? s_lo : s_hi;
-        float a[MT][8];
+        // The word's 8 weights (byte i: high nibble k0 + 8j + 2i, low nibble the next k), then per row 8
+        // activations and 8 FMAs: few registers live at once for any MT (the float32 sums are those of one row
+        // at a time either way).
+        float w[8];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m0 + m < M) {
-            load_act8(A + static_cast<i64>(m0 + m) * K, k0 + 8 * j, K, act_vec, a[m]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) a[m][e] = 0.0f;
-          }
+        for (int i = 0; i < 4; ++i) {
+          w[2 * i] = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i + 4))), s);
+          w[2 * i + 1] = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i))), s);
         }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {  // byte i: high nibble k0 + 8j + 2i, low nibble the next k
-          const float w_even = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i + 4))), s);
-          const float w_odd = __fmul_rn(__shfl_sync(kFullMask, table, static_cast<int>(q[j] >> (8 * i))), s);
+        for (int m = 0; m < MT; ++m) {
+          if (m0 + m < M) {  // uniform
+            float a[8];
+            load_act8(A + static_cast<i64>(m0 + m) * K, k0 + 8 * j, K, act_vec, a);
 #pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            acc[m] = fmaf(a[m][2 * i], w_even, acc[m]);
-            acc[m] = fmaf(a[m][2 * i + 1], w_odd, acc[m]);
+            for (int e = 0; e < 8; ++e) acc[m] = fmaf(a[e], w[e], acc[m]);
           }
         }
       }
@@ -306,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   for (int idx = threadIdx.x; idx < cols_per_cta * MT; idx += kThreads) {
     const int c = idx % cols_per_cta, m = idx / cols_per_cta;  // consecutive threads: consecutive n
-    const int nn = blockIdx.x * cols_per_cta + c;
+    const i64 nn = static_cast<i64>(blockIdx.x) * cols_per_cta + c;
     if (nn < N && m0 + m < M) {
       float y = 0.0f;
       for (int s = 0; s < k_split; ++s) y += partial[c * k_split + s][m];
@@ -322,18 +348,26 @@ __global__ void __launch_bounds__(kThreads)
 
 // D[16 x 8] += A[16 x 16] * B[16 x 8], T inputs, float32 accumulators (PTX fragment layouts).
 __device__ __forceinline__ void mma16816(f16*, float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::mma_m16n8k16(false, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 __device__ __forceinline__ void mma16816(bf16*, float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::mma_m16n8k16(true, d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Decodes the byte at bits [sh, sh + 8) of w (high nibble: even k, low nibble: odd k) into the hi and lo
@@ -414,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tiles_per_cta = kWarps / k_split;
-  const int n0 = (blockIdx.x * tiles_per_cta + warp / k_split) * 16;
+  const i64 n0 = (static_cast<i64>(blockIdx.x) * tiles_per_cta + warp / k_split) * 16;  // i64: N may be near 2^31
   const int ks = warp % k_split;
   const int m0 = blockIdx.y * MT;
   const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
@@ -430,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (n0 < N) {  // uniform over the warp
     const i64 row_bytes = static_cast<i64>(k_blocks) << (block_shift - 1);
     const int chunks = static_cast<int>((row_bytes + 63) >> 6);
-    const int na = n0 + g, nb = n0 + g + 8;
+    const i64 na = n0 + g, nb = n0 + g + 8;
     const i64 bytes_a = na < N ? row_bytes : 0, bytes_b = nb < N ? row_bytes : 0;  // absent rows read as 0
     const u8* row_a = B + static_cast<i64>(na) * row_bytes;
     const u8* row_b = B + static_cast<i64>(nb) * row_bytes;
@@ -496,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int cols = 16 * tiles_per_cta;
   for (int idx = threadIdx.x; idx < cols * MT; idx += kThreads) {
     const int c = idx % cols, m = idx / cols;  // consecutive threads: consecutive n
-    const int n = blockIdx.x * cols + c;
+    const i64 n = static_cast<i64>(blockIdx.x) * cols + c;
     if (n < N && m0 + m < M) {
       const int tile = c >> 4, r = c & 15;
       float y = 0.0f;
@@ -525,9 +559,13 @@ __device__ __forceinline__ u32 shared_address(const void* p) { return static_cas
 
 // Four 8x8 matrices of 16-bit elements; lane l addresses one row of matrix l / 8.
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* row) {
+#ifdef ONNX_NF4_CUDA_EMU
+  cuda_emu::ptx::ldmatrix_x4(r, row);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(shared_address(row)));
+#endif
 }
 
 // Grid: x = ceil(N / kTileN), y = ceil(M / kTileM); kThreads threads (k_split must be 1). Per stage of kTileK k,
@@ -549,7 +587,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   (void)k_split;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n_base = blockIdx.x * kTileN, m_base = blockIdx.y * kTileM;
+  const i64 n_base = static_cast<i64>(blockIdx.x) * kTileN;  // i64: N may be near 2^31
+  const int m_base = blockIdx.y * kTileM;
   const int wn = 32 * (warp & 3), wm = 32 * (warp >> 2);
   const Scales sc = {absmax, absmax_codes, nested_absmax, nested_code, absmax_offset, nested_shift};
   const bool codes_vec = (flags & kFlagCodesVec16) != 0, act_vec = (flags & kFlagActVec16) != 0;
@@ -558,7 +597,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Staging roles: codes of column n_base + (tid / 2), bytes 16 (tid % 2) .. + 15 of the stage;
   // activations of row m_base + tid / 4, k 16 (tid % 4) .. + 15 of the stage.
   const int w_row = tid >> 1, w_half = tid & 1;
-  const int n_w = n_base + w_row;
+  const i64 n_w = n_base + w_row;
   const i64 row_bytes = static_cast<i64>(k_blocks) << (block_shift - 1);
   const i64 w_bytes = n_w < N ? row_bytes : 0;  // absent columns read as 0
   const u8* w_ptr = B + static_cast<i64>(n_w) * row_bytes;
@@ -566,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool a_valid = m_base + a_row < M;
   const u16* a_ptr = reinterpret_cast<const u16*>(A) + static_cast<i64>(m_base + a_row) * K;
 
-  const int stages = (K + kTileK - 1) / kTileK;  // k past K adds nothing (its activations are 0)
+  const int stages = (K - 1) / kTileK + 1;  // K >= 1; no overflow near 2^31. k past K adds nothing (A reads as 0)
   const int last_step = 4 * stages - 1;
 
   u32 codes[4], acts[8];
@@ -646,7 +685,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma16816(static_cast<T*>(nullptr), c[i][j], a_lo[i], b0, b1);
         }
       const int step = 4 * st + ks;
-      if (((step + 1) << 4) % (1 << block_shift) == 0 || step == last_step) {  // uniform: the block ends
+      // Uniform: the block ends after 16 (step + 1) k (written without the product, which overflows near K = 2^31).
+      if (((step + 1) & ((1 << (block_shift - 4)) - 1)) == 0 || step == last_step) {
         const int lb = kk >> block_shift;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -670,7 +710,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int n = n_base + wn + 16 * i + g + 8 * (r >> 1);
+      const i64 n = n_base + wn + 16 * i + g + 8 * (r >> 1);
       if (n >= N) continue;
       const float bn = bias != nullptr ? to_float(bias[n]) : 0.0f;
 #pragma unroll
@@ -683,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 #ifndef __CUDACC_RTC__
 // ---------------------------------------------------------------------------------------------------------
-// Host launcher (nvcc build only; onnx_nf4/cupy_backend.py mirrors the configuration logic)
+// Host launcher (nvcc and emulation builds; onnx_nf4/op/cupy_backend.py mirrors the configuration logic)
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
@@ -723,13 +763,19 @@ struct LaunchArgs {
   int flags;
 };
 
+#ifdef ONNX_NF4_CUDA_EMU  // custom_ops/cuda/emu: the kernel runs on the CPU, now
+#define ONNX_NF4_LAUNCH(kernel, grid, block, stream) cuda_emu::MakeLaunch(kernel, grid, block, stream)
+#else
+#define ONNX_NF4_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 template <typename T, typename KernelFn>
 void Run(KernelFn kernel, dim3 grid, cudaStream_t stream, const LaunchArgs<T>& x) {
   const Problem& p = *x.p;
-  kernel<<<grid, kThreads, 0, stream>>>(x.a, p.B, p.absmax, p.absmax_codes, p.nested_absmax, p.nested_code,
-                                        p.absmax_offset, static_cast<const T*>(p.bias), x.y, x.m, static_cast<int>(p.K),
-                                        static_cast<int>(p.N), x.block_shift, x.k_blocks, x.nested_shift, x.k_split,
-                                        x.flags);
+  ONNX_NF4_LAUNCH(kernel, grid, kThreads, stream)(x.a, p.B, p.absmax, p.absmax_codes, p.nested_absmax, p.nested_code,
+                                                  p.absmax_offset, static_cast<const T*>(p.bias), x.y, x.m,
+                                                  static_cast<int>(p.K), static_cast<int>(p.N), x.block_shift,
+                                                  x.k_blocks, x.nested_shift, x.k_split, x.flags);
 }
 
 template <typename T>

@@ -123,7 +123,7 @@ inline constexpr int64_t CodeOrderPos(int64_t k, int64_t group) {
   return (k / group) * group + (k % group) / 2 + (k & 1) * (group / 2);
 }
 
-// The int8 image of the NF4 table used by accuracy_level 4 (generated from onnx_nf4/codebook.py):
+// The int8 image of the NF4 table used by accuracy_level 4 (generated from onnx_nf4/codec/codebook.py):
 // kNF4I8[c] = round(NF4[c] * 127), so that W ~= kNF4I8[c] * scale / 127.
 inline constexpr float kInt8Levels = ONNX_NF4_I8_LEVELS;
 inline constexpr int8_t kNF4I8[ONNX_NF4_NUM_CODES] = {ONNX_NF4_CODEBOOK_I8_VALUES};

@@ -5,27 +5,31 @@ double-quantized form), so models from any method run on every kernel and, as ``
 stock onnxruntime. Only the choice differs:
 
 * ``rtn``: scale = the block's absmax, each code the nearest; byte for byte onnxruntime's
-  ``MatMulBnb4Quantizer`` and bitsandbytes (:func:`onnx_nf4.layout.quantize_weight`).
-* ``mse``: per block, the scale minimizing the block's squared error (:mod:`onnx_nf4.methods.mse`), then the
-  nearest codes at the scale actually stored (:mod:`onnx_nf4.methods.storage`).
+  ``MatMulBnb4Quantizer`` and bitsandbytes (:func:`onnx_nf4.codec.layout.quantize_weight`).
+* ``mse``: per block, the scale minimizing the block's squared error weighted towards its large weights
+  (:mod:`onnx_nf4.methods.mse`), then the nearest codes at the scale actually stored
+  (:mod:`onnx_nf4.methods.storage`).
 * ``gptq``: the ``mse`` scales, then codes chosen row by row along K with error feedback weighted by the layer's
   input statistics ``H = X^T X`` (:mod:`onnx_nf4.methods.gptq`), collected on calibration data
-  (:mod:`onnx_nf4.calibration`).
+  (:mod:`onnx_nf4.methods.calibration`).
 
-:func:`encode_weight` applies one of them to one weight.
+:func:`encode_weight` applies one of them to one weight; :mod:`.calibrated` runs GPTQ over a whole model.
+
+Layer 4: owns the methods and calibration data (:mod:`.calibration`: loading, batching, ``X^T X`` per layer). May
+import :mod:`onnx_nf4.model`, :mod:`onnx_nf4.op`, :mod:`onnx_nf4.codec` and :mod:`onnx_nf4.runtime`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..codebook import NF4_ZERO_CODE
-from ..codec import as_float_array, check_block_size, check_finite, pack_nibbles
-from ..layout import QuantizedWeight, quantize_weight
-from ..options import METHODS
+from ..codec.blockwise import pack_nibbles
+from ..codec.codebook import NF4_ZERO_CODE
+from ..codec.layout import QuantizedWeight, quantize_weight
+from ..codec.validation import as_float_array, check_block_size, check_finite
 from .gptq import DEFAULT_DAMP, PreparedHessian, gptq_codes
 from .grid import reciprocal, scaled_codes
-from .mse import block_errors, search_scales
+from .mse import block_errors, block_weights, search_scales
 from .storage import store_scales
 
 __all__ = [
@@ -37,6 +41,12 @@ __all__ = [
     "encode_weight",
     "weight_blocks",
 ]
+
+#: How codes and block scales are chosen (:mod:`onnx_nf4.methods`; the format is the same for all): ``"rtn"``,
+#: each element to its nearest code with the block's absmax as scale (byte for byte onnxruntime's quantizer);
+#: ``"mse"``, per block the scale minimizing the block's weighted squared error (data-free); ``"gptq"``, codes with
+#: error feedback on the layers' input statistics (needs calibration data, see :func:`onnx_nf4.quantize_model`).
+METHODS = ("rtn", "mse", "gptq")
 
 
 def check_method(method: str) -> str:
@@ -118,7 +128,7 @@ def encode_weight(
             raise ValueError(f"tensor {name!r}: the Hessian is {hessian.size} x {hessian.size}, expected {K} x {K}")
     k_blocks = -(-K // bs)
     blocks = weight_blocks(w, bs)
-    errors = (lambda scales: block_errors(blocks, scales)) if double_quant else None
+    errors = (lambda scales: block_errors(blocks, scales, block_weights(blocks))) if double_quant else None
     stored = store_scales(search_scales(blocks).reshape(N, k_blocks), double_quant=double_quant,
                           dtype=scale_dtype, block_errors=errors)  # fmt: skip
     if method == "mse":
@@ -133,7 +143,7 @@ def encode_weight(
 def encode_flat_mse(
     w: np.ndarray, block_size: int = 64, *, scale_dtype: type = np.float32, name: str = "weight"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``method="mse"`` in the flat layout of :func:`onnx_nf4.codec.quantize_blockwise` (``com.microsoft``).
+    """``method="mse"`` in the flat layout of :func:`onnx_nf4.quantize_blockwise` (``com.microsoft``).
 
     Blocks are ``block_size`` consecutive elements of ``w.reshape(-1)`` (the last one may be partial; it is
     searched as if zero-padded), so they may run across rows. Returns ``(packed uint8 [(n + 1) // 2],

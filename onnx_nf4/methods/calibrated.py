@@ -12,9 +12,11 @@ Two ways of collecting the statistics ``H = X^T X`` of each layer's input ``X``:
   as overridable initializers). On all-MiniLM-L6-v2 it gives the better embeddings (``tools/bench/
   RESULTS_methods.md``).
 
-Either way only one batch of activations and one ``[K, K]`` float64 sum per requested activation are held;
-layer by layer also keeps the dequantized float copy of every weight already quantized (fed to the later runs),
-as much memory as those float weights.
+A deep model (an LLM: four waves per transformer block) would run the model a hundred times; with ``passes`` the
+consecutive waves are merged into about that many runs over the data (the later waves of a run then see the
+earlier ones' float weights), each holding at most ``hessian_budget`` bytes of ``[K, K]`` sums. Only one batch of
+activations and the sums of the current run are held; layer by layer also keeps the dequantized float copy of every
+weight already quantized (fed to the later runs), as much memory as those float weights.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration import ActivationCollector, CalibrationData, Hessian
-from ..contract import ONNX_DOMAINS
-from ..layout import QuantizedWeight, dequantize_weight
-from ..passes.graph import node_label
+from ..codec.layout import QuantizedWeight, dequantize_weight
+from ..model.graph import node_label
+from ..op.contract import ONNX_DOMAINS
 from . import encode_weight
+from .calibration import ActivationCollector, CalibrationData, Hessian
 from .gptq import DEFAULT_DAMP, PreparedHessian, relative_output_error
 
-__all__ = ["CalibratedLayer", "CalibratedWeight", "find_layers", "quantize_with_calibration"]
+__all__ = ["DEFAULT_HESSIAN_BUDGET", "CalibratedLayer", "CalibratedWeight", "find_layers", "quantize_with_calibration"]
+
+#: With ``passes``: the most bytes of ``X^T X`` sums (float64 ``[K, K]`` per activation) held at once, 1 GiB. A
+#: Llama of 1 B parameters (hidden 2048, MLP 5632, 22 layers) has about 8 GB of them.
+DEFAULT_HESSIAN_BUDGET = 1 << 30
 
 #: ``on_progress(done, total, layer)`` after each weight (``layer``: its first node, named as in the report).
 Progress = Callable[[int, int, str], None]
@@ -113,8 +119,36 @@ def _weight(model: ir.Model, layer: CalibratedLayer) -> tuple[np.ndarray, np.dty
     return (w.T if layer.transpose else w), b.dtype
 
 
+def _weight_k(model: ir.Model, layer: CalibratedLayer) -> int:
+    """K of the layer's weight ``[K, N]`` (from the initializer's shape, without reading its data)."""
+    shape = model.graph.initializers[layer.weight].shape
+    assert shape is not None and len(shape) == 2
+    return int(shape[1] if layer.transpose else shape[0])
+
+
+def _reads_weight(node: ir.Node, index: int) -> bool:
+    """Whether input ``index`` of ``node`` is the weight of a ``MatMul`` / ``Gemm`` (the use GPTQ quantizes)."""
+    return index == 1 and node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS
+
+
+def _weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
+    """The names in ``weights`` that a node also reads other than as a ``MatMul`` / ``Gemm`` weight.
+
+    A tied embedding is one: the builder's graph reads ``lm_head``'s weight through ``Transpose -> Gather`` too.
+    Those uses stay float in the quantized model, so GPTQ neither counts them as dependencies nor feeds the
+    quantized weight to later runs (which would quantize the embedding as well).
+    """
+    other = set()
+    for node in model.graph:
+        for index, value in enumerate(node.inputs):
+            if value is not None and value.name in weights and not _reads_weight(node, index):
+                other.add(value.name)
+    return other
+
+
 def _dependencies(model: ir.Model, activations: Sequence[str], weights: set[str]) -> dict[str, set[str]]:
-    """For each activation, the names in ``weights`` among the initializers it is computed from."""
+    """For each activation, the names in ``weights`` it is computed from through their ``MatMul`` / ``Gemm`` uses
+    (:func:`_weights_with_other_uses`)."""
     memo: dict[int, frozenset[str]] = {}
 
     def of_value(value: ir.Value) -> frozenset[str]:
@@ -139,10 +173,13 @@ def _dependencies(model: ir.Model, activations: Sequence[str], weights: set[str]
                     continue
                 stack.pop()
                 deps: set[str] = set()
-                for v in top.inputs:
+                for index, v in enumerate(top.inputs):
                     if v is not None:
                         p = v.producer()
-                        deps |= memo[id(p)] if p is not None else ({v.name} & weights)
+                        if p is not None:
+                            deps |= memo[id(p)]
+                        elif _reads_weight(top, index):
+                            deps |= {v.name} & weights
                 memo[id(top)] = frozenset(deps)
         return memo[id(node)]
 
@@ -171,6 +208,30 @@ def _waves(model: ir.Model, layers: Sequence[CalibratedLayer]) -> list[tuple[lis
     return waves
 
 
+Wave = tuple[list[str], list[CalibratedLayer]]
+
+
+def _group_waves(waves: Sequence[Wave], sizes: Mapping[str, int], passes: int | None, budget: int) -> list[list[Wave]]:
+    """The waves of each pass over the calibration data: one wave per pass (``passes`` ``None``), or
+    consecutive waves merged into about ``passes`` passes of equal ``[K, K]`` float64 sums, each at most ``budget``
+    bytes (more passes when needed; a wave larger than the budget on its own is a pass of its own).
+    """
+    wave_bytes = [sum(8 * sizes[name] ** 2 for name in wave[0]) for wave in waves]
+    if passes is None:
+        return [[wave] for wave in waves]
+    limit = min(budget, max(-(-sum(wave_bytes) // max(1, passes)), max(wave_bytes, default=0)))
+    groups: list[list[Wave]] = []
+    held = 0
+    for wave, size in zip(waves, wave_bytes, strict=True):
+        if groups and held + size <= limit:
+            groups[-1].append(wave)
+            held += size
+        else:
+            groups.append([wave])
+            held = size
+    return groups
+
+
 def quantize_with_calibration(
     model: ir.Model,
     layers: Sequence[CalibratedLayer],
@@ -183,6 +244,8 @@ def quantize_with_calibration(
     act_order: bool = True,
     sequential: bool = True,
     exclude_padding: bool = True,
+    passes: int | None = None,
+    hessian_budget: int = DEFAULT_HESSIAN_BUDGET,
     on_progress: Progress | None = None,
 ) -> dict[tuple[str, bool], CalibratedWeight]:
     """GPTQ-quantize ``layers`` of ``model`` on calibration ``data`` (see the module docstring).
@@ -190,35 +253,46 @@ def quantize_with_calibration(
     ``model`` is not modified. The arguments after ``data`` are those of :func:`onnx_nf4.methods.encode_weight`
     (``scales_in_weight_dtype``: store each weight's scales in its own dtype, as ``MatMulBnb4`` does), plus
     ``sequential`` (layer by layer, or all statistics from the float model), ``exclude_padding`` (drop rows
-    where ``attention_mask`` is 0) and ``on_progress(done, total, layer)`` after each weight.
+    where ``attention_mask`` is 0), ``passes`` (layer by layer: ``None`` runs the model once per wave, a number
+    merges consecutive waves into about that many runs over the data, for deep models where a run is expensive),
+    ``hessian_budget`` (with ``passes``: the most bytes of ``X^T X`` sums held at once) and
+    ``on_progress(done, total, layer)`` after each weight.
 
     Returns:
         The :class:`CalibratedWeight` of each layer, keyed by ``(weight, transpose)``.
     """
     layers = list({layer.key: layer for layer in layers}.values())
     activations = list(dict.fromkeys(name for layer in layers for name, _ in layer.activations))
-    collector = ActivationCollector(model, activations, [layer.weight for layer in layers] if sequential else [])
+    sizes = {name: _weight_k(model, layer) for layer in layers for name, _ in layer.activations}
+    shared = _weights_with_other_uses(model, {layer.weight for layer in layers})
+    fed_weights = [layer.weight for layer in layers if layer.weight not in shared] if sequential else []
+    collector = ActivationCollector(model, activations, fed_weights)
     waves = _waves(model, layers) if sequential else [(activations, layers)]
     hessians: dict[tuple[str, bool], Hessian] = {}
     fed: dict[str, np.ndarray] = {}
     results: dict[tuple[str, bool], CalibratedWeight] = {}
-    for wave_activations, wave_layers in waves:
-        wanted = [(name, t) for layer in layers for name, t in layer.activations if name in wave_activations]
-        hessians.update(collector.hessians(wanted, data, weights=fed, exclude_padding=exclude_padding))
-        prepared = _prepare(wave_layers, hessians, damp, act_order)
-        for layer in wave_layers:
-            w, dtype = _weight(model, layer)
-            h = prepared[layer.activations]
-            q = encode_weight(w, block_size, method="gptq", double_quant=double_quant, hessian=h,
-                              scale_dtype=w.dtype.type if scales_in_weight_dtype else np.float32,
-                              name=layer.weight)  # fmt: skip
-            wq = dequantize_weight(q)
-            rows = sum(hessians[pair].rows for pair in layer.activations)
-            results[layer.key] = CalibratedWeight(q, relative_output_error(w, wq, h.matrix), rows)
-            if sequential:
-                fed[layer.weight] = (wq.T if layer.transpose else wq).astype(dtype)
-            if on_progress is not None:
-                on_progress(len(results), len(layers), layer.layer or layer.weight)
+    for group in _group_waves(waves, sizes, passes, hessian_budget):
+        group_activations = {name for wave_activations, _ in group for name in wave_activations}
+        wanted = [(name, t) for layer in layers for name, t in layer.activations if name in group_activations]
+        hessians.update(collector.hessians(dict.fromkeys(wanted), data, weights=fed, exclude_padding=exclude_padding))
+        for _, wave_layers in group:
+            prepared = _prepare(wave_layers, hessians, damp, act_order)
+            for layer in wave_layers:
+                w, dtype = _weight(model, layer)
+                h = prepared[layer.activations]
+                q = encode_weight(w, block_size, method="gptq", double_quant=double_quant, hessian=h,
+                                  scale_dtype=w.dtype.type if scales_in_weight_dtype else np.float32,
+                                  name=layer.weight)  # fmt: skip
+                wq = dequantize_weight(q)
+                rows = sum(hessians[pair].rows for pair in layer.activations)
+                results[layer.key] = CalibratedWeight(q, relative_output_error(w, wq, h.matrix), rows)
+                if sequential and layer.weight not in shared:
+                    fed[layer.weight] = (wq.T if layer.transpose else wq).astype(dtype)
+                if on_progress is not None:
+                    on_progress(len(results), len(layers), layer.layer or layer.weight)
+            del prepared
+        pending = {pair for layer in layers if layer.key not in results for pair in layer.activations}
+        hessians = {pair: h for pair, h in hessians.items() if pair in pending}
     return results
 
 

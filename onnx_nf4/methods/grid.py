@@ -2,8 +2,8 @@
 
 A weight ``x`` in a block of scale ``scale`` (float32) gets the code ``#{t in NF4_THRESHOLDS : s > t}`` of its
 scaled value ``s = fl32(x * fl32(1 / scale))`` (a scale of 0 gives ``s = 0``, code 7). With ``scale = absmax``
-this is exactly :mod:`onnx_nf4.codec`'s default rounding (onnxruntime's ``MatMulBnb4Quantizer``); with any other
-scale it is the nearest NF4 value of ``x / scale`` (``|s| > 1`` saturates to code 0 or 15), ties going to the
+this is exactly :mod:`onnx_nf4.codec.blockwise`'s default rounding (onnxruntime's ``MatMulBnb4Quantizer``); with any
+other scale it is the nearest NF4 value of ``x / scale`` (``|s| > 1`` saturates to code 0 or 15), ties going to the
 lower code. Decoding is ``fl32(NF4_CODE[code] * scale)``, the ``MatMulNF4`` semantics.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codebook import NF4_CODE, NF4_THRESHOLDS
+from ..codec.codebook import NF4_CODE, NF4_THRESHOLDS
 
 __all__ = ["nf4_codes", "reciprocal", "scaled_codes"]
 

@@ -2,7 +2,7 @@
 
 A method picks a float32 scale per block; what ``MatMulNF4`` reads may differ from it:
 
-* with double quantization the scales become 8-bit codes (:func:`onnx_nf4.double_quant.quantize_absmax`) and
+* with double quantization the scales become 8-bit codes (:func:`onnx_nf4.codec.double_quant.quantize_absmax`) and
   decode to ``fl32(fl32(DYNAMIC_CODE[c] * nested_absmax) + offset)``;
 * ``com.microsoft::MatMulBnb4`` stores the absmax in the weight's dtype (float16 for a float16 model).
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..double_quant import NestedAbsmax, dequantize_absmax, quantize_absmax
+from ..codec.double_quant import NestedAbsmax, dequantize_absmax, quantize_absmax
 
 __all__ = ["StoredScales", "store_scales"]
 

@@ -1,4 +1,8 @@
-"""The ``onnx_ir`` passes of onnx_nf4.
+"""Layer 5, the ``onnx_ir`` passes of onnx_nf4, with the settings they take and the report they give.
+
+Owns :class:`QuantizeOptions` (:mod:`.options`), the quantization report (:mod:`.report`) and the passes below. May
+import :mod:`onnx_nf4.methods`, :mod:`onnx_nf4.model`, :mod:`onnx_nf4.op`, :mod:`onnx_nf4.codec` and
+:mod:`onnx_nf4.runtime`; reading and writing files is the job of the layer above (:mod:`onnx_nf4.api`).
 
 * :class:`QuantizeNF4Pass` (:mod:`.quantize`): float ``MatMul`` / ``Gemm`` weights to NF4; it plans
   (:mod:`.plan`), encodes each distinct weight once (:func:`.encoding.encode_weight`), writes the format's tensors
@@ -6,13 +10,12 @@
 * :class:`DequantizeNF4Pass` (:mod:`.dequantize`): the inverse, for debugging.
 
 Both return what they did in their ``PassResult`` (:class:`QuantizeResult` with the report,
-:class:`DequantizeResult` with the replaced nodes) and keep no state between calls. :mod:`.graph` holds the graph
-helpers they share.
+:class:`DequantizeResult` with the replaced nodes) and keep no state between calls. The graph helpers they
+share are in :mod:`onnx_nf4.model.graph`.
 """
 
-from ..options import DEFAULT_MIN_ELEMENTS, FORMATS, QuantizeOptions
 from .dequantize import DequantizeNF4Pass, DequantizeResult
-from .graph import UniqueNames, constant_tensor, remove_unused_initializers
+from .options import DEFAULT_MIN_ELEMENTS, FORMATS, QuantizeOptions
 from .quantize import ProgressCallback, QuantizeNF4Pass, QuantizeResult
 
 __all__ = [
@@ -24,7 +27,4 @@ __all__ = [
     "QuantizeNF4Pass",
     "QuantizeOptions",
     "QuantizeResult",
-    "UniqueNames",
-    "constant_tensor",
-    "remove_unused_initializers",
 ]

@@ -2,7 +2,7 @@
 
 Every quantizing path goes through it (the pass for both output formats, hence ``quantize_model``, the CLI and
 the torch exporters), so a new way of choosing codes and scales is added here, as a new
-:attr:`onnx_nf4.options.QuantizeOptions.method`.
+:attr:`onnx_nf4.QuantizeOptions.method`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .. import native_codec
-from ..codec import quantize_blockwise
-from ..layout import QuantizedWeight, quantize_weight, quantize_weight_and_error
+from ..codec import native as native_codec
+from ..codec.blockwise import quantize_blockwise
+from ..codec.layout import QuantizedWeight, nf4_rel_rms_error, quantize_weight, quantize_weight_and_error
 from ..methods import encode_flat_mse
 from ..methods import encode_weight as encode_with_method
-from ..metrics import nf4_rel_rms_error
-from ..options import QuantizeOptions
+from .options import QuantizeOptions
 
 __all__ = ["as_numpy_float", "encode_flat", "encode_flat_and_error", "encode_weight", "encode_weight_and_error"]
 
@@ -32,7 +31,7 @@ def encode_weight(w: np.ndarray, options: QuantizeOptions, *, name: str) -> Quan
     (and double quantization when ``options.double_quant``).
 
     ``"rtn"``: every element rounds to its nearest NF4 code, each block scaled by its absmax
-    (:func:`onnx_nf4.layout.quantize_weight`). ``"mse"``: the scale search of :mod:`onnx_nf4.methods.mse`.
+    (:func:`onnx_nf4.codec.layout.quantize_weight`). ``"mse"``: the scale search of :mod:`onnx_nf4.methods.mse`.
     ``"gptq"`` weights come computed (with their layer's calibration statistics) as the pass's ``prequantized``;
     one that reaches this function has no statistics (e.g. a weight used inside a subgraph) and gets ``"mse"``.
 
@@ -48,8 +47,8 @@ def encode_weight_and_error(w: np.ndarray, options: QuantizeOptions, *, name: st
     """:func:`encode_weight` and the relative RMS error of ``w`` and the weight the result stands for.
 
     With ``"rtn"`` and the compiled encoder the error comes from the same pass over ``w``
-    (:func:`onnx_nf4.layout.quantize_weight_and_error`); otherwise the result is decoded a few columns at a time
-    (:func:`onnx_nf4.metrics.nf4_rel_rms_error`).
+    (:func:`onnx_nf4.codec.layout.quantize_weight_and_error`); otherwise the result is decoded a few columns at a time
+    (:func:`onnx_nf4.codec.layout.nf4_rel_rms_error`).
     """
     if options.method == "rtn":
         q, sums = quantize_weight_and_error(w, options.block_size, double_quant=options.double_quant, name=name)

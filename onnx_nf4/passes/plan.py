@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ..codec import check_finite
-from ..contract import ONNX_DOMAINS
-from ..options import QuantizeOptions
-from .graph import constant_tensor, float_attr, int_attr, release
+from ..codec.validation import check_finite
+from ..model.graph import constant_tensor, float_attr, int_attr, release
+from ..op.contract import ONNX_DOMAINS
+from .options import QuantizeOptions
 from .writers import Writer
 
-__all__ = ["GemmTerms", "Plan", "Planner", "Skip", "nonfinite_reason"]
+__all__ = ["GemmTerms", "Plan", "Planner", "Skip", "WeightSource", "nonfinite_reason", "weight_source"]
 
 
 class Skip(Exception):
@@ -26,6 +26,41 @@ class GemmTerms:
     trans_a: bool
     alpha: float
     beta: float
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a node's constant operand comes from: ``value`` itself, or the constant that a ``Transpose`` reads.
+
+    Attributes:
+        weight: the constant value (an initializer or a ``Constant`` node's output).
+        transposed: whether the operand is ``weight.T``, through ``via``.
+        via: the default-domain ``Transpose`` (perm ``[1, 0]``) between ``weight`` and the node, or ``None``.
+    """
+
+    weight: ir.Value | None
+    transposed: bool = False
+    via: ir.Node | None = None
+
+
+def weight_source(value: ir.Value | None) -> WeightSource:
+    """The constant behind ``value``: through one 2-D ``Transpose`` of a constant, else ``value`` itself.
+
+    Tied embeddings come in this form (onnxruntime-genai's builder gathers from ``Transpose(lm_head weight)``).
+    """
+    producer = value.producer() if value is not None else None
+    if (
+        producer is not None
+        and producer.op_type == "Transpose"
+        and producer.domain in ONNX_DOMAINS
+        and len(producer.inputs) == 1
+    ):
+        source = producer.inputs[0]
+        tensor = constant_tensor(source)
+        perm = producer.attributes.get("perm")
+        if tensor is not None and len(tensor.shape) == 2 and (perm is None or list(perm.as_ints()) == [1, 0]):
+            return WeightSource(source, True, producer)
+    return WeightSource(value)
 
 
 @dataclass
@@ -45,11 +80,14 @@ class Plan:
     bias: ir.Value | None = None  # a fused [N] bias of dtype T
     add: ir.Node | None = None  # the fused Add
     gemm: GemmTerms | None = None
+    via: ir.Node | None = None  # the Transpose between the weight and the node
+    #: the key of an equal weight whose tensors this plan uses instead of its own (a tied copy)
+    tied: tuple[object, ...] | None = None
 
     @property
-    def key(self) -> tuple[int, bool]:
+    def key(self) -> tuple[object, ...]:
         """Identifies the quantized weight: nodes with the same key share its tensors."""
-        return id(self.weight), self.transpose
+        return self.tied or (id(self.weight), self.transpose)
 
     @property
     def a(self) -> ir.Value:
@@ -78,18 +116,19 @@ class Planner:
     def plan(self, node: ir.Node) -> Plan:
         """The plan of a default-domain ``MatMul`` or ``Gemm``; raises :class:`Skip` with the reason otherwise."""
         self._check_a(node.inputs[0])
+        source = weight_source(node.inputs[1])
         if node.op_type == "MatMul":
-            tensor, K, N = self._weight(node, node.inputs[1], transpose=False)
-            plan = Plan(node, node.inputs[1], tensor, False, K, N)  # type: ignore[arg-type]
+            tensor, K, N = self._weight(node, source.weight, transpose=source.transposed)
+            plan = Plan(node, source.weight, tensor, source.transposed, K, N, via=source.via)  # type: ignore[arg-type]
             self._fuse_add(plan)
             return plan
-        trans_b = bool(int_attr(node, "transB", 0))
-        tensor, K, N = self._weight(node, node.inputs[1], transpose=trans_b)
+        transpose = bool(int_attr(node, "transB", 0)) != source.transposed
+        tensor, K, N = self._weight(node, source.weight, transpose=transpose)
         gemm = GemmTerms(bool(int_attr(node, "transA", 0)), float_attr(node, "alpha", 1.0),
                          float_attr(node, "beta", 1.0))  # fmt: skip
-        return Plan(node, node.inputs[1], tensor, trans_b, K, N, gemm=gemm)  # type: ignore[arg-type]
+        return Plan(node, source.weight, tensor, transpose, K, N, gemm=gemm, via=source.via)  # type: ignore[arg-type]
 
-    def _excluded(self, node: ir.Node, weight_name: str) -> str | None:
+    def excluded(self, node: ir.Node, weight_name: str) -> str | None:
         for pattern in self._patterns:
             for label, text in (("node", node.name or ""), ("weight", weight_name)):
                 if pattern.search(text):
@@ -115,7 +154,7 @@ class Planner:
         if K == 0 or N == 0:
             raise Skip(f"weight has no elements (shape {[rows, cols]})")
         assert value is not None and value.name is not None
-        reason = self._excluded(node, value.name)
+        reason = self.excluded(node, value.name)
         if reason:
             raise Skip(reason)
         if self.options.min_elements > K * N:

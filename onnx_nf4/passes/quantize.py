@@ -35,20 +35,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import onnx_ir as ir
 
-from ..codec import NonFiniteWeightError
-from ..contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
-from ..layout import QuantizedWeight
-from ..options import QuantizeOptions
-from ..report import LayerReport, QuantizationReport, SkippedLayer
+from ..codec.layout import QuantizedWeight
+from ..codec.validation import NonFiniteWeightError
+from ..model.graph import (
+    Initializers,
+    constant_bytes,
+    node_label,
+    owner_graph,
+    release,
+    remove_unused_initializers,
+)
+from ..op.contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
+from .embedding import LookupPlan, is_table_gather, plan_lookup, rewrite_lookup, tie_equal_weights
 from .encoding import as_numpy_float
-from .graph import Initializers, node_label, owner_graph, release, remove_unused_initializers
+from .options import QuantizeOptions
 from .plan import Plan, Planner, Skip, nonfinite_reason
+from .report import FloatWeight, LayerReport, QuantizationReport, SkippedLayer
 from .rewrite import Rewriter
-from .writers import Encoded, Writer, writer_for
+from .writers import Encoded, NF4Writer, Writer, writer_for
 
 __all__ = ["ProgressCallback", "QuantizeNF4Pass", "QuantizeResult"]
 
@@ -57,6 +65,13 @@ logger = logging.getLogger(__name__)
 #: ``on_progress(done, total, layer)``, called after each distinct weight is quantized; ``layer`` is the first node
 #: that uses it, named as in the report.
 ProgressCallback = Callable[[int, int, str], None]
+
+#: A node to rewrite: a ``MatMul`` / ``Gemm`` or an embedding ``Gather``.
+AnyPlan = Plan | LookupPlan
+P = TypeVar("P", Plan, LookupPlan)
+#: Identifies one quantized weight (:attr:`Plan.key`).
+Key = tuple[object, ...]
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 @dataclass
@@ -70,7 +85,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
     """Rewrite the float ``MatMul`` / ``Gemm`` weights of a model to NF4, in place (see the module docstring).
 
     Args:
-        options: the :class:`~onnx_nf4.options.QuantizeOptions`; or give its fields as keyword arguments
+        options: the :class:`~onnx_nf4.QuantizeOptions`; or give its fields as keyword arguments
             (``block_size=128, double_quant=True``, ...), not both.
         on_progress: ``on_progress(done, total, layer)`` after each distinct weight (``layer``: the first node
             that uses it).
@@ -105,18 +120,35 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         options = self.options
         report = QuantizationReport(options.block_size, options.double_quant, options.format,
                                     accuracy_level=options.accuracy_level, method=options.method)  # fmt: skip
+        report.tensor_bytes_before = constant_bytes(model)
+        report.table_block_size = options.table_block_size
+        originals = {id(value) for graph in model.graphs() for value in graph.initializers.values()}
         initializers = Initializers(model)
         writer = writer_for(options, initializers)
-        plans = self._plans(model, Planner(options, writer), report)
+        table_options = options.replace(block_size=options.table_block_size)
+        table_writer = writer_for(table_options, initializers)  # tables and the weights tied to them
+        planner = Planner(options, writer)
+        matmuls = self._plans(model, planner, report)
+        lookups = self._lookups(model, planner, matmuls, table_writer, report)
+        plans: list[AnyPlan] = [*matmuls, *lookups]
 
-        distinct: dict[tuple[int, bool], Plan] = {}  # the first node of each distinct weight
+        distinct: dict[Key, AnyPlan] = {}  # the first node of each distinct weight
         for plan in plans:
             distinct.setdefault(plan.key, plan)
-        encoded: dict[tuple[int, bool], Encoded] = {}
-        not_finite: dict[tuple[int, bool], str] = {}
+        matmul_keys = {plan.key for plan in matmuls}
+        table_keys = {plan.key for plan in lookups}
+        row_writer = NF4Writer(table_options, initializers)  # a lookup's own tensors (no MatMul reads them)
+
+        def writer_of(key: Key) -> Writer:
+            if key not in table_keys:
+                return writer
+            return table_writer if key in matmul_keys else row_writer
+
+        encoded: dict[Key, Encoded] = {}
+        not_finite: dict[Key, str] = {}
         for done, plan in enumerate(distinct.values(), 1):
             try:
-                encoded[plan.key] = self._encode(plan, writer)
+                encoded[plan.key] = self._encode(plan, writer_of(plan.key))
             except NonFiniteWeightError as err:  # found by the encoder itself (see _drop_nonfinite)
                 not_finite[plan.key] = str(err)
             if self.on_progress is not None:
@@ -128,19 +160,62 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
             plans = [plan for plan in plans if plan.key not in not_finite]
 
         rewriter = Rewriter(writer, initializers)
-        seen: set[tuple[int, bool]] = set()
+        seen: set[Key] = set()
+        fused = False
         for plan in plans:
             entry = encoded[plan.key]
-            fused = rewriter.rewrite(plan, entry)
+            if isinstance(plan, LookupPlan):
+                rewrite_lookup(plan, entry, initializers, model)
+            else:
+                fused = rewriter.rewrite(plan, entry)
             logger.debug("rewrote %s %r (weight %r, K=%d, N=%d)", plan.node.op_type, node_label(plan.node),
                          plan.weight.name, plan.K, plan.N)  # fmt: skip
             report.layers.append(_layer_report(plan, entry, fused, shared=plan.key in seen))
             seen.add(plan.key)
         report.shared_bytes = initializers.shared_bytes
         if plans:
-            _remove_replaced(model, [plan.weight for plan in plans])
-            model.opset_imports[writer.domain] = OPSET_VERSION
+            _remove_replaced(model, plans)
+            if any(not isinstance(plan, LookupPlan) for plan in plans):
+                model.opset_imports[writer.domain] = OPSET_VERSION
+        report.kept_float = _kept_float(plans)
+        report.left_float = _left_float(model, options.min_elements, originals)
+        report.tensor_bytes_after = constant_bytes(model)
         return QuantizeResult(model, modified=bool(plans), report=report)
+
+    def _lookups(
+        self,
+        model: ir.Model,
+        planner: Planner,
+        matmuls: Sequence[Plan],
+        table_writer: Writer,
+        report: QuantizationReport,
+    ) -> list[LookupPlan]:
+        """The embedding lookups to rewrite (:mod:`onnx_nf4.passes.embedding`), tied to equal ``matmuls`` weights;
+        every other ``Gather`` over a constant float table goes to ``report.skipped`` with its reason."""
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        lookups: list[LookupPlan] = []
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if not is_table_gather(node):
+                continue
+            try:
+                lookups.append(plan_lookup(node, planner, opset))
+            except Skip as skip:
+                report.skipped.append(SkippedLayer(node_label(node), node.op_type, str(skip)))
+        tie_equal_weights(lookups, matmuls)
+        matmul_keys = {plan.key for plan in matmuls}
+        kept = []
+        for lookup in lookups:
+            if lookup.key in matmul_keys and not table_writer.row_blocks(lookup.K):
+                lookup.tied = (id(lookup.weight), lookup.transpose, "rows")  # MatMulBnb4's flat blocks span rows
+            elif lookup.few_rows and lookup.key not in matmul_keys and lookup.weight.name not in self.prequantized:
+                reason = (
+                    f"table has {lookup.N} rows, fewer than embedding_min_rows={self.options.embedding_min_rows} "
+                    "(a position or type table; tables tied to a quantized weight are taken whatever their size)"
+                )
+                report.skipped.append(SkippedLayer(node_label(lookup.node), lookup.node.op_type, reason))
+                continue
+            kept.append(lookup)
+        return self._drop_nonfinite(kept, report)
 
     def planned_weights(self, model: ir.Model) -> list[tuple[str, bool, int, int]]:
         """``(weight name, transposed, K, N)`` of each distinct weight a call would quantize; only reads ``model``."""
@@ -164,15 +239,15 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 report.skipped.append(SkippedLayer(node_label(node), node.op_type, str(skip)))
         return self._drop_nonfinite(plans, report)
 
-    def _drop_nonfinite(self, plans: Sequence[Plan], report: QuantizationReport) -> list[Plan]:
+    def _drop_nonfinite(self, plans: Sequence[P], report: QuantizationReport) -> list[P]:
         """Skip (with a reason) the nodes whose weight holds NaN or Inf (NF4 cannot represent them).
 
         Round-to-nearest encoding finds such a weight itself in its one pass over the data (a
-        :class:`~onnx_nf4.codec.NonFiniteWeightError`, handled in :meth:`call`): it needs no separate check.
+        :class:`~onnx_nf4.codec.blockwise.NonFiniteWeightError`, handled in :meth:`call`): it needs no separate check.
         """
         if self.options.method == "rtn":
             return list(plans)
-        verdict: dict[tuple[int, bool], str | None] = {}
+        verdict: dict[Key, str | None] = {}
         kept = []
         for plan in plans:
             if plan.key not in verdict:
@@ -186,21 +261,21 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                 report.skipped.append(SkippedLayer(node_label(plan.node), plan.node.op_type, reason))
         return kept
 
-    def _encode(self, plan: Plan, writer: Writer) -> Encoded:
+    def _encode(self, plan: AnyPlan, writer: Writer) -> Encoded:
         """Quantize the plan's weight, then unmap it if it is external (one float weight resident at a time)."""
         try:
             return self._encode_weight(plan, writer)
         finally:
             release(plan.tensor)  # after _encode_weight returned: no array views the mapping any more
 
-    def _encode_weight(self, plan: Plan, writer: Writer) -> Encoded:
+    def _encode_weight(self, plan: AnyPlan, writer: Writer) -> Encoded:
         w = as_numpy_float(plan.tensor)
         if plan.transpose:
             w = w.T
         given = self._prequantized(plan, w, writer)
         return writer.encode(w, owner_graph(plan.weight), plan.weight.name or "weight", given)
 
-    def _prequantized(self, plan: Plan, w: Any, writer: Writer) -> QuantizedWeight | None:
+    def _prequantized(self, plan: AnyPlan, w: Any, writer: Writer) -> QuantizedWeight | None:
         q = self.prequantized.get(plan.weight.name or "")
         if q is None:
             return None
@@ -213,7 +288,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         return q
 
 
-def _layer_report(plan: Plan, encoded: Encoded, fused: bool, *, shared: bool) -> LayerReport:
+def _layer_report(plan: AnyPlan, encoded: Encoded, fused: bool, *, shared: bool) -> LayerReport:
     return LayerReport(
         node=node_label(plan.node),
         weight=plan.weight.name or "",
@@ -222,15 +297,57 @@ def _layer_report(plan: Plan, encoded: Encoded, fused: bool, *, shared: bool) ->
         bytes_after=encoded.nbytes,
         rel_rms_error=encoded.rel_rms_error,
         op_type=plan.node.op_type,
-        fused_bias=fused,
+        fused_bias=fused and not isinstance(plan, LookupPlan),
         shared=shared,
     )
 
 
-def _remove_replaced(model: ir.Model, weights: Sequence[ir.Value]) -> None:
-    """Remove the replaced weights' ``Constant`` nodes, then every initializer that nothing uses."""
-    for weight in weights:
-        producer = weight.producer()
-        if producer is not None and not weight.uses() and not weight.is_graph_output() and producer.graph:
-            producer.graph.remove(producer, safe=True)
+def _remove_replaced(model: ir.Model, plans: Sequence[AnyPlan]) -> None:
+    """Remove the ``Transpose`` nodes and ``Constant`` nodes of the replaced weights that nothing reads any more,
+    then every initializer that nothing uses."""
+    for plan in plans:
+        for node in (plan.via, plan.weight.producer()):
+            if node is None or node.graph is None:
+                continue
+            out = node.outputs[0]
+            if not out.uses() and not out.is_graph_output():
+                node.graph.remove(node, safe=True)
     remove_unused_initializers(model)
+
+
+def _kept_float(plans: Sequence[AnyPlan]) -> list[FloatWeight]:
+    """The replaced weights that stay in the model because a node that was not rewritten still reads them."""
+    kept: dict[int, FloatWeight] = {}
+    for plan in plans:
+        weight = plan.weight
+        users = [use.node for use in weight.uses()]
+        if id(weight) in kept or not (users or weight.is_graph_output()):
+            continue
+        readers = ", ".join(sorted({node_label(node) for node in users})) or "a graph output"
+        kept[id(weight)] = FloatWeight(weight.name or "", tuple(plan.tensor.shape), plan.tensor.nbytes,
+                                       f"also read by {readers}")  # fmt: skip
+    return list(kept.values())
+
+
+#: The ops whose float constant inputs the pass decides about (quantizes or lists in ``report.skipped``).
+_PLANNED_OPS = ("MatMul", "Gemm", "Gather", "Transpose")
+
+
+def _left_float(model: ir.Model, min_elements: int, originals: set[int]) -> list[FloatWeight]:
+    """Float initializers of the input (``originals``: their ids) of at least ``min_elements`` elements that no
+    ``MatMul`` / ``Gemm`` / ``Gather`` reads."""
+    left = []
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if id(value) not in originals or tensor is None or tensor.dtype not in _FLOAT_TYPES:
+                continue
+            if tensor.size < max(min_elements, 1):
+                continue
+            readers = {(use.node.domain, use.node.op_type) for use in value.uses()}
+            if not readers or any(domain in ONNX_DOMAINS and op in _PLANNED_OPS for domain, op in readers):
+                continue
+            ops = ", ".join(sorted(f"{domain}::{op}" if domain not in ONNX_DOMAINS else op for domain, op in readers))
+            reason = f"read by {ops}, not by a MatMul, Gemm or Gather"
+            left.append(FloatWeight(name, tuple(tensor.shape), tensor.nbytes, reason))
+    return left

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .graph import Initializers, constant_tensor, node_label
+from ..model.graph import Initializers, constant_tensor, node_label
 from .plan import Plan
 from .writers import Encoded, Writer
 

@@ -1,7 +1,7 @@
 """One writer per output format: which weight dtypes it takes, whether it fuses a bias, its tensors and its node.
 
 * :class:`NF4Writer`: ``onnx_nf4::MatMulNF4`` (float32 / float16 / bfloat16, fused bias, double quantization,
-  ``accuracy_level``); its weight tensors are those of :class:`onnx_nf4.layout.QuantizedWeight`.
+  ``accuracy_level``); its weight tensors are those of :class:`onnx_nf4.codec.layout.QuantizedWeight`.
 * :class:`Bnb4Writer`: onnxruntime's ``com.microsoft::MatMulBnb4`` (float32 / float16; bytes identical to
   onnxruntime's ``MatMulBnb4Quantizer``: blocks run across the rows of ``W.T``, absmax in the weight's dtype; no
   bias, no double quantization).
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..codec import dequantize_blockwise
-from ..contract import BNB4_OP_TYPE, DOMAIN, MS_DOMAIN, OP_TYPE, Input
-from ..layout import QuantizedWeight
-from ..metrics import nf4_rel_rms_error, rel_rms_error
-from ..options import QuantizeOptions
+from ..codec.blockwise import dequantize_blockwise
+from ..codec.layout import QuantizedWeight, nf4_rel_rms_error
+from ..codec.metrics import rel_rms_error
+from ..model.graph import Initializers
+from ..op.contract import BNB4_OP_TYPE, DOMAIN, MS_DOMAIN, OP_TYPE, Input
 from .encoding import encode_flat_and_error, encode_weight_and_error
-from .graph import Initializers
+from .options import QuantizeOptions
 
 __all__ = ["Bnb4Writer", "Encoded", "NF4Writer", "Writer", "writer_for"]
 
@@ -62,6 +62,11 @@ class Writer(ABC):
         self.initializers = initializers
 
     @abstractmethod
+    def row_blocks(self, K: int) -> bool:
+        """Whether the stored blocks of a ``K``-row weight are those of the ``MatMulNF4`` layout (blocks along K
+        inside one column, i.e. inside one row of a tied embedding table), so that a lookup can read them."""
+
+    @abstractmethod
     def check_prequantized(self, q: QuantizedWeight, w: np.ndarray, weight: str) -> None:
         """Raise ``ValueError`` when the format cannot store the given NF4 weight ``q`` of ``w`` exactly."""
 
@@ -79,6 +84,9 @@ class NF4Writer(Writer):
     domain, op_type = DOMAIN, OP_TYPE
     dtypes = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     fuses_bias = True
+
+    def row_blocks(self, K: int) -> bool:
+        return True
 
     def check_prequantized(self, q: QuantizedWeight, w: np.ndarray, weight: str) -> None:
         pass  # MatMulNF4 stores every QuantizedWeight as it is
@@ -118,6 +126,9 @@ class Bnb4Writer(Writer):
     domain, op_type = MS_DOMAIN, BNB4_OP_TYPE
     dtypes = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
     fuses_bias = False
+
+    def row_blocks(self, K: int) -> bool:
+        return K % self.options.block_size == 0  # flat blocks over W.T then never span two columns
 
     def check_prequantized(self, q: QuantizedWeight, w: np.ndarray, weight: str) -> None:
         if q.nested is not None or q.K % q.block_size:

@@ -8,6 +8,9 @@
 
 PyTorch is imported only by :func:`export`; the state-dict path needs neither PyTorch nor bitsandbytes for a
 ``.safetensors`` file. See ``docs/torch_export.md``.
+
+An integration (layer 7): may import :mod:`onnx_nf4.api` and every layer below it, never :mod:`onnx_nf4.genai` or
+the CLI (``onnx-nf4 export-bnb`` lives in :mod:`onnx_nf4.cli.export_bnb`).
 """
 
 from __future__ import annotations

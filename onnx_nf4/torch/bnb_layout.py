@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codebook import NF4_CODE
-from ..codec import is_valid_nested_block_size
-from ..double_quant import NestedAbsmax
-from ..layout import QuantizedWeight
+from ..codec.codebook import NF4_CODE
+from ..codec.double_quant import NestedAbsmax
+from ..codec.layout import QuantizedWeight
+from ..codec.validation import is_valid_nested_block_size
 
 __all__ = ["BnbFormatError", "BnbWeight", "to_quantized_weight"]
 

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..codec import pack_nibbles
-from ..double_quant import NestedAbsmax
+from ..codec.blockwise import pack_nibbles
+from ..codec.double_quant import NestedAbsmax
 from .bnb_layout import BnbFormatError, BnbWeight
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["bnb_weight", "find_linear4bit", "tensor_to_numpy"]
+__all__ = ["bnb_weight", "find_embedding4bit", "find_linear4bit", "tensor_to_numpy"]
 
 _CPU_BLOCK_N = 32  # the row-block of bitsandbytes' CPU packing (``_convert_weight_packed_for_cpu``)
 
@@ -46,6 +46,20 @@ def find_linear4bit(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     except ImportError:
         return {}
     return {name: module for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+
+
+def find_embedding4bit(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The ``bitsandbytes.nn.Embedding4bit`` submodules (``EmbeddingNF4`` among them) of ``model`` by module path.
+
+    Their ``Params4bit`` table ``[V, H]`` is read by :func:`bnb_weight` like a ``Linear4bit`` weight ``[N, K]``
+    (``N = V``, ``K = H``): bitsandbytes blocks it along H within each row, the lookup's layout. bitsandbytes cannot
+    ``state_dict()`` these modules, so the module itself is read.
+    """
+    try:
+        from bitsandbytes.nn import Embedding4bit
+    except ImportError:
+        return {}
+    return {name: module for name, module in model.named_modules() if isinstance(module, Embedding4bit)}
 
 
 def _codes_from_cpu_packing(data: np.ndarray, N: int, K: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""``export``: a PyTorch model to an NF4 ONNX model, bitsandbytes ``Linear4bit`` layers kept bit for bit.
+"""``export``: a PyTorch model to an NF4 ONNX model, bitsandbytes ``Linear4bit`` and ``EmbeddingNF4`` layers kept
+bit for bit.
 
 How a ``Linear4bit`` layer becomes a ``MatMulNF4`` with bitsandbytes' own tensors:
 
@@ -15,6 +16,11 @@ How a ``Linear4bit`` layer becomes a ``MatMulNF4`` with bitsandbytes' own tensor
    initializer holds exactly that layer's weight. A layer whose weight is in the graph other than as such a
    weight is an error; a layer the exporter pruned (its output unused) is simply absent.
 4. :func:`onnx_nf4.quantize_model` inserts the NF4 weights as given (``prequantized``).
+
+A bitsandbytes ``Embedding4bit`` / ``EmbeddingNF4`` table ``[V, H]`` goes the same way: read from the module
+(bitsandbytes cannot ``state_dict()`` it), swapped for a float ``nn.Embedding`` holding the decoded table, matched
+by value to the exported ``Gather``'s table, and written as an NF4 lookup (``onnx_nf4.lookup::GatherNF4``) holding
+bitsandbytes' own codes and absmax.
 
 LoRA adapters (the ``lora_A`` / ``lora_B`` ``nn.Linear`` layers of peft) are found the same way and stay float
 unless ``quantize_lora=True``: the graph computes ``base(x) + scale * lora_B(lora_A(x))`` as peft does.
@@ -35,13 +41,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from ..layout import dequantize_weight
-from ..model_io import load_model
-from ..options import QuantizeOptions
-from ..report import QuantizationReport
+from ..codec.layout import dequantize_weight
+from ..model.io import load_model
+from ..passes.options import QuantizeOptions
+from ..passes.report import QuantizationReport
 from .bnb_layout import to_quantized_weight
-from .bnb_modules import bnb_weight, find_linear4bit
-from .graph_weights import graph_weights, quantize_with_prequantized
+from .bnb_modules import bnb_weight, find_embedding4bit, find_linear4bit
+from .graph_weights import graph_weights, quantize_with_prequantized, table_weights
 
 if TYPE_CHECKING:
     import torch
@@ -271,7 +277,8 @@ def export(
     ``onnx-nf4 quantize`` would quantize the exported file. A model with bitsandbytes ``Linear4bit`` layers (NF4,
     any block size, with or without double quantization) gets a ``MatMulNF4`` for each of them holding
     bitsandbytes' codes and statistics, without re-quantizing (see the module docstring and
-    ``docs/torch_export.md``); its other layers stay float unless ``quantize_float=True``.
+    ``docs/torch_export.md``); so does each bitsandbytes ``EmbeddingNF4`` (an NF4 lookup with its own bytes); its
+    other layers stay float unless ``quantize_float=True``.
 
     Args:
         model: the module to export (put it in ``eval()`` mode first); it is left as it was.
@@ -303,7 +310,7 @@ def export(
             stay float).
 
     Returns:
-        The :class:`~onnx_nf4.report.QuantizationReport` (bitsandbytes layers show ``rel_rms_error`` 0: their
+        The :class:`~onnx_nf4.passes.report.QuantizationReport` (bitsandbytes layers show ``rel_rms_error`` 0: their
         float weight in the exported graph is their own decoded weight).
 
     Raises:
@@ -318,7 +325,10 @@ def export(
     options = QuantizeOptions.build(options, **settings, min_elements=min_elements, external_data=external_data)
     args = args if isinstance(args, tuple) else (args,)
     bnb_layers = find_linear4bit(model)
-    quantized = {name: to_quantized_weight(bnb_weight(name, module)) for name, module in bnb_layers.items()}
+    bnb_tables = find_embedding4bit(model)
+    quantized = {
+        name: to_quantized_weight(bnb_weight(name, module)) for name, module in {**bnb_layers, **bnb_tables}.items()
+    }
     lora = _lora_linears(model)
     if quantize_float is None:
         quantize_float = not bnb_layers
@@ -332,6 +342,12 @@ def export(
         replacements[name] = substitute(decoded, module.bias)
         for key in _torch_digests(decoded):
             layer_keys.setdefault(key, name)
+    table_keys: dict[Digest, str] = {}
+    for name, module in bnb_tables.items():
+        decoded = torch.from_numpy(np.ascontiguousarray(dequantize_weight(quantized[name]).T)).to(module.dtype)
+        replacements[name] = torch.nn.Embedding.from_pretrained(decoded, freeze=True)
+        for key in _torch_digests(decoded)[1:]:  # the table [V, H] as the Gather reads it
+            table_keys.setdefault(key, name)
     lora_keys = {key for module in lora.values() for key in _torch_digests(module.weight)}
 
     target = Path(path)
@@ -352,7 +368,7 @@ def export(
                 dynamic_axes=dynamic_axes,
                 dynamic_shapes=dynamic_shapes,
             )
-        if not bnb_layers and not lora:
+        if not bnb_layers and not bnb_tables and not lora:
             from ..api import quantize_model
 
             _, report = quantize_model(float_path, target, options)
@@ -369,6 +385,10 @@ def export(
                 found.add(layer)
             elif key in lora_keys:
                 lora_weights.add(weight.name)
+        for name, tensor in table_weights(ir_model).items():
+            table = table_keys.get(_initializer_digest(tensor))
+            if table is not None:
+                prequantized[name] = quantized[table]
         shapes = {key[0] for key, layer in layer_keys.items() if layer not in found}
         stray = sorted(
             {

@@ -19,12 +19,14 @@ from typing import Any
 import onnx_ir as ir
 
 from ..api import quantize_model
-from ..contract import ONNX_DOMAINS
-from ..layout import QuantizedWeight
-from ..options import QuantizeOptions
-from ..report import QuantizationReport
+from ..codec.layout import QuantizedWeight
+from ..op.contract import ONNX_DOMAINS
+from ..passes.embedding import is_table_gather
+from ..passes.options import QuantizeOptions
+from ..passes.plan import weight_source
+from ..passes.report import QuantizationReport
 
-__all__ = ["GraphWeight", "graph_weights", "quantize_with_prequantized"]
+__all__ = ["GraphWeight", "graph_weights", "quantize_with_prequantized", "table_weights"]
 
 _NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # written by torch.onnx's dynamo exporter
 
@@ -84,6 +86,18 @@ def graph_weights(model: ir.Model) -> list[GraphWeight]:
     return found
 
 
+def table_weights(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """The embedding tables of ``model`` (the constant data of each ``Gather`` over a 2-D float table, through a
+    ``Transpose`` when there is one), by initializer name: ``[V, H]``, or ``[H, V]`` under a ``Transpose``."""
+    tables = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if is_table_gather(node):
+            value = weight_source(node.inputs[0]).weight
+            if value is not None and value.is_initializer() and value.const_value is not None:
+                tables[value.name or ""] = value.const_value
+    return tables
+
+
 def quantize_with_prequantized(
     model: ir.Model,
     output_path: str | os.PathLike[str],
@@ -97,12 +111,14 @@ def quantize_with_prequantized(
     """Write ``model`` to ``output_path`` with the ``prequantized`` weights as NF4 (rewritten in place).
 
     ``options`` (default ``QuantizeOptions()``) with ``settings`` (its field names, e.g. ``block_size=128``)
-    applied as by :meth:`~onnx_nf4.options.QuantizeOptions.build`.
+    applied as by :meth:`~onnx_nf4.QuantizeOptions.build`.
 
     The ``prequantized`` weights (keyed by initializer name) are inserted whatever their size. Every other float
     ``MatMul`` / ``Gemm`` weight stays float unless ``quantize_float`` is set; then it is quantized with
     ``options.block_size`` / ``options.double_quant`` when it has at least ``options.min_elements`` elements and is
-    not in ``keep_float``. ``options.exclude`` (regular expressions on node and weight names) applies to every
+    not in ``keep_float``; embedding tables likewise (a prequantized table, e.g. bitsandbytes' ``EmbeddingNF4``, is
+    inserted whatever its size; the others follow ``options.embedding_min_rows`` when ``quantize_float`` is set and
+    stay float otherwise). ``options.exclude`` (regular expressions on node and weight names) applies to every
     weight, prequantized ones included. Without ``quantize_float`` the report states the most common block size of
     the prequantized weights and whether any is double-quantized.
     """
@@ -120,6 +136,9 @@ def quantize_with_prequantized(
         elements = weight.tensor.shape[0] * weight.tensor.shape[1]
         if not quantize_float or weight.name in keep or elements < options.min_elements:
             patterns.append(f"^{re.escape(weight.name)}$")
+    for name, tensor in table_weights(model).items():
+        if name not in prequantized and (not quantize_float or tensor.size < options.min_elements):
+            patterns.append(f"^{re.escape(name)}$")
     options = options.replace(exclude=tuple(patterns), min_elements=0)
     _, report = quantize_model(model, output_path, options, prequantized=prequantized)
     return report

@@ -25,12 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ..double_quant import NestedAbsmax
-from ..layout import QuantizedWeight
-from ..metrics import nf4_rel_rms_error
-from ..model_io import ModelLike, load_model
-from ..options import QuantizeOptions
-from ..report import QuantizationReport
+from ..codec.double_quant import NestedAbsmax
+from ..codec.layout import QuantizedWeight, nf4_rel_rms_error
+from ..model.io import ModelLike, load_model
+from ..passes.options import QuantizeOptions
+from ..passes.report import QuantizationReport
 from .bnb_layout import BnbFormatError, BnbWeight, to_quantized_weight
 from .graph_weights import GraphWeight, graph_weights, quantize_with_prequantized
 from .safetensors_io import read_safetensors
@@ -216,7 +215,7 @@ def export_bnb_state_dict(
             layer); ``None`` skips this check.
 
     Returns:
-        The :class:`~onnx_nf4.report.QuantizationReport`.
+        The :class:`~onnx_nf4.passes.report.QuantizationReport`.
 
     Raises:
         BnbFormatError: a layer that cannot be stored exactly (FP4, inconsistent tensors), naming it.

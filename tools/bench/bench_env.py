@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 import onnx_nf4
-from onnx_nf4.sysinfo import CPU_ISA_ENV_VAR
+from onnx_nf4.op.sysinfo import CPU_ISA_ENV_VAR
 
 #: The note of every results file on how to read it.
 LOAD_NOTE = (

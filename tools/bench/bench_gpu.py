@@ -3,7 +3,7 @@
 For each weight shape K x N and row count M, times in one process:
 
 * ``nf4 (lib)``: the kernels of the compiled library (its ``onnx_nf4_cuda_matmul`` entry point, CuPy pointers);
-* ``nf4 (cupy)``: the same kernels compiled by NVRTC (``onnx_nf4.cupy_backend``, the CuPy path);
+* ``nf4 (cupy)``: the same kernels compiled by NVRTC (``onnx_nf4.op.cupy_backend``, the CuPy path);
 * ``fp16``: ``torch.matmul`` of the float16 weight (cuBLAS), or ``cupy.matmul`` when torch has no CUDA.
 
 Activations are float16 (``--dtype bfloat16`` for bfloat16), block 64, float32 absmax. The weights are random
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cupy
 import numpy as np
 
-from onnx_nf4 import cupy_backend as cb
+from onnx_nf4.op import cupy_backend as cb
 
 BLOCK = 64
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]

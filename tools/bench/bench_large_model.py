@@ -14,7 +14,7 @@ Steps:
 3. Check a few layers of the first output (the first ``q_proj``, a middle ``down_proj`` and the 262 MB ``lm_head``):
    their NF4 bytes equal :func:`onnx_nf4.quantize_weight` of the input weight, and the ``MatMulNF4`` node run
    alone in onnxruntime with this package's custom-op library equals the numpy reference
-   :func:`onnx_nf4.reference.matmul_nf4` within float32 rounding of a length-K dot product.
+   :func:`onnx_nf4.op.reference.matmul_nf4` within float32 rounding of a length-K dot product.
 4. Run the whole output model in onnxruntime (custom-op library) and the float model, and report the relative
    error of the logits (the 4-bit error of every weight, compounded over the layers).
 
@@ -50,8 +50,8 @@ import psutil
 from onnx import helper, numpy_helper
 
 import onnx_nf4
-from onnx_nf4.model_io import external_tensors
-from onnx_nf4.reference import matmul_nf4
+from onnx_nf4.model.io import external_tensors
+from onnx_nf4.op.reference import matmul_nf4
 from onnx_nf4.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 
 import onnx_nf4
-from onnx_nf4.genai import quantize_genai_folder
+from onnx_nf4.genai.folder import quantize_genai_folder
 from onnx_nf4.runtime import custom_op_library
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

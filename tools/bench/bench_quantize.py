@@ -46,9 +46,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 import onnx_nf4
-from onnx_nf4 import native_codec
-from onnx_nf4.codec import quantize_blockwise
-from onnx_nf4.layout import quantize_weight
+from onnx_nf4.codec import native as native_codec
+from onnx_nf4.codec.blockwise import quantize_blockwise
+from onnx_nf4.codec.layout import quantize_weight
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -147,7 +147,7 @@ def make_chain_model(path: Path, layers: int = CHAIN_LAYERS, dim: int = CHAIN_DI
 
 _PHASES = r"""
 import json, sys, time
-from onnx_nf4.model_io import load_model, save_model
+from onnx_nf4.model.io import load_model, save_model
 from onnx_nf4.passes import QuantizeNF4Pass
 src, dst = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
@@ -283,7 +283,7 @@ def markdown(rows: list[dict], clis: list[dict]) -> str:
         text += (
             "The CLI reads the weights one at a time from the memory-mapped input (each unmapped once quantized), "
             "keeps the NF4 tensors (about 1/7 of the float32 size) and writes the output protobuf once at the end, "
-            "streaming each tensor from its buffer (`onnx_nf4.proto_writer`); the wall time includes the Python "
+            "streaming each tensor from its buffer (`onnx_nf4.model.proto_writer`); the wall time includes the Python "
             "start-up and imports (onnx, onnx_ir, ml_dtypes: 0.5-3 s, depending on the machine's load).\n\n"
         )
     for c in clis:

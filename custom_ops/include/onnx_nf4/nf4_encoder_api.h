@@ -36,7 +36,7 @@ extern "C" {
 int onnx_nf4_encode_flat(const void* src, int32_t dtype, int64_t n, int64_t block_size, int32_t rounding,
                          int32_t threads, uint8_t* packed, float* absmax, double* sums);
 
-/* MatMulNF4 layout (onnx_nf4.layout.quantize_weight): W[K, N] at src, element (k, n) at
+/* MatMulNF4 layout (onnx_nf4.codec.layout.quantize_weight): W[K, N] at src, element (k, n) at
  * src + (k * stride_k + n * stride_n) elements (any strides, negative ones too). Column n of W is zero-padded to
  * k_blocks * block_size (k_blocks = ceil(K / block_size)); padding codes are 7 and do not count in the absmax or
  * the sums. packed: uint8[N, k_blocks, block_size / 2]; absmax: float32[N, k_blocks]. */
