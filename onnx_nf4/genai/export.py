@@ -56,8 +56,8 @@ __all__ = [
 BUILD_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 EXECUTION_PROVIDERS = tuple(BUILD_PRECISION)
 #: The ``accuracy_level`` of a float checkpoint's ``MatMulNF4`` nodes built for the CPU when none is asked for: 4,
-#: int8 activations, as onnxruntime-genai's builder does for its int4 (on SmolLM2-135M: 1.7-1.8x the prefill speed
-#: of float32 compute and a decode as fast or faster, for 2.1% more perplexity; docs/llm.md, "accuracy level").
+#: int8 activations, as onnxruntime-genai's builder does for its int4 (on SmolLM2-135M: 1.5-1.8x the prefill speed
+#: of float32 compute, a decode from 0.91x to 1.5x, for 2.1% more perplexity; docs/llm.md, "accuracy level").
 CPU_ACCURACY_LEVEL = 4
 _GRAPH_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
