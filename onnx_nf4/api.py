@@ -160,20 +160,23 @@ def _gptq_weights(
     """GPTQ weights for ``quantize.prequantized``, and their output errors, keyed by weight name.
 
     Only the main-graph weights that the pass will rewrite, in one orientation, that the caller did not
-    prequantize, and (``com.microsoft``) whose K is a multiple of the block size; the pass gives any other weight
-    ``"mse"``.
+    prequantize, that no other node reads (a tied embedding table: its NF4 tensors also serve the lookup, at the
+    table block size, so they keep the data-free choice) and (``com.microsoft``) whose K is a multiple of the block
+    size; the pass gives any other weight ``"mse"``.
     """
-    from .methods.calibrated import find_layers, quantize_with_calibration
+    from .methods.calibrated import find_layers, quantize_with_calibration, weights_with_other_uses
 
     options = quantize.options
     planned = quantize.planned_weights(model)
     uses: dict[str, int] = {}
     for name, *_ in planned:
         uses[name] = uses.get(name, 0) + 1
+    tied = weights_with_other_uses(model, set(uses))
     keys = [
         (name, transpose)
         for name, transpose, K, _ in planned
         if uses[name] == 1
+        and name not in tied
         and name not in quantize.prequantized
         and (options.format == "onnx_nf4" or K % options.block_size == 0)
     ]

@@ -87,3 +87,16 @@ def test_readme_speed_tables_match_the_results():
 
     readme = readme_speed.README.read_text()
     assert readme_speed.readme_with_tables(readme) == readme, "run: python tools/bench/readme_speed.py --write"
+
+
+def test_bench_optimized_minilm(minilm_fp32_path, tmp_path):
+    import bench_optimized
+
+    shutil.copy(minilm_fp32_path, tmp_path / "minilm_fp32.onnx")  # the cache: no second export
+    paths = bench_optimized.prepare(tmp_path)
+    assert set(paths) == {"fp32", "nf4", "fp32_opt", "nf4_opt", "bnb4_opt", "fp32_opt_gather", "nf4_opt_gather"}
+    lines, relative = bench_optimized.measure(paths, threads=1, rounds=1)
+    assert len(lines) == len(paths) and set(relative) == {"median", "min", "median, gather", "min, gather"}
+    assert all(np.isfinite(value) and value > 0 for value in relative.values())
+    for line in lines:
+        assert float(line.rstrip(" |").rsplit("|", 1)[1]) > 0.9, line  # min cosine vs fp32

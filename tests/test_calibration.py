@@ -220,3 +220,40 @@ def test_gptq_on_a_model_with_external_data(tmp_path, rng) -> None:
     calibration = [_batch(rng, 8, 32)]
     _, report = onnx_nf4.quantize_model(source, block_size=32, method="gptq", calibration=calibration, min_elements=0)
     assert [layer.output_error is not None for layer in report.layers] == [True, True]
+
+
+def test_non_finite_activations_are_refused(rng) -> None:
+    model = _model(rng)
+    batch = _batch(rng, 2, 8)
+    batch["x"][1, 3, 5] = np.inf  # a row that counts (its mask is 1)
+    with pytest.raises(ValueError, match=r"calibration batch 0: activation 'x' holds NaN or Inf"):
+        onnx_nf4.quantize_model(model, block_size=32, method="gptq", calibration=[batch], min_elements=0)
+    batch["x"][1, 3, 5] = 1e30  # finite, but its square overflows float32
+    with pytest.raises(ValueError, match=r"X\^T X of activation 'x' overflow float32 \(largest magnitude 1e\+30\)"):
+        onnx_nf4.quantize_model(model, block_size=32, method="gptq", calibration=[batch], min_elements=0)
+
+
+def test_calibration_passes_merge_the_waves(rng) -> None:
+    """One pass: every layer's statistics from the float model (as ``sequential=False``); ``None``: one per wave."""
+    model = ir.serde.deserialize_model(_model(rng))
+    layers = find_layers(model, [("W1", False), ("W2", False)])
+    calibration = [_batch(rng, 4, 16)]
+    runs = []
+
+    def counted():
+        runs.append(1)
+        return iter(calibration)
+
+    def codes(**options):
+        runs.clear()
+        result = quantize_with_calibration(model, layers, counted, block_size=32, **options)
+        return {key: value.q.packed.tobytes() for key, value in result.items()}, len(runs)
+
+    at_once, _ = codes(sequential=False)
+    one_pass, passes = codes(passes=1)
+    assert one_pass == at_once and passes == 1
+    per_wave, passes = codes()
+    assert passes == 2 and per_wave[("W1", False)] == at_once[("W1", False)]
+    assert per_wave[("W2", False)] != at_once[("W2", False)]  # fc2 saw fc1 quantized
+    assert codes(passes=2) == (per_wave, 2)
+    assert codes(passes=1, hessian_budget=1) == (per_wave, 2)  # the budget splits the pass

@@ -260,18 +260,19 @@ def test_the_14_percent_growth_case_shrinks_and_the_report_counts_float_copies_k
 
 
 def test_weights_of_other_ops_are_listed_as_left_float():
-    w = RNG.standard_normal((H, 3 * H)).astype(np.float32)
-    node = helper.make_node("Attention", ["x", "qkv"], ["y"], domain="com.microsoft", num_heads=2, name="attn")
+    w = RNG.standard_normal((V, H)).astype(np.float32)
+    node = helper.make_node("EmbedLayerNormalization", ["ids", "", "table"], ["y"], domain="com.microsoft",
+                            name="embed")  # fmt: skip
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, H])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, H])], [numpy_helper.from_array(w, "qkv")],
+        [node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, H])], [numpy_helper.from_array(w, "table")],
     )  # fmt: skip
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
     _, report = quantize_model(model)
     (left,) = report.left_float
-    assert left.name == "qkv" and left.nbytes == w.nbytes and "com.microsoft::Attention" in left.reason
+    assert left.name == "table" and left.nbytes == w.nbytes and "com.microsoft::EmbedLayerNormalization" in left.reason
 
 
 def test_inspect_and_dequantize_cover_lookups():

@@ -63,8 +63,8 @@ def test_example_runs_and_reports_sizes_accuracy_and_search(minilm, tmp_path: Pa
     work = tmp_path / "onnx_nf4_example"  # the default folder, in the current directory
     assert {p.name for p in work.glob("*.onnx")} == {"minilm_fp32.onnx", "minilm_nf4.onnx", "minilm_bnb4.onnx"}
     # Step 2: the CLI's per-layer report and totals.
-    assert "quantized 36 layer(s) to NF4, format onnx_nf4, block size 64" in out
-    assert "skipped 12 layer(s):" in out
+    assert "quantized 37 layer(s) to NF4, format onnx_nf4, block size 64 (embedding tables 32)" in out
+    assert "skipped 14 layer(s):" in out  # 12 MatMuls of two activations, the position and token-type tables
     # Step 3: one row per model: model, layers, runtime, file, bits/weight, cos min, cos mean, run s.
     fp32 = table_row(out, "float32")
     assert fp32[1:3] == ["MatMul", "onnxruntime"]
@@ -72,7 +72,8 @@ def test_example_runs_and_reports_sizes_accuracy_and_search(minilm, tmp_path: Pa
     for label, op in (("NF4", "onnx_nf4::MatMulNF4"), ("NF4 (com.microsoft)", "com.microsoft::MatMulBnb4")):
         row = table_row(out, label)
         assert row[1] == op
-        assert float(row[4]) == pytest.approx(4.5, abs=1e-3)  # block size 64, K a multiple of 64
+        # 36 MatMuls (10616832 weights) at 4.5 bits (block 64), the word embedding (11720448) at 5 (block 32)
+        assert float(row[4]) == pytest.approx((10616832 * 4.5 + 11720448 * 5) / (10616832 + 11720448), abs=1e-3)
         assert 0.9 <= float(row[5]) <= float(row[6]) <= 1.0
         assert float(row[6]) >= 0.97
     # Step 4: the semantic search prints both answers per query and how often they agree.
@@ -96,7 +97,7 @@ def test_example_runs_and_reports_sizes_accuracy_and_search(minilm, tmp_path: Pa
     results = [run_cli(command, tmp_path) for command in commands]
     for command, result in zip(commands, results, strict=True):
         assert result.returncode == 0, (command, result.stderr[-2000:])
-    assert "4.500 bits per weight" in results[0].stdout
+    assert "4.762 bits per weight" in results[0].stdout  # MatMuls at block 64, the word embedding at 32
     assert "double quantization" in results[1].stdout
     assert "com.microsoft" in results[2].stdout
     assert (work / "minilm_nf4_dq.onnx").exists() and (work / "minilm_nf4_dequantized.onnx").exists()

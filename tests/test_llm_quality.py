@@ -217,3 +217,14 @@ def test_gptq_folder_calibration_errors(fp32, texts, library, tmp_path, capsys) 
     assert "--method gptq needs --calibration" in capsys.readouterr().err
     with pytest.raises(GenaiFolderError, match="the file holds"):
         decoder_calibration(fp32, tmp_path / "no_ids.npz")
+
+
+def test_export_genai_gptq_equals_build_then_quantize(checkpoint, fp32, texts, library, tmp_path, capsys) -> None:
+    args = ["--block-size", "32", "--method", "gptq", "--calibration", str(texts["calibration"]), "-q"]
+    assert main(["export-genai", str(checkpoint), str(tmp_path / "exported"), *args]) == 0
+    assert main(["quantize", str(fp32), str(tmp_path / "quantized"), *args]) == 0
+    assert "output error" in capsys.readouterr().out
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "exported" / name).read_bytes() == (tmp_path / "quantized" / name).read_bytes()
+    assert main(["export-genai", str(checkpoint), str(tmp_path / "none"), "--method", "gptq", "-q"]) == 2
+    assert "--method gptq needs --calibration" in capsys.readouterr().err

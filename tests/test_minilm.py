@@ -23,6 +23,8 @@ BLOCK_SIZE = 64
 LINEAR_LAYERS = 36  # 6 encoder layers x (query, key, value, attention output, intermediate, output)
 ATTENTION_MATMULS = 12  # 6 layers x (Q @ K^T, softmax @ V): B is an activation
 WORD_EMBEDDING = "bert.embeddings.word_embeddings.weight"
+#: The models compared with onnxruntime's MatMulBnb4Quantizer (which quantizes MatMuls only) keep the embedding float.
+MATMULS_ONLY = ("--embedding-min-rows", "1000000")
 
 
 def quantize_with_cli(source: Path, target: Path, *options: str) -> str:
@@ -86,13 +88,15 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def nf4_path(minilm_fp32_path: Path, work: Path) -> tuple[Path, str]:
     out = work / "minilm_nf4.onnx"
-    return out, quantize_with_cli(minilm_fp32_path, out, "--block-size", str(BLOCK_SIZE))
+    return out, quantize_with_cli(minilm_fp32_path, out, "--block-size", str(BLOCK_SIZE), *MATMULS_ONLY)
 
 
 @pytest.fixture(scope="module")
 def bnb4_path(minilm_fp32_path: Path, work: Path) -> Path:
     out = work / "minilm_bnb4.onnx"
-    quantize_with_cli(minilm_fp32_path, out, "--block-size", str(BLOCK_SIZE), "--format", "com.microsoft")
+    quantize_with_cli(
+        minilm_fp32_path, out, "--block-size", str(BLOCK_SIZE), "--format", "com.microsoft", *MATMULS_ONLY
+    )
     return out
 
 
@@ -144,18 +148,23 @@ def test_cli_rewrites_the_36_linear_layers_and_skips_the_attention_matmuls(nf4_p
     for node in remaining:
         line = next(line for line in report.splitlines() if line.startswith(node.name + " "))
         assert "B is not a constant" in line
-    assert f"skipped {ATTENTION_MATMULS} layer(s):" in report
+    assert f"skipped {ATTENTION_MATMULS + 3} layer(s):" in report  # + the 3 embedding tables (MATMULS_ONLY)
     assert f"quantized {LINEAR_LAYERS} layer(s) to NF4, format onnx_nf4, block size {BLOCK_SIZE}" in report
 
 
-def test_word_embedding_is_a_gather_and_stays_float(nf4_path) -> None:
-    path, _ = nf4_path
+def test_by_default_the_word_embedding_is_an_nf4_lookup_and_the_small_tables_stay_float(minilm_fp32_path, work):
+    path = work / "minilm_default.onnx"
+    report = quantize_with_cli(minilm_fp32_path, path)
+    assert f"quantized {LINEAR_LAYERS + 1} layer(s) to NF4, format onnx_nf4, block size 64 (embedding tables 32)" in (
+        report
+    )
     model = onnx.load(path)
-    (embedding,) = (init for init in model.graph.initializer if init.name == WORD_EMBEDDING)
-    assert embedding.data_type == onnx.TensorProto.FLOAT
-    assert list(embedding.dims) == [30522, 384]
-    consumers = [node.op_type for node in model.graph.node if WORD_EMBEDDING in node.input]
-    assert consumers == ["Gather"]
+    assert WORD_EMBEDDING not in {init.name for init in model.graph.initializer}
+    (lookup,) = (node for node in model.graph.node if node.domain == "onnx_nf4.lookup")
+    inits = {init.name: init for init in model.graph.initializer}
+    assert list(inits[lookup.input[1]].dims) == [30522, 384 // 32, 16]  # packed codes, block 32
+    tables = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits]
+    assert sorted(list(inits[node.input[0]].dims) for node in tables) == [[2, 384], [512, 384]]
 
 
 def test_reference_runtime_embeddings_match_fp32_and_onnxruntime_quantizer(

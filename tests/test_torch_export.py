@@ -68,7 +68,9 @@ def test_minilm_matches_the_cli_path(minilm, minilm_fp32_path, minilm_inputs, tm
     )
     assert main(["quantize", "-q", str(minilm_fp32_path), str(cli_out)]) == 0
     assert api_out.read_bytes() == cli_out.read_bytes()
-    assert len(report.layers) == 36 and all(0 < layer.rel_rms_error < 0.15 for layer in report.layers)
+    matmuls = [layer for layer in report.layers if layer.op_type != "Gather"]
+    assert len(matmuls) == 36 and [layer.op_type for layer in report.layers].count("Gather") == 1  # word embedding
+    assert all(0 < layer.rel_rms_error < 0.15 for layer in report.layers)
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])

@@ -18,6 +18,11 @@ Two jobs:
     (the text's first 32 tokens); tokens/s of the generation after the first token, median of rounds interleaved
     between the folders.
 
+``python tools/embedding_eval.py lookup [--rows V] [--hidden H]``
+    The lookup alone: ``Gather`` over a float32 table against ``GatherNF4`` over the same table (default block
+    size), for a decode step (1 token) and a batch (24 x 16 tokens); microseconds per call, median of interleaved
+    rounds, stock onnxruntime with 2 threads.
+
 Timings depend on the machine's load: ``uptime`` is printed beside them.
 """
 
@@ -92,6 +97,46 @@ def minilm_job(work: Path, rounds: int) -> None:
         cos = minilm.cosine(minilm.mean_pool(session.run(None, inputs)[0], mask), reference)
         print(f"| {name} | {sizes[name] / 1e6:.1f} MB | {sizes[name] / sizes['float32']:.3f}x | "
               f"{cos.mean():.4f} / {cos.min():.4f} | {1e3 * statistics.median(times[name]):.1f} |")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lookup alone
+
+
+def lookup_job(rows: int, hidden: int, rounds: int) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_nf4 import quantize_model
+
+    table = np.random.default_rng(0).standard_normal((rows, hidden)).astype(np.float32)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", hidden])
+    node = helper.make_node("Gather", ["E", "ids"], ["y"], name="embed")
+    graph = helper.make_graph([node], "lookup", [ids], [out], [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    nf4, report = quantize_model(model, embedding_min_rows=0)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    sessions = {
+        name: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for name, m in (("float32 Gather", model), (f"GatherNF4 (block {report.table_block_size})", nf4))
+    }
+    print(f"table {rows} x {hidden}; {uptime()}")
+    print("| lookup | 1 token (us) | 24 x 16 tokens (us) |")
+    print("|---|---:|---:|")
+    feeds = [np.array([[rows - 1]]), np.random.default_rng(1).integers(0, rows, (24, 16))]
+    times = {name: [[], []] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for i, ids in enumerate(feeds):
+                start = time.perf_counter()
+                for _ in range(20):
+                    session.run(None, {"ids": ids})
+                times[name][i].append((time.perf_counter() - start) / 20)
+    for name in sessions:
+        one, batch = (1e6 * statistics.median(t) for t in times[name])
+        print(f"| {name} | {one:.1f} | {batch:.1f} |")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("minilm")
     m.add_argument("--work-dir", type=Path, default=Path("embedding_eval_minilm"))
     m.add_argument("--rounds", type=int, default=20)
+    lookup = sub.add_parser("lookup")
+    lookup.add_argument("--rows", type=int, default=49152)
+    lookup.add_argument("--hidden", type=int, default=576)
+    lookup.add_argument("--rounds", type=int, default=30)
     llm = sub.add_parser("llm")
     llm.add_argument("folders", type=Path, nargs="+")
     llm.add_argument("--text", type=Path, required=True)
@@ -199,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.job == "minilm":
         minilm_job(args.work_dir, args.rounds)
+    elif args.job == "lookup":
+        lookup_job(args.rows, args.hidden, args.rounds)
     else:
         llm_job(args.folders, args.text, args.window, args.tokens, args.rounds)
 

@@ -186,8 +186,8 @@ def run_example(work: Path, block_size: int) -> int:
     headers = ("model", "layers", "runtime", "file", "bits/weight", "cos min", "cos mean", "run s")
     print(render_table(headers, rows, align="<<<>>>>>"))
     print(
-        "(cos: cosine similarity of each sentence embedding to the float32 one. The files keep the 30522 x 384 "
-        "word embedding in float32: it is a Gather, not a MatMul.)"
+        "(cos: cosine similarity of each sentence embedding to the float32 one. The 30522 x 384 word embedding is "
+        "an NF4 lookup too, at block 32; the position and token-type tables stay float32.)"
     )
 
     step("4. semantic search: the nearest of the 24 sentences to each query, float32 vs NF4")

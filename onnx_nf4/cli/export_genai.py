@@ -21,6 +21,7 @@ from .common import (
     print_folder_reports,
     quantize_options,
 )
+from .text_table import format_bytes
 
 __all__ = ["DESCRIPTION", "HELP", "NAME", "add_arguments", "run"]
 
@@ -39,7 +40,9 @@ DESCRIPTION = (
     "Build HF_DIR with onnxruntime-genai's model builder and write OUT_DIR, a folder that "
     "onnxruntime_genai.Model loads as it is. A float checkpoint is quantized with the options below; a "
     "bitsandbytes NF4 checkpoint keeps bitsandbytes' own bytes (with or without double quantization), and "
-    "the layers it left float (lm_head) stay float unless --quantize-float is given."
+    "the layers it left float (lm_head) stay float unless --quantize-float is given. Each --adapter NAME=PEFT_DIR "
+    "(a peft LoRA adapter) is written to OUT_DIR/adapters/NAME.onnx_adapter, and the model gets LoRA inputs so "
+    "that one folder serves every adapter, switched at run time (onnxruntime_genai.Adapters)."
 )
 
 
@@ -78,10 +81,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="pass KEY=VALUE to the model builder's --extra_options (e.g. fuse_mlp_gate_up=true); repeatable",
     )
+    parser.add_argument(
+        "--adapter",
+        metavar="NAME=PEFT_DIR",
+        type=_key_value,
+        action="append",
+        help="a peft LoRA adapter folder, written as OUT_DIR/adapters/NAME.onnx_adapter; repeatable",
+    )
+
+
+def _adapters(pairs: list[tuple[str, str]]) -> dict[str, Path]:
+    adapters: dict[str, Path] = {}
+    for name, folder in pairs:
+        if name in adapters:
+            raise CLIError(f"--adapter {name}=...: the name {name!r} is given twice")
+        adapters[name] = Path(folder)
+    return adapters
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``onnx-nf4 export-genai`` with the parsed ``args``; returns the exit status."""
+    from ..genai.adapters import adapter_path
     from ..genai.export import BuilderError, default_accuracy_level, export_genai
 
     accuracy_level = args.accuracy_level
@@ -89,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         accuracy_level = default_accuracy_level(args.hf_dir, args.execution_provider, args.format)
     options = quantize_options(args, format=args.format, accuracy_level=accuracy_level, method=args.method)
     check_calibration_options(args)
+    adapters = _adapters(args.adapter or ())
     try:
         with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
             reports = export_genai(
@@ -101,8 +122,12 @@ def run(args: argparse.Namespace) -> int:
                 calibration=args.calibration,
                 calibration_tokens=args.calibration_tokens,
                 on_progress=progress.update,
+                adapters=adapters,
             )
     except BuilderError as err:
         raise CLIError(str(err)) from None
     print_folder_reports(reports, None, args.output)
+    for name in adapters:
+        path = adapter_path(args.output, name)
+        print(f"adapter {name}: {path} ({format_bytes(path.stat().st_size)})")
     return 0

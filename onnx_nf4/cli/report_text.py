@@ -60,7 +60,7 @@ def format_quantization_report(report: QuantizationReport) -> str:
         )
     for title, weights in (
         ("float copies kept (a node that was not rewritten reads them; counted above)", report.kept_float),
-        ("float weights no MatMul/Gemm/Gather reads (left float)", report.left_float),
+        ("float weights no MatMul/Gemm/Gather/Attention reads (left float)", report.left_float),
     ):
         if weights:
             lines.append(f"{title}:")

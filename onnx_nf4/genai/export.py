@@ -18,6 +18,10 @@ external data, the tokenizer):
   builder's q/k/v fusion off (``fuse_qkv=false``): each projection keeps its double-quantized bytes in its own node.
   Weights bitsandbytes left in float (``lm_head`` by default) stay float unless ``quantize_float`` is set.
 
+With ``adapters`` (peft LoRA folders by name), the targeted layers of the built model get LoRA graph inputs and
+each adapter is written as ``adapters/<name>.onnx_adapter`` into the folder (:mod:`onnx_nf4.genai.adapters`): one
+base serves every adapter, switched at run time.
+
 Every step writes into temporary folders beside ``out_dir``; ``out_dir`` appears only when complete.
 """
 
@@ -37,6 +41,7 @@ from ..model.io import load_model
 from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
+from .adapters import PreparedAdapters, builder_options_for_adapters
 from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 
@@ -54,6 +59,7 @@ __all__ = [
 #: The execution providers ``export_genai`` builds for (the builder's ``-e``), and the builder precision of each:
 #: float32 on the CPU; float16 on CUDA, where the builder's GroupQueryAttention needs float16 or bfloat16.
 BUILD_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+_PRECISION_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
 EXECUTION_PROVIDERS = tuple(BUILD_PRECISION)
 #: The ``accuracy_level`` of a float checkpoint's ``MatMulNF4`` nodes built for the CPU when none is asked for: 4,
 #: int8 activations, as onnxruntime-genai's builder does for its int4 (on SmolLM2-135M: 1.5-1.8x the prefill speed
@@ -243,6 +249,7 @@ def export_genai(
     calibration_tokens: int | None = None,
     calibration_passes: int | None = None,
     on_progress: ProgressCallback | None = None,
+    adapters: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> dict[str, QuantizationReport]:
     """Export a transformers checkpoint folder to an onnxruntime-genai folder with NF4 weights.
 
@@ -265,6 +272,10 @@ def export_genai(
             :func:`onnx_nf4.genai.folder.quantize_genai_folder` (``method="gptq"`` calibrates the built decoder on
             a text file, tokenized with the checkpoint's tokenizer, or an ``.npz`` of decoder inputs).
         on_progress: ``on_progress(done, total, layer)`` while a float checkpoint's folder is quantized.
+        adapters: peft LoRA adapter folders by the name each is activated by: the targeted layers get LoRA graph
+            inputs (rank 0, the base, when no adapter is active) and each adapter is written to
+            ``adapters/<name>.onnx_adapter`` (see :mod:`onnx_nf4.genai.adapters`). The builder's q/k/v fusion is
+            off unless ``builder_options`` sets ``fuse_qkv``.
 
     Returns:
         The quantization report of each model file of the folder.
@@ -276,7 +287,10 @@ def export_genai(
         onnx_nf4.genai.folder.GenaiFolderError: ``out_dir`` exists and is not empty.
         ValueError: invalid options (before any work).
         onnx_nf4.runtime.CustomOpLibraryNotFoundError: format ``onnx_nf4`` but the op library is not built.
+        onnx_nf4.torch.adapters.AdapterError: an adapter that is missing, unsupported, or for another base.
     """
+    from ..torch.adapters import read_adapters
+
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
     if accuracy_level is None and options is None:
@@ -296,6 +310,7 @@ def export_genai(
     if options.method != "gptq" and calibration is not None:
         raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
     require_library(options)
+    lora = read_adapters(adapters)
     precision = BUILD_PRECISION[execution_provider]
     kind = checkpoint_kind(read_config(hf_dir))
     if kind.bnb_nf4 and options.method != "rtn":
@@ -312,11 +327,13 @@ def export_genai(
     extra_options = dict(builder_options or {})
     if kind.double_quant:
         extra_options.setdefault("fuse_qkv", False)
+    if lora:
+        extra_options = builder_options_for_adapters(extra_options)
     build = {"precision": precision, "execution_provider": execution_provider, "extra_options": extra_options}
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent) as work:
         built = Path(work) / "genai_float"
         if not kind.bnb_nf4:
-            run_builder(hf_dir, built, **build)
+            _build(Path(hf_dir), built, build, PreparedAdapters(lora, Path(hf_dir), _PRECISION_DTYPES[precision]))
             return quantize_genai_folder(
                 built,
                 out_dir,
@@ -326,8 +343,9 @@ def export_genai(
                 calibration_passes=calibration_passes,
                 on_progress=on_progress,
             )
-        layers = write_float_checkpoint(hf_dir, Path(work) / "hf_float")
-        run_builder(Path(work) / "hf_float", built, **build)
+        float_dir = Path(work) / "hf_float"
+        layers = write_float_checkpoint(hf_dir, float_dir)
+        _build(float_dir, built, build, PreparedAdapters(lora, float_dir, _PRECISION_DTYPES[precision]))
 
         def quantize_file(source: Path, target: Path, external_data: bool | None) -> QuantizationReport:
             from ..torch.graph_weights import quantize_with_prequantized
@@ -342,3 +360,13 @@ def export_genai(
             )
 
         return write_genai_folder(built, out_dir, quantize_file)
+
+
+def _build(float_dir: Path, built: Path, build: Mapping, adapters: PreparedAdapters) -> None:
+    """Run the builder on ``float_dir``; then give the built model its LoRA inputs and write the adapter files.
+
+    ``adapters`` were checked against ``float_dir`` before (nothing to do without adapters).
+    """
+    run_builder(float_dir, built, **build)
+    if adapters.adapters:
+        adapters.add_to_folder(built)

@@ -29,12 +29,19 @@ import onnx_ir as ir
 
 from ..codec.layout import QuantizedWeight, dequantize_weight
 from ..model.graph import node_label
-from ..op.contract import ONNX_DOMAINS
+from ..op.contract import MS_DOMAIN, ONNX_DOMAINS
 from . import encode_weight
 from .calibration import ActivationCollector, CalibrationData, Hessian
 from .gptq import DEFAULT_DAMP, PreparedHessian, relative_output_error
 
-__all__ = ["DEFAULT_HESSIAN_BUDGET", "CalibratedLayer", "CalibratedWeight", "find_layers", "quantize_with_calibration"]
+__all__ = [
+    "DEFAULT_HESSIAN_BUDGET",
+    "CalibratedLayer",
+    "CalibratedWeight",
+    "find_layers",
+    "quantize_with_calibration",
+    "weights_with_other_uses",
+]
 
 #: With ``passes``: the most bytes of ``X^T X`` sums (float64 ``[K, K]`` per activation) held at once, 1 GiB. A
 #: Llama of 1 B parameters (hidden 2048, MLP 5632, 22 layers) has about 8 GB of them.
@@ -86,14 +93,17 @@ def find_layers(model: ir.Model, keys: Iterable[tuple[str, bool]]) -> list[Calib
     """The :class:`CalibratedLayer` of each ``(weight name, transpose)`` in ``keys`` used by main-graph nodes.
 
     A ``MatMul`` with the weight as ``B`` reads its ``A`` as is; a ``Gemm`` reads ``A`` transposed when
-    ``transA=1`` and its weight as ``B.T`` when ``transB=1``. Keys used by no main-graph node (only inside an
+    ``transA=1`` and its weight as ``B.T`` when ``transB=1``; a ``com.microsoft::Attention`` reads its input as
+    ``A`` of its packed QKV weight. Keys used by no main-graph node (only inside an
     ``If`` / ``Loop`` / ``Scan`` body) are left out: their inputs are not values the collector can return.
     """
     wanted = set(keys)
     found: dict[tuple[str, bool], list[tuple[str, bool]]] = {}
     first_node: dict[tuple[str, bool], str] = {}
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS or len(node.inputs) < 2:
+        linear = node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS
+        attention = node.op_type == "Attention" and node.domain == MS_DOMAIN
+        if not (linear or attention) or len(node.inputs) < 2:
             continue
         a, b = node.inputs[0], node.inputs[1]
         if a is None or b is None or not a.name or not b.name:
@@ -131,7 +141,7 @@ def _reads_weight(node: ir.Node, index: int) -> bool:
     return index == 1 and node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS
 
 
-def _weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
+def weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
     """The names in ``weights`` that a node also reads other than as a ``MatMul`` / ``Gemm`` weight.
 
     A tied embedding is one: the builder's graph reads ``lm_head``'s weight through ``Transpose -> Gather`` too.
@@ -148,7 +158,7 @@ def _weights_with_other_uses(model: ir.Model, weights: set[str]) -> set[str]:
 
 def _dependencies(model: ir.Model, activations: Sequence[str], weights: set[str]) -> dict[str, set[str]]:
     """For each activation, the names in ``weights`` it is computed from through their ``MatMul`` / ``Gemm`` uses
-    (:func:`_weights_with_other_uses`)."""
+    (:func:`weights_with_other_uses`)."""
     memo: dict[int, frozenset[str]] = {}
 
     def of_value(value: ir.Value) -> frozenset[str]:
@@ -264,7 +274,7 @@ def quantize_with_calibration(
     layers = list({layer.key: layer for layer in layers}.values())
     activations = list(dict.fromkeys(name for layer in layers for name, _ in layer.activations))
     sizes = {name: _weight_k(model, layer) for layer in layers for name, _ in layer.activations}
-    shared = _weights_with_other_uses(model, {layer.weight for layer in layers})
+    shared = weights_with_other_uses(model, {layer.weight for layer in layers})
     fed_weights = [layer.weight for layer in layers if layer.weight not in shared] if sequential else []
     collector = ActivationCollector(model, activations, fed_weights)
     waves = _waves(model, layers) if sequential else [(activations, layers)]

@@ -62,7 +62,8 @@ class Hessian:
     def add(self, x: np.ndarray) -> None:
         """Add the rows of ``x[rows, K]`` (products in float32, the sum kept in float64)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        self.matrix += x.T @ x
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.matrix += x.T @ x
         self.rows += x.shape[0]
 
 
@@ -106,9 +107,13 @@ def calibration_batches(data: CalibrationData) -> Callable[[], Iterator[dict[str
     )
 
 
-def _check_batch(batch: Mapping[str, np.ndarray], input_names: Sequence[str], index: int) -> dict[str, np.ndarray]:
+def _check_batch(
+    batch: Mapping[str, np.ndarray], input_names: Sequence[str], index: int, optional: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """The feed of ``batch``: every name of ``input_names``, and those of ``optional`` (inputs with a default
+    initializer, such as LoRA inputs) that it gives."""
     missing = [name for name in input_names if name not in batch]
-    unknown = sorted(set(batch) - set(input_names))
+    unknown = sorted(set(batch) - set(input_names) - set(optional))
     if missing or unknown:
         parts = []
         if missing:
@@ -118,7 +123,7 @@ def _check_batch(batch: Mapping[str, np.ndarray], input_names: Sequence[str], in
         raise ValueError(
             f"calibration batch {index}: {' and '.join(parts)}; the model's inputs are {list(input_names)}"
         )
-    return {name: np.asarray(batch[name]) for name in input_names}
+    return {name: np.asarray(batch[name]) for name in [*input_names, *optional] if name in batch}
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -150,7 +155,9 @@ class ActivationCollector:
         overridable = [graph.initializers[name] for name in dict.fromkeys(weights) if name in graph.initializers]
         if unknown:
             raise ValueError(f"activation(s) {unknown} are not values of the main graph")
-        self.input_names = [value.name for value in graph.inputs if value.name]
+        # inputs with an initializer (overridable: a default value, e.g. LoRA inputs) are optional in a batch
+        self.input_names = [value.name for value in graph.inputs if value.name and not value.is_initializer()]
+        self._optional_inputs = [value.name for value in graph.inputs if value.name and value.is_initializer()]
         existing = {value.name for value in graph.outputs}
         added_outputs = [values[name] for name in wanted if name not in existing and name not in self.input_names]
         added_inputs = [value for value in overridable if not value.is_graph_input()]
@@ -205,7 +212,7 @@ class ActivationCollector:
         hessians: dict[tuple[str, bool], Hessian] = {}
         count = 0
         for count, batch in enumerate(calibration_batches(data)(), 1):
-            feed = _check_batch(batch, self.input_names, count - 1)
+            feed = _check_batch(batch, self.input_names, count - 1, self._optional_inputs)
             mask = feed.get(ATTENTION_MASK) if exclude_padding else None
             mask = mask if mask is not None and mask.ndim == 2 else None
             try:
@@ -227,6 +234,11 @@ class ActivationCollector:
                         "on this input, or the input itself is not finite); GPTQ needs finite statistics"
                     )
                 h.add(x)
+                if not np.all(np.isfinite(np.einsum("ii->i", h.matrix))):
+                    raise ValueError(
+                        f"calibration batch {count - 1}: the statistics X^T X of activation {name!r} overflow "
+                        f"float32 (largest magnitude {float(np.abs(x).max()):.3g}); GPTQ needs finite statistics"
+                    )
             del results
             if on_batch is not None:
                 on_batch(count)

@@ -1,4 +1,5 @@
-"""What the quantize pass will rewrite: one :class:`Plan` per ``MatMul`` / ``Gemm`` node, or a :class:`Skip` reason."""
+"""What the quantize pass will rewrite: one :class:`Plan` per ``MatMul`` / ``Gemm`` / fused ``Attention`` node, or a
+:class:`Skip` reason."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import onnx_ir as ir
 from ..codec.validation import check_finite
 from ..model.graph import constant_tensor, float_attr, int_attr, release
 from ..op.contract import ONNX_DOMAINS
+from .attention import AttentionNotRewritable, AttentionTerms, attention_terms, is_attention
 from .options import QuantizeOptions
 from .writers import Writer
 
-__all__ = ["GemmTerms", "Plan", "Planner", "Skip", "WeightSource", "nonfinite_reason", "weight_source"]
+__all__ = [
+    "GemmTerms",
+    "Plan",
+    "Planner",
+    "Skip",
+    "WeightSource",
+    "is_planned_op",
+    "nonfinite_reason",
+    "weight_source",
+]
 
 
 class Skip(Exception):
@@ -83,6 +94,7 @@ class Plan:
     via: ir.Node | None = None  # the Transpose between the weight and the node
     #: the key of an equal weight whose tensors this plan uses instead of its own (a tied copy)
     tied: tuple[object, ...] | None = None
+    attention: AttentionTerms | None = None  # a fused Attention: W is its packed QKV weight, bias its QKV bias
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -114,8 +126,10 @@ class Planner:
         self._patterns = options.patterns
 
     def plan(self, node: ir.Node) -> Plan:
-        """The plan of a default-domain ``MatMul`` or ``Gemm``; raises :class:`Skip` with the reason otherwise."""
+        """The plan of a node :func:`is_planned_op` accepts; raises :class:`Skip` with the reason otherwise."""
         self._check_a(node.inputs[0])
+        if is_attention(node):
+            return self._attention(node)
         source = weight_source(node.inputs[1])
         if node.op_type == "MatMul":
             tensor, K, N = self._weight(node, source.weight, transpose=source.transposed)
@@ -127,6 +141,16 @@ class Planner:
         gemm = GemmTerms(bool(int_attr(node, "transA", 0)), float_attr(node, "alpha", 1.0),
                          float_attr(node, "beta", 1.0))  # fmt: skip
         return Plan(node, source.weight, tensor, transpose, K, N, gemm=gemm, via=source.via)  # type: ignore[arg-type]
+
+    def _attention(self, node: ir.Node) -> Plan:
+        """A ``com.microsoft::Attention``: its packed ``[hidden, q + k + v]`` weight (see :mod:`.attention`)."""
+        tensor, K, N = self._weight(node, node.inputs[1] if len(node.inputs) > 1 else None, transpose=False)
+        try:
+            terms = attention_terms(node, N)
+        except AttentionNotRewritable as err:
+            raise Skip(str(err)) from None
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return Plan(node, node.inputs[1], tensor, False, K, N, bias=bias, attention=terms)  # type: ignore[arg-type]
 
     def excluded(self, node: ir.Node, weight_name: str) -> str | None:
         for pattern in self._patterns:
@@ -182,6 +206,11 @@ class Planner:
         if tensor is None or tensor.dtype != plan.tensor.dtype or tuple(tensor.shape) != (plan.N,):
             return
         plan.bias, plan.add = other, add
+
+
+def is_planned_op(node: ir.Node) -> bool:
+    """Whether the pass plans ``node``: a default-domain ``MatMul`` / ``Gemm`` or a ``com.microsoft::Attention``."""
+    return (node.op_type in ("MatMul", "Gemm") and node.domain in ONNX_DOMAINS) or is_attention(node)
 
 
 def nonfinite_reason(tensor: ir.TensorProtocol, name: str) -> str | None:

@@ -15,6 +15,10 @@ initializer of any enclosing scope or the output of a ``Constant`` node):
   when ``C`` is a constant, else by a ``Mul``; it is fused as the bias when ``alpha == 1`` and ``C`` is a row
   vector (``[N]``, ``[1, N]``, ``[1]`` or a scalar, broadcast to ``[N]``), otherwise added by an ``Add``.
   ``beta == 0`` drops ``C``.
+* ``com.microsoft::Attention`` (fused by onnxruntime's transformer optimizer) with a 2-D float constant packed QKV
+  weight: the projection becomes the format's op over the packed weight (its bias fused when the format allows),
+  followed by ``Split`` and ``com.microsoft::MultiHeadAttention`` (:mod:`onnx_nf4.passes.attention`, which also
+  lists the ``Attention`` forms left fused).
 
 A weight used by several nodes is quantized once and its NF4 initializers are shared (keyed by the weight and
 whether it is transposed). Weights that no node uses any more are removed, and so are all initializers that
@@ -49,11 +53,12 @@ from ..model.graph import (
     release,
     remove_unused_initializers,
 )
-from ..op.contract import ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
+from ..op.contract import MS_DOMAIN, ONNX_DOMAINS, OPSET_VERSION, is_bnb4, is_matmul_nf4
+from .attention import ATTENTION_OP
 from .embedding import LookupPlan, is_table_gather, plan_lookup, rewrite_lookup, tie_equal_weights
 from .encoding import as_numpy_float
 from .options import QuantizeOptions
-from .plan import Plan, Planner, Skip, nonfinite_reason
+from .plan import Plan, Planner, Skip, is_planned_op, nonfinite_reason
 from .report import FloatWeight, LayerReport, QuantizationReport, SkippedLayer
 from .rewrite import Rewriter
 from .writers import Encoded, NF4Writer, Writer, writer_for
@@ -159,7 +164,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
                     report.skipped.append(SkippedLayer(node_label(plan.node), plan.node.op_type, not_finite[plan.key]))
             plans = [plan for plan in plans if plan.key not in not_finite]
 
-        rewriter = Rewriter(writer, initializers)
+        rewriter = Rewriter(writer, initializers, model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
         seen: set[Key] = set()
         fused = False
         for plan in plans:
@@ -230,7 +235,7 @@ class QuantizeNF4Pass(ir.passes.InPlacePass):
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if is_matmul_nf4(node.domain, node.op_type) or is_bnb4(node.domain, node.op_type):
                 report.already_quantized.append(node_label(node))
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ONNX_DOMAINS:
+            if not is_planned_op(node):
                 continue
             try:
                 plans.append(planner.plan(node))
@@ -333,9 +338,13 @@ def _kept_float(plans: Sequence[AnyPlan]) -> list[FloatWeight]:
 _PLANNED_OPS = ("MatMul", "Gemm", "Gather", "Transpose")
 
 
+def _planned_reader(domain: str, op_type: str) -> bool:
+    return (domain in ONNX_DOMAINS and op_type in _PLANNED_OPS) or (domain, op_type) == (MS_DOMAIN, ATTENTION_OP)
+
+
 def _left_float(model: ir.Model, min_elements: int, originals: set[int]) -> list[FloatWeight]:
     """Float initializers of the input (``originals``: their ids) of at least ``min_elements`` elements that no
-    ``MatMul`` / ``Gemm`` / ``Gather`` reads."""
+    ``MatMul`` / ``Gemm`` / ``Gather`` / ``com.microsoft::Attention`` reads."""
     left = []
     for graph in model.graphs():
         for name, value in graph.initializers.items():
@@ -345,9 +354,9 @@ def _left_float(model: ir.Model, min_elements: int, originals: set[int]) -> list
             if tensor.size < max(min_elements, 1):
                 continue
             readers = {(use.node.domain, use.node.op_type) for use in value.uses()}
-            if not readers or any(domain in ONNX_DOMAINS and op in _PLANNED_OPS for domain, op in readers):
+            if not readers or any(_planned_reader(domain, op) for domain, op in readers):
                 continue
             ops = ", ".join(sorted(f"{domain}::{op}" if domain not in ONNX_DOMAINS else op for domain, op in readers))
-            reason = f"read by {ops}, not by a MatMul, Gemm or Gather"
+            reason = f"read by {ops}, not by a MatMul, Gemm, Gather or com.microsoft::Attention"
             left.append(FloatWeight(name, tuple(tensor.shape), tensor.nbytes, reason))
     return left

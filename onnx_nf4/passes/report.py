@@ -81,8 +81,9 @@ class QuantizationReport:
     #: Quantized weights whose float tensor stays in the model too, because a node that was not rewritten
     #: still reads it (counted in :attr:`bytes_after`: the file holds both).
     kept_float: list[FloatWeight] = field(default_factory=list)
-    #: Float constants of at least ``min_elements`` elements that no ``MatMul`` / ``Gemm`` / ``Gather`` reads
-    #: (e.g. the weight of a fused ``com.microsoft::Attention``): never quantized, listed with their readers.
+    #: Float constants of at least ``min_elements`` elements that no ``MatMul`` / ``Gemm`` / ``Gather`` /
+    #: ``com.microsoft::Attention`` reads (e.g. the tables of a fused ``com.microsoft::EmbedLayerNormalization``):
+    #: never quantized, listed with their readers. A skipped ``Attention``'s weight is in ``skipped``, with the reason.
     left_float: list[FloatWeight] = field(default_factory=list)
     #: Bytes of every constant tensor of the model (initializers and ``Constant`` nodes, all graphs), before and
     #: after the pass: what the written file holds besides the graph's structure.

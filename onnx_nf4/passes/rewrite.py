@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..model.graph import Initializers, constant_tensor, node_label
+from .attention import SPLIT_SIZES_INPUT_OPSET, mha_nodes
 from .plan import Plan
 from .writers import Encoded, Writer
 
@@ -15,12 +16,15 @@ __all__ = ["Rewriter"]
 class Rewriter:
     """Rewrites the nodes of one model with one writer (created per pass call)."""
 
-    def __init__(self, writer: Writer, initializers: Initializers):
+    def __init__(self, writer: Writer, initializers: Initializers, opset: int):
         self.writer = writer
         self.initializers = initializers
+        self.opset = opset  # the model's default-domain opset (the form of the Split written for an Attention)
 
     def rewrite(self, plan: Plan, encoded: Encoded) -> bool:
         """Replace the plan's node(s); return whether a bias was fused into the op."""
+        if plan.attention is not None:
+            return self._attention(plan, encoded)
         graph, node, fresh = plan.graph, plan.node, self.initializers.value
         new_nodes: list[ir.Node] = []
         a, bias, add_c = plan.a, plan.bias, None
@@ -47,6 +51,23 @@ class Rewriter:
         y.type, y.shape = old_out.type, old_out.shape
         ir.convenience.replace_nodes_and_values(graph, old_nodes[-1], old_nodes, new_nodes, [old_out], [y])
         return bias is not None
+
+    def _attention(self, plan: Plan, encoded: Encoded) -> bool:
+        """A fused ``Attention``: the format's op over the packed QKV weight, ``Split``, ``MultiHeadAttention``."""
+        graph, node, terms = plan.graph, plan.node, plan.attention
+        assert terms is not None
+        fused = self.writer.fuses_bias and plan.bias is not None
+        qkv = self.initializers.value(f"{node_label(node)}_qkv")
+        projection = self.writer.node(plan.a, encoded, plan.K, plan.N, plan.bias if fused else None, qkv,
+                                      f"{node_label(node)}_qkv")  # fmt: skip
+        sizes = None
+        if self.opset >= SPLIT_SIZES_INPUT_OPSET:
+            sizes = self.initializers.add(graph, f"{node_label(node)}_qkv_sizes", np.array(terms.sizes, np.int64))
+        tail, y = mha_nodes(node, terms, qkv, None if fused else plan.bias, sizes, self.initializers.value)
+        old_out = node.outputs[0]
+        y.type, y.shape = old_out.type, old_out.shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [projection, *tail], [old_out], [y])
+        return fused
 
     def _gemm_c(self, plan: Plan, new_nodes: list[ir.Node]) -> tuple[ir.Value | None, ir.Value | None]:
         """``beta * C`` as ``(fused bias [N], value to Add)``; at most one is set."""

@@ -24,6 +24,10 @@ bitsandbytes' own codes and absmax.
 
 LoRA adapters (the ``lora_A`` / ``lora_B`` ``nn.Linear`` layers of peft) are found the same way and stay float
 unless ``quantize_lora=True``: the graph computes ``base(x) + scale * lora_B(lora_A(x))`` as peft does.
+
+Adapters switched at run time (``adapters={name: peft_dir}``, :mod:`onnx_nf4.torch.adapters`): the base model is
+exported as above, each targeted layer's node is found by value the same way and gets LoRA graph inputs, and each
+adapter is written beside the model as ``<stem>.<name>.onnx_adapter`` (:func:`adapter_file`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ from ..codec.layout import dequantize_weight
 from ..model.io import load_model
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
+from .adapters import (
+    ADAPTER_SUFFIX,
+    AdapterError,
+    LoraAdapter,
+    adapter_parameters,
+    add_lora_inputs,
+    check_base_shapes,
+    read_adapters,
+    target_modules,
+    write_adapter_file,
+)
 from .bnb_layout import to_quantized_weight
 from .bnb_modules import bnb_weight, find_embedding4bit, find_linear4bit
 from .graph_weights import graph_weights, quantize_with_prequantized, table_weights
@@ -52,7 +67,7 @@ from .graph_weights import graph_weights, quantize_with_prequantized, table_weig
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["export"]
+__all__ = ["adapter_file", "export"]
 
 _LORA_CONTAINERS = frozenset({"lora_A", "lora_B"})
 
@@ -249,6 +264,68 @@ def _lora_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
+def adapter_file(path: str | os.PathLike[str], name: str) -> Path:
+    """The adapter file :func:`export` writes for adapter ``name`` beside ``path``: ``<stem>.<name>.onnx_adapter``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{name}{ADAPTER_SUFFIX}")
+
+
+def _adapter_modules(model: torch.nn.Module, adapters: list[LoraAdapter]) -> dict[str, str]:
+    """The path in ``model`` of each module the adapters target (peft's path, or one ending in ``.<peft path>``).
+
+    Raises:
+        AdapterError: a module ``model`` does not have (or has twice), one that is not a ``Linear`` /
+            ``Linear4bit`` layer, or one of another shape than the adapter's.
+    """
+    import torch
+
+    names = dict(model.named_modules())
+    paths: dict[str, str] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for module in target_modules(adapters):
+        found = [name for name in names if name == module or name.endswith(f".{module}")]
+        if len(found) > 1:
+            raise AdapterError(f"LoRA layer {module!r} matches several modules of the model: {found}")
+        if not found:
+            continue  # check_base_shapes names it
+        layer = names[found[0]]
+        if not isinstance(layer, torch.nn.Linear):  # bitsandbytes' Linear4bit is one too
+            raise AdapterError(f"LoRA layer {module!r} is a {type(layer).__name__}; supported: LoRA on Linear layers")
+        paths[module] = found[0]
+        shapes[module] = (int(layer.in_features), int(layer.out_features))
+    check_base_shapes(adapters, shapes)
+    return paths
+
+
+def _add_adapters(
+    ir_model: ir.Model, module_keys: Mapping[str, set[Digest]], adapters: list[LoraAdapter], path: Path
+) -> None:
+    """Give the nodes of the targeted layers LoRA inputs; write each adapter's file beside ``path``."""
+    nodes: dict[str, list[ir.Node]] = {module: [] for module in module_keys}
+    for node in ir_model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        value = node.inputs[1]
+        if not value.is_initializer() or value.is_graph_input() or value.const_value is None:
+            continue
+        key = _initializer_digest(value.const_value)
+        for module, keys in module_keys.items():
+            if key in keys:
+                nodes[module].append(node)
+    for module, found in nodes.items():
+        if len(found) != 1:
+            where = "no MatMul/Gemm node" if not found else f"{len(found)} nodes"
+            raise AdapterError(f"LoRA layer {module!r}: {where} of the exported graph has its weight as a constant")
+    chosen = {module: found[0] for module, found in nodes.items()}
+    dtypes = {node.inputs[1].const_value.dtype for node in chosen.values()}  # type: ignore[union-attr]
+    if len(dtypes) != 1:
+        raise AdapterError(f"the LoRA layers have weights of several dtypes ({sorted(d.name for d in dtypes)})")
+    (dtype,) = dtypes
+    shapes = add_lora_inputs(ir_model, chosen, dtype)
+    for adapter in adapters:
+        write_adapter_file(adapter_file(path, adapter.name), adapter_parameters(adapter, shapes, dtype.numpy()))
+
+
 def export(
     model: torch.nn.Module,
     args: Any,
@@ -270,6 +347,7 @@ def export(
     exclude: Iterable[str] | None = None,
     min_elements: int | None = None,
     external_data: bool | None = None,
+    adapters: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> QuantizationReport:
     """Export ``model`` with ``torch.onnx.export`` and write it to ``path`` with NF4 weights.
 
@@ -308,6 +386,10 @@ def export(
             ``Linear4bit`` layers, ``False`` for a model with them.
         quantize_lora: also quantize peft's LoRA adapter weights when float weights are quantized (default: they
             stay float).
+        adapters: peft LoRA adapter folders by name, switched at run time: ``model`` is the base (without peft
+            layers); each targeted layer gets LoRA graph inputs (rank 0 by default: the base) and adapter ``name``
+            is written to :func:`adapter_file` ``(path, name)`` for ``onnxruntime.LoraAdapter`` /
+            ``RunOptions.add_active_adapter`` (see :mod:`onnx_nf4.torch.adapters`).
 
     Returns:
         The :class:`~onnx_nf4.passes.report.QuantizationReport` (bitsandbytes layers show ``rel_rms_error`` 0: their
@@ -318,6 +400,7 @@ def export(
             structure ``MatMulNF4`` cannot represent); the message names the layer.
         ValueError: a ``Linear4bit`` layer whose weight is in the exported graph but not as the constant weight of a
             ``MatMul`` / ``Gemm``, or invalid quantization settings.
+        AdapterError: an adapter that is missing, unsupported, or for another base model.
     """
     import torch
 
@@ -330,6 +413,13 @@ def export(
         name: to_quantized_weight(bnb_weight(name, module)) for name, module in {**bnb_layers, **bnb_tables}.items()
     }
     lora = _lora_linears(model)
+    lora_adapters = read_adapters(adapters)
+    if lora_adapters and lora:
+        raise AdapterError(
+            "with adapters=..., pass the base model without peft LoRA layers (e.g. peft_model.unload()); the model "
+            f"holds LoRA layers such as {next(iter(lora))!r}"
+        )
+    adapter_modules = _adapter_modules(model, lora_adapters)
     if quantize_float is None:
         quantize_float = not bnb_layers
 
@@ -349,6 +439,12 @@ def export(
         for key in _torch_digests(decoded)[1:]:  # the table [V, H] as the Gather reads it
             table_keys.setdefault(key, name)
     lora_keys = {key for module in lora.values() for key in _torch_digests(module.weight)}
+    adapter_keys = {
+        module: set(
+            _torch_digests(replacements[path].weight if path in replacements else model.get_submodule(path).weight)
+        )
+        for module, path in adapter_modules.items()
+    }
 
     target = Path(path)
     if not target.absolute().parent.is_dir():
@@ -368,7 +464,7 @@ def export(
                 dynamic_axes=dynamic_axes,
                 dynamic_shapes=dynamic_shapes,
             )
-        if not bnb_layers and not bnb_tables and not lora:
+        if not bnb_layers and not bnb_tables and not lora and not lora_adapters:
             from ..api import quantize_model
 
             _, report = quantize_model(float_path, target, options)
@@ -406,6 +502,8 @@ def export(
                 f"the weight of Linear4bit layer(s) {', '.join(map(repr, stray))} is in the exported graph, but not "
                 "as the constant weight of a MatMul/Gemm, so their NF4 weights cannot be attached"
             )
+        if lora_adapters:
+            _add_adapters(ir_model, adapter_keys, lora_adapters, target)
         return quantize_with_prequantized(
             ir_model,
             target,

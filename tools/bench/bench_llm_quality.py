@@ -40,10 +40,10 @@ VARIANTS: dict[str, list[str]] = {
     "rtn-b32": ["--block-size", "32"],
     "mse-b64": ["--block-size", "64", "--method", "mse"],
     "mse-b32": ["--block-size", "32", "--method", "mse"],
-    "gptq-b64": ["--block-size", "64", "--method", "gptq"],
-    "gptq-b32": ["--block-size", "32", "--method", "gptq"],
+    "gptq-b64": ["--block-size", "64", "--method", "gptq", "--calibration-tokens", "2048"],
+    "gptq-b32": ["--block-size", "32", "--method", "gptq", "--calibration-tokens", "2048"],
     "rtn-b64-lmhead-float": ["--block-size", "64", "--exclude", "lm_head"],
-    "gptq-b32-lmhead-float": ["--block-size", "32", "--method", "gptq", "--exclude", "lm_head"],
+    "rtn-b64-table-b16": ["--block-size", "64", "--embedding-block-size", "16"],
 }
 
 
