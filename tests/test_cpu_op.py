@@ -131,10 +131,11 @@ def test_float32_matches_reference(K, N, bs, a_shape):
 
 @pytest.mark.parametrize("M", [1, 3, 17, 128])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_and_threads(M, threads):
-    q = make_case(200, 45, 64, seed=M)
-    a = np.random.default_rng(M).standard_normal((M, 200)).astype(np.float32)
-    y = run_op(nf4_node_model(q, ["M", 200]), a, threads=threads)
+@pytest.mark.parametrize(("K", "N"), [(200, 45), (520, 301)])  # 520 x 301: enough work per row to use the threads
+def test_rows_and_threads(M, threads, K, N):
+    q = make_case(K, N, 64, seed=M)
+    a = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
+    y = run_op(nf4_node_model(q, ["M", K]), a, threads=threads)
     assert_float32_close(y, reference_matmul(q, a), q, a)
 
 

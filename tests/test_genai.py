@@ -250,6 +250,7 @@ def test_export_genai_keeps_bitsandbytes_bytes_and_tokens(bnb_checkpoints, doubl
         placed += N
     assert placed == sum(packed.shape[0] for _, (packed, *_) in nf4)  # nothing but bitsandbytes' rows
     assert [node.name for node in _nodes(model_path, "MatMul")] == ["/lm_head/MatMul"]  # left float by bnb
+    assert _accuracy_levels(model_path) <= {None, 0}  # bitsandbytes' arithmetic: float32 compute by default
 
     reference = llm_models.load_checkpoint(hf_dir)
     prompt = llm_models.prompt_ids(hf_dir)
@@ -300,7 +301,8 @@ def test_export_genai_float_checkpoint_equals_build_then_quantize(
     from onnx_nf4.genai.export import export_genai
 
     reports = export_genai(float_checkpoint, tmp_path / "exported", block_size=128)
-    quantize_genai_folder(float_genai, tmp_path / "quantized", block_size=128)
+    assert _accuracy_levels(tmp_path / "exported" / "model.onnx") == {4}  # a float checkpoint for the CPU: 4
+    quantize_genai_folder(float_genai, tmp_path / "quantized", block_size=128, accuracy_level=4)
     assert reports["model.onnx"].block_size == 128 and len(reports["model.onnx"].layers) == 11
     exported = _initializers(tmp_path / "exported" / "model.onnx")
     quantized = _initializers(tmp_path / "quantized" / "model.onnx")

@@ -43,6 +43,9 @@ F32_EPS = float(np.finfo(np.float32).eps)
 # (K, N, block_size, M, double_quant, zero_blocks, bias, threads): M < 8 streams the weight, M >= 8 packs panels
 CASES = [
     (512, 37, 64, 1, False, False, False, 1),
+    (300, 45, 64, 1, True, True, True, 2),  # one row: a lone, padded last block of 64 (AVX-512: 128-code steps)
+    (1000, 33, 256, 1, False, True, True, 1),  # one row, blocks of 256, the last one padded
+    (4096, 20, 128, 1, True, False, False, 2),  # one row, blocks of 128
     (300, 45, 64, 3, True, True, True, 2),
     (4096, 20, 128, 2, False, False, True, 1),  # long blocks: two accumulators per row
     (256, 33, 32, 7, False, False, False, 2),

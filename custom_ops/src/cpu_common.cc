@@ -1,4 +1,7 @@
 // cpu_common.cc: activation quantization and ISA dispatch shared by the CPU kernels.
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -90,6 +93,18 @@ const KernelSet& Select() {
 }
 
 }  // namespace
+
+int64_t L1DataCacheBytes() {
+  static const int64_t bytes = [] {
+    constexpr int64_t kDefault = 32 << 10, kMin = 16 << 10, kMax = 1 << 20;
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long reported = sysconf(_SC_LEVEL1_DCACHE_SIZE);  // NOLINT(runtime/int): the POSIX type
+    if (reported > 0) return std::min(kMax, std::max(kMin, static_cast<int64_t>(reported)));
+#endif
+    return kDefault;
+  }();
+  return bytes;
+}
 
 IsaLevel IsaCap() {
   const char* cap = std::getenv("ONNX_NF4_CPU_ISA");

@@ -45,15 +45,24 @@ inline float BlockScale(const Nf4Weight& w, int64_t n, int64_t b) {
 
 }  // namespace
 
-// Runs fn(data, i) for i in [0, total), possibly concurrently; fn must not throw.
+// The work (multiply-adds, or elements for a packing loop) below which a parallel loop runs on the calling thread:
+// handing tasks to the intra-op threads costs microseconds (a futex wake when they sleep), about the time one core
+// takes for this much work. A decode step of a small LLM (hidden 576) runs 151 MatMuls of 0.3 to 28 M multiply-adds,
+// a tiny layer (64 x 64) 4 K: fanning that out would cost more than it computes.
+inline constexpr int64_t kMinParallelWork = int64_t{1} << 17;
+
+// Runs fn(data, i) for i in [0, total), possibly concurrently; fn must not throw. `work` is the whole loop's work
+// in the units of kMinParallelWork: below it (or with one task) the tasks run in order on the calling thread.
 class ParallelRunner {
  public:
   virtual ~ParallelRunner() = default;
-  virtual void For(size_t total, void (*fn)(void* data, size_t i), void* data) const = 0;
+  virtual void For(size_t total, int64_t work, void (*fn)(void* data, size_t i), void* data) const = 0;
 };
 
 // Per-call scratch memory, owned by the caller (so that the ISA modules instantiate no library templates:
-// an out-of-line copy built with AVX-512 flags could otherwise be picked by the linker for portable code).
+// an out-of-line copy built with AVX-512 flags could otherwise be picked by the linker for portable code). The op
+// serves it from memory kept by the calling thread from call to call, so that a steady stream of calls allocates
+// nothing.
 class Scratch {
  public:
   virtual ~Scratch() = default;
@@ -99,6 +108,11 @@ void Avx512MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scra
 // the named one and those below it in that order (so avx2vnni on a CPU without AVX-VNNI gives avx2). An
 // unknown value is ignored.
 const KernelSet& Dispatch();
+
+// The L1 data cache of one core in bytes, as the CPU reports it (sysconf, which glibc answers from CPUID), read
+// once; 32 KiB where it reports nothing, and clamped to [16 KiB, 1 MiB]. Weight streaming sizes the pieces of K
+// whose activation rows stay in L1 with it.
+int64_t L1DataCacheBytes();
 
 // --- helpers shared by the ISA modules ---
 

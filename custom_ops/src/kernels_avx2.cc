@@ -20,6 +20,7 @@ struct Isa {
   static constexpr int64_t kLanes = 8;
   static constexpr int64_t kGroup = 16;         // codes per 8-byte step
   static constexpr int kMaxGemvRows = 3;        // 3 rows: 6 accumulators + 3 totals + table fit 16 registers
+  static constexpr int kGemvColumns = 2;        // 2 scaled tables (4 registers), 4 accumulators, A, the decode
   static constexpr bool kOutlinedPanel = true;  // 16 registers: the decode's table would crowd the 12 accumulators
   static constexpr int kGemmMr = 6;             // 6 x 16 tile: 12 accumulators, 2 panel vectors, 1 broadcast
   static constexpr int kGemmNv = 2;

@@ -22,6 +22,7 @@ struct Isa {
   static constexpr int64_t kLanes = 16;
   static constexpr int64_t kGroup = 32;  // codes per 16-byte step
   static constexpr int kMaxGemvRows = 8;
+  static constexpr int kGemvColumns = 4;  // 4 scaled tables, 8 accumulators, A and the decode: 17 registers
   static constexpr bool kOutlinedPanel = false;
   static constexpr int kGemmMr = 8;  // 8 x 48 tile: 24 accumulators, 3 panel vectors, 1 broadcast
   static constexpr int kGemmNv = 3;

@@ -22,6 +22,7 @@ struct I8Avx512 {
   static constexpr int64_t kGroup = 64;
   static constexpr bool kBiased = true;
   static constexpr int kGemvRows = 4;
+  static constexpr int kGemvColumns = 4;
   static constexpr int kGemmV = 1;
   static constexpr int kGemmTN = 12;  // 12 accumulators + 12 totals + operands: 32 registers
   static constexpr int64_t kMinGemmRows = 8;

@@ -47,7 +47,7 @@ void F32Columns(void* data, size_t task) {
 }
 
 void MatMulF32(const Problem& p, const ParallelRunner& par, Scratch& /*scratch*/) {
-  par.For(static_cast<size_t>(CeilDiv(p.w.N, kColsPerTask)), F32Columns, const_cast<Problem*>(&p));
+  par.For(static_cast<size_t>(CeilDiv(p.w.N, kColsPerTask)), p.M * p.w.N * p.w.K, F32Columns, const_cast<Problem*>(&p));
 }
 
 void Int8Columns(void* data, size_t task) {
@@ -82,7 +82,7 @@ void Int8Columns(void* data, size_t task) {
 void MatMulInt8(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   // Natural order (group 2); the signed table needs no per-block sums.
   Int8Activations t = QuantizeActivationsInt8(p, 2, false, scratch);
-  par.For(static_cast<size_t>(CeilDiv(p.w.N, kColsPerTask)), Int8Columns, &t);
+  par.For(static_cast<size_t>(CeilDiv(p.w.N, kColsPerTask)), p.M * p.w.N * p.w.K, Int8Columns, &t);
 }
 
 }  // namespace

@@ -7,7 +7,9 @@
 #include "matmul_nf4_cpu_op.h"
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -19,14 +21,14 @@
 namespace onnx_nf4 {
 namespace {
 
-// Runs the kernel's parallel loops on the session's intra-op thread pool.
+// Runs the kernel's parallel loops on the session's intra-op thread pool, or on this thread when the loop is small
+// (cpu::kMinParallelWork).
 class OrtParallelRunner final : public cpu::ParallelRunner {
  public:
   explicit OrtParallelRunner(const Ort::KernelContext& ctx) : ctx_(ctx) {}
-  void For(size_t total, void (*fn)(void*, size_t), void* data) const override {
-    if (total == 0) return;
-    if (total == 1) {
-      fn(data, 0);
+  void For(size_t total, int64_t work, void (*fn)(void*, size_t), void* data) const override {
+    if (total <= 1 || work < cpu::kMinParallelWork) {
+      for (size_t i = 0; i < total; ++i) fn(data, i);
       return;
     }
     ctx_.ParallelFor(fn, total, 0, data);
@@ -36,23 +38,76 @@ class OrtParallelRunner final : public cpu::ParallelRunner {
   const Ort::KernelContext& ctx_;
 };
 
-// Scratch buffers of one call, freed when it returns.
+// Scratch memory kept by one thread between the calls it makes: one 64-byte aligned block, grown to what the
+// largest call so far needed (up to kMaxKeptBytes). Calls on different threads (concurrent Run calls) use different
+// arenas; a call that finds its thread's arena busy (it cannot happen in onnxruntime, which runs one kernel at a
+// time per thread, but costs nothing to guard) uses the heap.
+struct ThreadArena {
+  static constexpr size_t kAlign = 64;
+  static constexpr size_t kMaxKeptBytes = size_t{64} << 20;  // larger needs are freed after their call
+  std::unique_ptr<char[]> storage;
+  char* base = nullptr;  // storage, aligned
+  size_t capacity = 0;
+  bool busy = false;
+
+  void Reserve(size_t bytes) {
+    storage.reset();
+    capacity = 0;
+    storage.reset(new char[bytes + kAlign]);
+    const auto addr = reinterpret_cast<uintptr_t>(storage.get());
+    base = storage.get() + (kAlign - addr % kAlign) % kAlign;
+    capacity = bytes;
+  }
+};
+
+thread_local ThreadArena t_arena;
+
+// The scratch buffers of one call: carved from the thread's arena while they fit, else from the heap (freed when
+// the call returns); a call that overflowed grows the arena for the next one, so the steady state allocates nothing.
 class CallScratch final : public cpu::Scratch {
  public:
+  CallScratch() : arena_(t_arena.busy ? nullptr : &t_arena) {
+    if (arena_ != nullptr) arena_->busy = true;
+  }
+  ~CallScratch() {
+    if (arena_ == nullptr) return;
+    if (needed_ > arena_->capacity && needed_ <= ThreadArena::kMaxKeptBytes) {
+      try {
+        arena_->Reserve(needed_);
+      } catch (const std::bad_alloc&) {  // keep going without: the next call uses the heap again
+      }
+    }
+    arena_->busy = false;
+  }
+  CallScratch(const CallScratch&) = delete;
+  CallScratch& operator=(const CallScratch&) = delete;
+
   void* Zeroed(size_t bytes) override { return Allocate(bytes, true); }
   void* Uninitialized(size_t bytes) override { return Allocate(bytes, false); }
 
  private:
   void* Allocate(size_t bytes, bool zero) {
-    constexpr size_t kAlign = 64;
-    std::unique_ptr<char[]> buf(zero ? new char[bytes + kAlign]() : new char[bytes + kAlign]);
-    char* data = buf.get();
-    buffers_.push_back(std::move(buf));
-    const auto addr = reinterpret_cast<uintptr_t>(data);
-    return data + ((kAlign - addr % kAlign) % kAlign);
+    constexpr size_t kAlign = ThreadArena::kAlign;
+    const size_t size = (bytes + kAlign - 1) / kAlign * kAlign;
+    needed_ += size;
+    char* data;
+    if (arena_ != nullptr && used_ + size <= arena_->capacity) {
+      data = arena_->base + used_;
+      used_ += size;
+    } else {
+      std::unique_ptr<char[]> buf(new char[size + kAlign]);
+      const auto addr = reinterpret_cast<uintptr_t>(buf.get());
+      data = buf.get() + (kAlign - addr % kAlign) % kAlign;
+      heap_.push_back(std::move(buf));
+    }
+    if (zero) std::memset(data, 0, bytes);
+    return data;
   }
 
-  std::vector<std::unique_ptr<char[]>> buffers_;
+  ThreadArena* arena_;
+  size_t used_ = 0;    // bytes of the arena handed out
+  size_t needed_ = 0;  // bytes this call asked for in all
+  std::vector<std::unique_ptr<char[]>> heap_;
 };
 
 // float16 / bfloat16 -> float32 by the onnxruntime header types (the way back, T(float), rounds to nearest

@@ -10,6 +10,8 @@
 //                                   the NF4 values of the kLanes even k and the kLanes odd k of a group;
 //   ScaleTable(table, s)            the table times the vector s (a block's exact weights, for Decode);
 //   kMaxGemvRows                    rows of A per weight-streaming pass;
+//   kGemvColumns                    columns per weight-streaming pass of a single row (their scaled tables and
+//                                   accumulators fit the registers);
 //   kOutlinedPanel                  whether the Y^T tiles call the panel decode out of line;
 //   kGemmMr, kGemmNv, kGemmKc       GEMM register tile (kGemmMr rows x kGemmNv vectors of columns) and the K per
 //                                   decoded panel;
@@ -39,6 +41,7 @@ struct GemvArgs {
   const Problem* p;
   const float* ap;  // [M][K_pad] in code order
   int64_t kpad;
+  int64_t l1_bytes;  // L1DataCacheBytes()
   // Per lane of a block's reduced sum, whether it holds a real k of the last block (all bits set) or only padding
   // (zero): lane l sums k = (k_blocks - 1) * block_size + 2l + {0, 1} + multiples of kGroup, so it holds a real
   // k iff the first of them is < K.
@@ -120,11 +123,11 @@ __attribute__((noinline)) void GemvColumn(const GemvArgs& g, int64_t m0, int64_t
 }
 
 // Columns [n0, n1) for MR rows; one row gets up to 4 groups per step, two rows 2 (block size permitting).
-// K is walked in chunks whose MR activation rows fit in L1 (32 KiB), partial sums accumulating in Y.
+// K is walked in chunks whose MR activation rows fit in L1, partial sums accumulating in Y.
 template <class Isa, int MR>
 void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t bs = g.p->w.block_size, kb = g.p->w.k_blocks, groups = bs / Isa::kGroup;
-  const int64_t chunk = MaxI64(1, (int64_t{32768} / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
+  const int64_t chunk = MaxI64(1, (g.l1_bytes / (MR * static_cast<int64_t>(sizeof(float)))) / bs);
   for (int64_t b0 = 0; b0 < kb; b0 += chunk) {
     const int64_t b1 = MinI64(kb, b0 + chunk);
     const bool pieces = chunk < kb;
@@ -141,10 +144,79 @@ void GemvRows(const GemvArgs& g, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
+// One row m against NC consecutive columns [n, n + NC): the decode step of an LLM (M = 1), where K is small
+// enough that fixed costs per column (a horizontal sum, the call) would weigh. Per block, each column's table is
+// scaled by its block scale (Isa::ScaleTable), so the decode yields the exact weights fl32(NF4[q] * s) (rule 2 of
+// the spec) and the products accumulate across blocks with no per-block reduction; each group of A (its even and
+// odd k) is loaded once for all NC columns, whose codes follow each other in memory (one sequential stream). Needs
+// the whole row of A in one L1 chunk (no partial sums in Y). In the last block, k >= K get weight 0 (a group wholly
+// past K is skipped, the straddling one masked), so that an infinite scale never meets A's zero padding.
+template <class Isa, int NC>
+__attribute__((noinline)) void GemvRowColumns(const GemvArgs& g, int64_t m, int64_t n) {
+  using Vec = typename Isa::Vec;
+  constexpr int64_t kGroup = Isa::kGroup, kL = Isa::kLanes;
+  const Problem& p = *g.p;
+  const Nf4Weight& w = p.w;
+  const int64_t bs = w.block_size, kb = w.k_blocks, col_bytes = kb * bs / 2;
+  const uint8_t* codes = w.packed + n * col_bytes;
+  const float* arow = g.ap + m * g.kpad;
+  const typename Isa::Table table = Isa::LoadTable();
+  for (int c = 0; c < NC; ++c) PrefetchScales(w, n + NC + c);
+  Vec acc[NC][2];
+  for (int c = 0; c < NC; ++c) acc[c][0] = acc[c][1] = Isa::Zero();
+  // Block b, of which the first `real` k are below K.
+  auto block = [&](int64_t b, int64_t real) {
+    typename Isa::Table scaled[NC];
+    for (int c = 0; c < NC; ++c) scaled[c] = Isa::ScaleTable(table, Isa::Set1(BlockScale(w, n + c, b)));
+    const float* a = arow + b * bs;
+    const uint8_t* cb = codes + b * (bs / 2);
+    const int64_t full = real / kGroup * kGroup;  // k of the groups wholly below K
+    for (int64_t j = 0; j < full; j += kGroup) {
+      const Vec ae = Isa::Load(a + j), ao = Isa::Load(a + j + kL);
+      for (int c = 0; c < NC; ++c) {
+        Vec we, wo;
+        Isa::Decode(cb + c * col_bytes + j / 2, scaled[c], &we, &wo);
+        acc[c][0] = Isa::Fmadd(we, ae, acc[c][0]);
+        acc[c][1] = Isa::Fmadd(wo, ao, acc[c][1]);
+      }
+    }
+    if (full < real) {  // the group across K: lane l holds k = full + 2l (even) and full + 2l + 1 (odd)
+      alignas(64) uint32_t even_lanes[kL], odd_lanes[kL];
+      for (int64_t l = 0; l < kL; ++l) {
+        even_lanes[l] = full + 2 * l < real ? ~0u : 0u;
+        odd_lanes[l] = full + 2 * l + 1 < real ? ~0u : 0u;
+      }
+      const Vec me = Isa::Load(reinterpret_cast<const float*>(even_lanes));
+      const Vec mo = Isa::Load(reinterpret_cast<const float*>(odd_lanes));
+      const Vec ae = Isa::Load(a + full), ao = Isa::Load(a + full + kL);
+      for (int c = 0; c < NC; ++c) {
+        Vec we, wo;
+        Isa::Decode(cb + c * col_bytes + full / 2, scaled[c], &we, &wo);
+        acc[c][0] = Isa::Fmadd(Isa::And(we, me), ae, acc[c][0]);
+        acc[c][1] = Isa::Fmadd(Isa::And(wo, mo), ao, acc[c][1]);
+      }
+    }
+  };
+  for (int64_t b = 0; b + 1 < kb; ++b) block(b, bs);
+  block(kb - 1, w.K - (kb - 1) * bs);
+  for (int c = 0; c < NC; ++c) {
+    const float base = p.bias != nullptr ? p.bias[n + c] : 0.0f;
+    p.Y[m * w.N + n + c] = base + Isa::Sum(Isa::Add(acc[c][0], acc[c][1]));
+  }
+}
+
 template <class Isa>
 void GemvTask(void* data, size_t task) {
   const GemvArgs& g = *static_cast<const GemvArgs*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * kGemvCols, n1 = MinI64(n0 + kGemvCols, g.p->w.N);
+  // A single row whose K fits L1 in one piece (the chunk of GemvRows): NC columns at a time.
+  if (g.p->M == 1 && g.kpad * static_cast<int64_t>(sizeof(float)) <= g.l1_bytes) {
+    constexpr int NC = Isa::kGemvColumns;
+    int64_t n = n0;
+    for (; n + NC <= n1; n += NC) GemvRowColumns<Isa, NC>(g, 0, n);
+    for (; n < n1; ++n) GemvRowColumns<Isa, 1>(g, 0, n);
+    return;
+  }
   ForRowGroups<Isa::kMaxGemvRows>(g.p->M,
                                   [&](auto rows, int64_t m0) { GemvRows<Isa, decltype(rows)::kValue>(g, m0, n0, n1); });
 }
@@ -156,10 +228,10 @@ void GemvF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   const int64_t kpad = w.k_blocks * w.block_size;
   auto* ap = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(p.M * kpad)));
   for (int64_t m = 0; m < p.M; ++m) PackRowCodeOrder(p.A + m * w.K, w.K, Isa::kGroup, ap + m * kpad);
-  GemvArgs g{&p, ap, kpad, {}};
+  GemvArgs g{&p, ap, kpad, L1DataCacheBytes(), {}};
   const int64_t last_real = w.K - (w.k_blocks - 1) * w.block_size;  // real k in the last block, >= 1
   for (int64_t l = 0; l < Isa::kLanes; ++l) g.last_block_lanes[l] = 2 * l < last_real ? ~0u : 0u;
-  par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), GemvTask<Isa>, &g);
+  par.For(static_cast<size_t>(CeilDiv(w.N, kGemvCols)), p.M * w.N * w.K, GemvTask<Isa>, &g);
 }
 
 // ---------------------------------------------------------------- float32, medium M (Y^T tiles)
@@ -288,19 +360,20 @@ void TileGemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) 
   const int64_t tiles = CeilDiv(w.N, TN);
   auto* yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(tiles * TN * mpad)));
   TileArgs g{&p, at, yt, kpad, mpad};
-  par.For(static_cast<size_t>(tiles), TileTask<Isa, TN, V>, &g);
+  par.For(static_cast<size_t>(tiles), p.M * w.N * w.K, TileTask<Isa, TN, V>, &g);
 }
 
 // ---------------------------------------------------------------- float32, large M (packed GEMM)
 //
-// BLIS-style. A is packed once per call into slivers of Isa::kGemmMr rows, [sliver][k][kGemmMr] (natural k order,
-// rows past M zero). A task owns a range of column groups (kGemmNr = kLanes * Isa::kGemmNv columns each) and a
-// range of slivers. Per chunk of Isa::kGemmKc rows of K and per column group, it decodes the exact weights
-// W[k, n] = fl32(NF4[q] * s) (rule 2 of the spec) into a kGemmKc x kGemmNr panel ([k][column], L1), then sweeps
-// its slivers through the panel with a kGemmMr x kGemmNr register tile: per k, kGemmNv vector loads of the panel,
-// kGemmMr broadcasts of A, kGemmMr * kGemmNv FMAs. Partial sums live in Y between chunks (float32 stores and loads
-// are exact); the bias is added to the complete sum. Only k < K is ever read from the panel, so the padding codes
-// never reach the arithmetic. Each weight is decoded once per task (once per call unless the rows are split).
+// BLIS-style, like onnxruntime's MLAS SGEMM: A is read in place, W decoded into panels. A task owns a range of
+// column groups (kGemmNr = kLanes * Isa::kGemmNv columns each) and a range of slivers (Isa::kGemmMr rows of A).
+// Per chunk of Isa::kGemmKc rows of K and per column group, it decodes the exact weights W[k, n] = fl32(NF4[q] * s)
+// (rule 2 of the spec) into a kGemmKc x kGemmNr panel ([k][column], L1), then sweeps its slivers through the panel
+// with a kGemmMr x kGemmNr register tile: per k, kGemmNv vector loads of the panel, kGemmMr broadcasts of A (one
+// float from each row), kGemmMr * kGemmNv FMAs. A last, partial sliver is copied per chunk into a zero-padded stack
+// tile (no read past row M). Partial sums live in Y between chunks (float32 stores and loads are exact); the bias is
+// added to the complete sum. Only k < K is ever read from the panel, so the padding codes never reach the
+// arithmetic. Each weight is decoded once per task (once per call unless the rows are split).
 
 template <class Isa>
 struct GemmShape {
@@ -313,7 +386,6 @@ struct GemmShape {
 
 struct PackedGemmArgs {
   const Problem* p;
-  const float* ap;    // [slivers][K][kMr]
   const float* bias;  // [groups * kNr], zero past N; nullptr without bias
   int64_t slivers, groups;
   int64_t task_groups;   // column groups per task
@@ -405,11 +477,11 @@ __attribute__((noinline)) void DecodeGemmPanel(const Nf4Weight& w, int64_t n0, i
   }
 }
 
-// One kMr x kNr tile of C (row stride ldc) += the sliver ap ([k][kMr]) times the panel ([k][kNr]) over kc k;
-// starts from zero unless `accumulate`; adds `bias` ([kNr]) at the end when given.
+// One kMr x kNr tile of C (row stride ldc) += the kMr rows of A at a (row stride lda) times the panel ([k][kNr])
+// over kc k; starts from zero unless `accumulate`; adds `bias` ([kNr]) at the end when given.
 template <class Isa>
-__attribute__((noinline)) void GemmMicroTile(const float* ap, const float* panel, int64_t kc, float* c, int64_t ldc,
-                                             bool accumulate, const float* bias) {
+__attribute__((noinline)) void GemmMicroTile(const float* a, int64_t lda, const float* panel, int64_t kc, float* c,
+                                             int64_t ldc, bool accumulate, const float* bias) {
   using Vec = typename Isa::Vec;
   using S = GemmShape<Isa>;
   constexpr int kMr = S::kMr, kNv = S::kNv;
@@ -427,8 +499,8 @@ __attribute__((noinline)) void GemmMicroTile(const float* ap, const float* panel
     Vec b[kNv];
     for (int v = 0; v < kNv; ++v) b[v] = Isa::Load(panel + k * kNr + v * kL);
     for (int m = 0; m < kMr; ++m) {
-      const Vec a = Isa::Set1(ap[k * kMr + m]);
-      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Fmadd(a, b[v], acc[m][v]);
+      const Vec am = Isa::Set1(a[m * lda + k]);
+      for (int v = 0; v < kNv; ++v) acc[m][v] = Isa::Fmadd(am, b[v], acc[m][v]);
     }
   }
   if (bias != nullptr) {
@@ -452,7 +524,8 @@ void PackedGemmTask(void* data, size_t task) {
   const int64_t g0 = tc * g.task_groups, g1 = MinI64(g.groups, g0 + g.task_groups);
   const int64_t s0 = tr * g.task_slivers, s1 = MinI64(g.slivers, s0 + g.task_slivers);
   alignas(64) float panel[kKc * kNr];
-  alignas(64) float edge[kMr * kNr];  // a tile that overhangs Y (last rows or columns)
+  alignas(64) float edge[kMr * kNr];    // a tile that overhangs Y (last rows or columns)
+  alignas(64) float edge_a[kMr * kKc];  // the rows of a last, partial sliver, zero past M
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = MinI64(kKc, K - k0);
     const bool accumulate = k0 > 0, last = k0 + kc == K;
@@ -462,57 +535,32 @@ void PackedGemmTask(void* data, size_t task) {
       const float* bias = last && g.bias != nullptr ? g.bias + n0 : nullptr;
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t m0 = s * kMr, mc = MinI64(kMr, p.M - m0);
-        const float* ap = g.ap + s * kMr * K + k0 * kMr;
+        const float* a = p.A + m0 * K + k0;
+        int64_t lda = K;
+        if (mc < kMr) {  // rows past M must not be read: a zero-padded copy of this chunk of the sliver
+          std::memset(edge_a, 0, sizeof(edge_a));
+          for (int64_t m = 0; m < mc; ++m) std::memcpy(edge_a + m * kKc, a + m * K, sizeof(float) * kc);
+          a = edge_a;
+          lda = kKc;
+        }
         float* y = p.Y + m0 * N + n0;
         if (mc == kMr && nc == kNr) {
-          GemmMicroTile<Isa>(ap, panel, kc, y, N, accumulate, bias);
+          GemmMicroTile<Isa>(a, lda, panel, kc, y, N, accumulate, bias);
           continue;
         }
         for (int64_t m = 0; m < mc; ++m) {
           if (accumulate) std::memcpy(edge + m * kNr, y + m * N, sizeof(float) * nc);
         }
-        GemmMicroTile<Isa>(ap, panel, kc, edge, kNr, accumulate, bias);
+        GemmMicroTile<Isa>(a, lda, panel, kc, edge, kNr, accumulate, bias);
         for (int64_t m = 0; m < mc; ++m) std::memcpy(y + m * N, edge + m * kNr, sizeof(float) * nc);
       }
     }
   }
 }
 
-// Sliver s of A packed: ap[s][k][kMr] <- A[s * kMr + m][k], zero for rows past M. Per 8 k and 8 rows, the rows are
-// transposed in registers and each k's values stored with a mask (no write past the sliver's row range).
-template <class Isa>
-void PackSliver(const Problem& p, int64_t s, float* ap) {
-  constexpr int64_t kMr = GemmShape<Isa>::kMr;
-  const int64_t K = p.w.K, rows = MinI64(kMr, p.M - s * kMr);
-  float* dst = ap + s * kMr * K;
-  const float* a = p.A + s * kMr * K;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t m0 = 0; m0 < kMr; m0 += 8) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(MinI64(8, kMr - m0))), lane);
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      __m256 r[8];
-      for (int64_t m = 0; m < 8; ++m) {
-        r[m] = m0 + m < rows ? _mm256_loadu_ps(a + (m0 + m) * K + k) : _mm256_setzero_ps();
-      }
-      Transpose8x8(r);
-      for (int64_t j = 0; j < 8; ++j) _mm256_maskstore_ps(dst + (k + j) * kMr + m0, mask, r[j]);
-    }
-    for (; k < K; ++k) {
-      for (int64_t m = m0; m < MinI64(kMr, m0 + 8); ++m) dst[k * kMr + m] = m < rows ? a[m * K + k] : 0.0f;
-    }
-  }
-}
-
-template <class Isa>
-void PackSliversTask(void* data, size_t task) {
-  const PackedGemmArgs& g = *static_cast<const PackedGemmArgs*>(data);
-  PackSliver<Isa>(*g.p, static_cast<int64_t>(task), const_cast<float*>(g.ap));
-}
-
 constexpr int64_t kGemmMinTasks = 16;  // tasks per call when the shape allows (load balance over threads)
 
-// Y = A @ W (+ bias) for many rows: A packed once (in parallel), then tasks of column groups x slivers.
+// Y = A @ W (+ bias) for many rows: tasks of column groups x slivers.
 template <class Isa>
 void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   using S = GemmShape<Isa>;
@@ -521,8 +569,6 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.p = &p;
   g.slivers = CeilDiv(p.M, S::kMr);
   g.groups = CeilDiv(w.N, S::kNr);
-  auto* ap = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(g.slivers * S::kMr * w.K)));
-  g.ap = ap;
   if (p.bias != nullptr) {
     auto* bias = static_cast<float*>(scratch.Zeroed(sizeof(float) * static_cast<size_t>(g.groups * S::kNr)));
     std::memcpy(bias, p.bias, sizeof(float) * static_cast<size_t>(w.N));
@@ -533,8 +579,8 @@ void GemmF32(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.col_tasks = CeilDiv(g.groups, g.task_groups);
   const int64_t row_tasks = MinI64(CeilDiv(kGemmMinTasks, g.col_tasks), MaxI64(1, g.slivers / 4));
   g.task_slivers = CeilDiv(g.slivers, row_tasks);
-  par.For(static_cast<size_t>(g.slivers), PackSliversTask<Isa>, &g);
-  par.For(static_cast<size_t>(g.col_tasks * CeilDiv(g.slivers, g.task_slivers)), PackedGemmTask<Isa>, &g);
+  par.For(static_cast<size_t>(g.col_tasks * CeilDiv(g.slivers, g.task_slivers)), p.M * w.N * w.K, PackedGemmTask<Isa>,
+          &g);
 }
 
 }  // namespace

@@ -18,7 +18,8 @@
 //   Shared, Share(v)                 an operand reused by several dot products, prepared once;
 //   DotSharedW(acc, Shared w, VecI a) / DotSharedA(acc, VecI w, Shared a)
 //                                    acc + the sums of 4 adjacent products of weight and activation bytes;
-//   kGemvRows, kGemmV, kGemmTN       the register blocking of the kernels below;
+//   kGemvRows, kGemvColumns, kGemmV, kGemmTN
+//                                    the register blocking of the kernels below;
 //   kMinGemmRows                     rows from which the packed-panel GEMM beats weight streaming.
 // docs/cpu_kernel.md explains the algorithms.
 #ifndef ONNX_NF4_SIMD_I8_KERNELS_H_
@@ -195,10 +196,85 @@ __attribute__((noinline)) void I8GemvColumn(const I8GemvArgs& g, int64_t m0, int
   }
 }
 
+// One row m against NC consecutive columns [n, n + NC): the decode step of an LLM (M = 1), where K is small enough
+// that fixed costs per column (the scale preparation, a horizontal sum, the call) would weigh. Each step's
+// activations are loaded (and prepared: Share) once for all NC columns, whose codes follow each other in memory (one
+// sequential stream); the -128 * qsum start of a block's integer sum is made once for all of them. Otherwise as
+// I8GemvColumn: one integer sum per (column, block), converted and scaled into one float total per column.
+template <class I, int NC>
+__attribute__((noinline)) void I8GemvRowColumns(const I8GemvArgs& g, int64_t m, int64_t n) {
+  using VecI = typename I::VecI;
+  using VecF = typename I::VecF;
+  constexpr int64_t kStep = I::kGroup;
+  constexpr int D = I::kDecodeVecs, kBytes = 4 * I::kLanes;  // vectors per decode step, bytes per vector
+  const Problem& p = *g.p;
+  const Nf4Weight& w = p.w;
+  const int64_t bs = w.block_size, kb = w.k_blocks, col_bytes = kb * bs / 2;
+  const uint8_t* codes = w.packed + n * col_bytes;
+  const int8_t* arow = g.qa + m * g.kpad;
+  const auto table = I::DecodeTable();
+  alignas(64) float f[NC][kI8Chunk];
+  for (int c = 0; c < NC; ++c) PrefetchScales(w, n + NC + c);
+  VecF tot[NC];
+  for (int c = 0; c < NC; ++c) tot[c] = I::ZeroF();
+  const int64_t padded_block = w.K % bs != 0 ? kb - 1 : -1;  // the last block when it runs past K
+  float padded_tot[NC] = {};                                 // its scaled sum, per column
+  for (int64_t b0 = 0; b0 < kb; b0 += kI8Chunk) {
+    const int64_t nb = MinI64(kI8Chunk, kb - b0);
+    const int64_t nv = CeilDiv(nb, I::kLanes) * I::kLanes;  // whole vectors: the tail of f is zero
+    const float* as = g.ascale + m * kb + b0;               // kLanes readable entries past kb
+    for (int c = 0; c < NC; ++c) {
+      if (w.absmax != nullptr && nb == nv) {
+        const float* sw = w.absmax + (n + c) * kb + b0;
+        for (int64_t j = 0; j < nv; j += I::kLanes) I::StoreF(f[c] + j, I::MulF(I::LoadF(sw + j), I::LoadF(as + j)));
+      } else {
+        for (int64_t j = 0; j < nv; ++j) f[c][j] = j < nb ? BlockScale(w, n + c, b0 + j) * as[j] : 0.0f;
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t b = b0 + j;
+      const VecI start = I::kBiased ? I::FirstLaneI(-128 * g.qsum[m * kb + b]) : I::ZeroI();
+      VecI acc[NC];
+      for (int c = 0; c < NC; ++c) acc[c] = start;
+      const int8_t* a = arow + b * bs;
+      const uint8_t* cb = codes + b * (bs / 2);
+      for (int64_t k = 0; k < bs; k += kStep) {
+        typename I::Shared as_k[D];
+        for (int d = 0; d < D; ++d) as_k[d] = I::Share(I::LoadI(a + k + d * kBytes));
+        for (int c = 0; c < NC; ++c) {
+          VecI wq[D];
+          I::Decode(cb + c * col_bytes + k / 2, table, wq);
+          for (int d = 0; d < D; ++d) acc[c] = I::DotSharedA(acc[c], wq[d], as_k[d]);
+        }
+      }
+      for (int c = 0; c < NC; ++c) {
+        if (b == padded_block) {  // lanes of padding alone hold 0: scale the block's whole sum (0 * Inf is NaN)
+          padded_tot[c] = I::SumF(I::CvtF(acc[c])) * f[c][j];
+        } else {
+          tot[c] = I::FmaddF(I::CvtF(acc[c]), I::Set1F(f[c][j]), tot[c]);
+        }
+      }
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    float y = I::SumF(tot[c]) + padded_tot[c];
+    y *= 1.0f / kInt8Levels;
+    if (p.bias != nullptr) y += p.bias[n + c];
+    p.Y[m * w.N + n + c] = y;
+  }
+}
+
 template <class I>
 void I8GemvTask(void* data, size_t task) {
   const I8GemvArgs& g = *static_cast<const I8GemvArgs*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * kI8GemvCols, n1 = MinI64(n0 + kI8GemvCols, g.p->w.N);
+  if (g.p->M == 1) {  // a single row: NC columns at a time
+    constexpr int NC = I::kGemvColumns;
+    int64_t n = n0;
+    for (; n + NC <= n1; n += NC) I8GemvRowColumns<I, NC>(g, 0, n);
+    for (; n < n1; ++n) I8GemvRowColumns<I, 1>(g, 0, n);
+    return;
+  }
   const bool pairs = g.p->w.block_size % (2 * I::kGroup) == 0;  // two independent sums per block
   ForRowGroups<I::kGemvRows>(g.p->M, [&](auto rows, int64_t m0) {
     constexpr int kRows = decltype(rows)::kValue;
@@ -228,7 +304,7 @@ void I8Gemv(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
                    qsum != nullptr ? qsum + m * kb : nullptr);
   }
   I8GemvArgs g{&p, qa, ascale, qsum, kpad};
-  par.For(static_cast<size_t>(CeilDiv(w.N, kI8GemvCols)), I8GemvTask<I>, &g);
+  par.For(static_cast<size_t>(CeilDiv(w.N, kI8GemvCols)), p.M * w.N * w.K, I8GemvTask<I>, &g);
 }
 
 // ---------------------------------------------------------------- large M: packed panels
@@ -430,11 +506,12 @@ void I8Gemm(const Problem& p, const ParallelRunner& par, Scratch& scratch) {
   g.start = static_cast<int32_t*>(scratch.Uninitialized(sizeof(int32_t) * static_cast<size_t>(mpad * kb)));
   const int64_t col_tasks = CeilDiv(w.N, TN);
   g.yt = static_cast<float*>(scratch.Uninitialized(sizeof(float) * static_cast<size_t>(col_tasks * TN * mpad)));
-  par.For(static_cast<size_t>(tiles), I8GemmQuantizeTask<I, V>, &g);
+  const int64_t work = p.M * w.N * w.K;
+  par.For(static_cast<size_t>(tiles), p.M * w.K, I8GemmQuantizeTask<I, V>, &g);
   if (g.kc <= kSmallStride - 64) {
-    par.For(static_cast<size_t>(col_tasks), I8GemmTask<I, TN, V, kSmallStride>, &g);
+    par.For(static_cast<size_t>(col_tasks), work, I8GemmTask<I, TN, V, kSmallStride>, &g);
   } else {
-    par.For(static_cast<size_t>(col_tasks), I8GemmTask<I, TN, V, kLargeStride>, &g);
+    par.For(static_cast<size_t>(col_tasks), work, I8GemmTask<I, TN, V, kLargeStride>, &g);
   }
 }
 

@@ -31,6 +31,7 @@ struct I8Ymm {
   static constexpr int64_t kGroup = kStepCodes;
   static constexpr bool kBiased = kVnni;
   static constexpr int kGemvRows = kStepCodes == 64 ? 3 : 4;  // accumulators of 3 x 2 or 4 x 1 rows fit 16 registers
+  static constexpr int kGemvColumns = 4;                      // one row: 4 accumulators and 4 totals
   static constexpr int kGemmV = kVnni ? 2 : 1;  // rows 16 (VNNI) or 8: accumulators + operands fit 16 registers
   static constexpr int kGemmTN = 6;
   static constexpr int64_t kMinGemmRows = 8;

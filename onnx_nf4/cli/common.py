@@ -138,8 +138,9 @@ def add_quantize_options(parser: argparse.ArgumentParser, *, applies_to: str = "
     )
 
 
-def add_format_options(parser: argparse.ArgumentParser) -> None:
-    """Add ``--format`` and ``--accuracy-level`` (``args.format``, ``args.accuracy_level``)."""
+def add_format_options(parser: argparse.ArgumentParser, accuracy_default: str | None = None) -> None:
+    """Add ``--format`` and ``--accuracy-level`` (``args.format``, ``args.accuracy_level``). With
+    ``accuracy_default`` (the help's words for it), ``args.accuracy_level`` is ``None`` unless given; else 0."""
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -152,9 +153,10 @@ def add_format_options(parser: argparse.ArgumentParser) -> None:
         metavar="{0,4}",
         type=int,
         choices=ACCURACY_LEVELS,
-        default=0,
-        help="the MatMulNF4 accuracy_level attribute: 0 (default) computes in float32; 4 lets the CPU kernels "
-        "quantize the activations to int8 per block (faster, slightly less exact; onnx_nf4 format only)",
+        default=None if accuracy_default else 0,
+        help="the MatMulNF4 accuracy_level attribute: 0 computes in float32; 4 lets the CPU kernels quantize the "
+        "activations to int8 per block (faster, slightly less exact; onnx_nf4 format only); default: "
+        + (accuracy_default or "0"),
     )
 
 

