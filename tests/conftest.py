@@ -54,3 +54,33 @@ def minilm_fp32_path(minilm, tmp_path_factory) -> Path:
 def minilm_inputs(minilm) -> dict[str, np.ndarray]:
     """The 24 real sentences of ``minilm.SENTENCES``, tokenized."""
     return minilm.encode()
+
+
+@pytest.fixture(scope="session")
+def library() -> str:
+    """The compiled custom-op library's path; skips the test when it is not built."""
+    from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
+
+    try:
+        return custom_op_library()
+    except CustomOpLibraryNotFoundError as err:
+        pytest.skip(f"the onnx_nf4 custom-op library is not built: {err}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory) -> Path:
+    """A tiny seeded float Llama checkpoint with its tokenizer (``tools/llm_models.py``), made once per session."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import llm_models
+
+    return llm_models.make_llama_checkpoint(tmp_path_factory.mktemp("llama") / "hf", llm_models.TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_genai(tiny_llama_checkpoint, tmp_path_factory) -> Path:
+    """The onnxruntime-genai builder's fp32 folder of :func:`tiny_llama_checkpoint` (tests only read it)."""
+    import llm_models  # on sys.path through tiny_llama_checkpoint
+
+    return llm_models.build_genai(tiny_llama_checkpoint, tmp_path_factory.mktemp("genai") / "fp32")

@@ -23,7 +23,7 @@ pytest.importorskip("tokenizers")
 
 from onnx_nf4.cli import main
 from onnx_nf4.genai.folder import GenaiFolderError, quantize_genai_folder
-from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
+from onnx_nf4.runtime import CustomOpLibraryNotFoundError
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import llm_models
@@ -33,21 +33,13 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def library() -> str:
-    try:
-        return custom_op_library()
-    except CustomOpLibraryNotFoundError as err:
-        pytest.skip(f"the onnx_nf4 custom-op library is not built: {err}")
+def float_checkpoint(tiny_llama_checkpoint: Path) -> Path:
+    return tiny_llama_checkpoint
 
 
 @pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory) -> Path:
-    return llm_models.make_llama_checkpoint(tmp_path_factory.mktemp("llama") / "hf", llm_models.TINY)
-
-
-@pytest.fixture(scope="module")
-def float_genai(float_checkpoint, tmp_path_factory) -> Path:
-    return llm_models.build_genai(float_checkpoint, tmp_path_factory.mktemp("genai") / "fp32")
+def float_genai(tiny_llama_genai: Path) -> Path:
+    return tiny_llama_genai
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from onnx_nf4.cli import main
 from onnx_nf4.genai.calibration import decoder_calibration
 from onnx_nf4.genai.folder import GenaiFolderError, quantize_genai_folder
 from onnx_nf4.genai.perplexity import perplexity
-from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import llm_models
@@ -41,21 +40,13 @@ CALIBRATION_TEXT = " ".join(llm_models.CORPUS[1::2])
 
 
 @pytest.fixture(scope="module")
-def library() -> str:
-    try:
-        return custom_op_library()
-    except CustomOpLibraryNotFoundError as err:
-        pytest.skip(f"the onnx_nf4 custom-op library is not built: {err}")
+def checkpoint(tiny_llama_checkpoint: Path) -> Path:
+    return tiny_llama_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return llm_models.make_llama_checkpoint(tmp_path_factory.mktemp("llama") / "hf", llm_models.TINY)
-
-
-@pytest.fixture(scope="module")
-def fp32(checkpoint, tmp_path_factory) -> Path:
-    return llm_models.build_genai(checkpoint, tmp_path_factory.mktemp("genai") / "fp32")
+def fp32(tiny_llama_genai: Path) -> Path:
+    return tiny_llama_genai
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +213,8 @@ def test_gptq_folder_calibration_errors(fp32, texts, library, tmp_path, capsys) 
 def test_export_genai_gptq_equals_build_then_quantize(checkpoint, fp32, texts, library, tmp_path, capsys) -> None:
     args = ["--block-size", "32", "--method", "gptq", "--calibration", str(texts["calibration"]), "-q"]
     assert main(["export-genai", str(checkpoint), str(tmp_path / "exported"), *args]) == 0
-    assert main(["quantize", str(fp32), str(tmp_path / "quantized"), *args]) == 0
+    # export-genai gives a float checkpoint built for the CPU accuracy level 4 by default (docs/llm.md).
+    assert main(["quantize", str(fp32), str(tmp_path / "quantized"), *args, "--accuracy-level", "4"]) == 0
     assert "output error" in capsys.readouterr().out
     for name in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "exported" / name).read_bytes() == (tmp_path / "quantized" / name).read_bytes()

@@ -30,7 +30,6 @@ ort = pytest.importorskip("onnxruntime")
 from safetensors.numpy import save_file  # noqa: E402
 
 from onnx_nf4.cli import main  # noqa: E402
-from onnx_nf4.runtime import CustomOpLibraryNotFoundError, custom_op_library  # noqa: E402
 from onnx_nf4.torch import AdapterError, adapter_file, export  # noqa: E402
 from onnx_nf4.torch.adapters import read_peft_adapter  # noqa: E402
 from onnx_nf4.torch.state_dict import bnb_quantized_weights  # noqa: E402
@@ -44,14 +43,6 @@ ADAPTERS = {
     "one": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "seed": 1},
     "two": {"r": 8, "lora_alpha": 16, "target_modules": ["k_proj", "o_proj", "gate_proj", "up_proj"], "seed": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def library() -> str:
-    try:
-        return custom_op_library()
-    except CustomOpLibraryNotFoundError as err:
-        pytest.skip(f"the onnx_nf4 custom-op library is not built: {err}")
 
 
 def _randomize_lora(model, seed: int) -> None:
