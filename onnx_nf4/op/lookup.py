@@ -44,6 +44,7 @@ import onnx_ir as ir
 from onnx import TensorProto, defs, helper, numpy_helper
 
 from ..codec.codebook import NF4_CODE
+from .contract import ONNX_DOMAINS
 
 __all__ = [
     "LOOKUP_DOMAIN",
@@ -188,7 +189,7 @@ def add_lookup_function(model: ir.Model, double_quant: bool) -> None:
     name = LOOKUP_DQ_OP if double_quant else LOOKUP_OP
     if (LOOKUP_DOMAIN, name, "") in model.functions:
         return
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    opset = next((model.opset_imports[domain] for domain in ONNX_DOMAINS if domain in model.opset_imports), 1)
     function = ir.serde.deserialize_function(lookup_function(double_quant, opset))
     model.functions[function.identifier()] = function
     model.opset_imports[LOOKUP_DOMAIN] = 1
