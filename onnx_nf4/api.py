@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from .codec.layout import QuantizedWeight
+from .methods import check_calibration
 from .methods.calibration import CalibrationData
 from .model.io import PROTOBUF_LIMIT_BYTES, ModelLike, load_model, save_model, tensor_bytes
 from .passes import DequantizeNF4Pass, DequantizeResult, ProgressCallback, QuantizeNF4Pass
@@ -128,10 +129,7 @@ def quantize_model(
     }
     options = QuantizeOptions.build(options, **given)
     _check_output(output_path, options.external_data)
-    if options.method == "gptq" and calibration is None:
-        raise ValueError("method 'gptq' needs calibration data (calibration=...)")
-    if options.method != "gptq" and calibration is not None:
-        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
+    check_calibration(options.method, calibration, expected="calibration=...")
     model = load_model(model_or_path)
     external = options.external_data
     if external is None and output_path is not None and tensor_bytes(model) > PROTOBUF_LIMIT_BYTES:

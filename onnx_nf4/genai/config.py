@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DECODER_CALIBRATION",
     "GENAI_CONFIG",
     "GenaiFolderError",
     "config_sections",
@@ -24,6 +25,9 @@ __all__ = [
 
 #: The configuration file that makes a folder an onnxruntime-genai model.
 GENAI_CONFIG = "genai_config.json"
+
+#: What ``--method gptq`` takes as calibration data for a genai decoder (in error messages).
+DECODER_CALIBRATION = "a text file or an .npz of decoder inputs"
 
 
 class GenaiFolderError(ValueError):

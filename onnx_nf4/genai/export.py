@@ -37,11 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from ..codec.layout import QuantizedWeight, dequantize_weight
+from ..methods import check_calibration
 from ..model.io import load_model
 from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
 from .adapters import PreparedAdapters, builder_options_for_adapters
+from .config import DECODER_CALIBRATION
 from .folder import check_output_folder, quantize_genai_folder, require_library, write_genai_folder
 from .hf_checkpoint import CheckpointError, checkpoint_kind, read_config, write_float_checkpoint
 
@@ -305,10 +307,7 @@ def export_genai(
         accuracy_level=accuracy_level,
         method=method,
     )
-    if options.method == "gptq" and calibration is None:
-        raise ValueError("method 'gptq' needs calibration data (a text file or an .npz of decoder inputs)")
-    if options.method != "gptq" and calibration is not None:
-        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
+    check_calibration(options.method, calibration, expected=DECODER_CALIBRATION)
     require_library(options)
     lora = read_adapters(adapters)
     precision = BUILD_PRECISION[execution_provider]

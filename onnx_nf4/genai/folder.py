@@ -26,11 +26,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..methods import check_calibration
 from ..model.io import external_tensors, load_model
 from ..passes import ProgressCallback
 from ..passes.options import QuantizeOptions
 from ..passes.report import QuantizationReport
 from .config import (
+    DECODER_CALIBRATION,
     GENAI_CONFIG,
     GenaiFolderError,
     config_sections,
@@ -232,10 +234,7 @@ def quantize_genai_folder(
         accuracy_level=accuracy_level,
         method=method,
     )
-    if options.method == "gptq" and calibration is None:
-        raise ValueError("method 'gptq' needs calibration data (a text file or an .npz of decoder inputs)")
-    if options.method != "gptq" and calibration is not None:
-        raise ValueError(f"calibration data is used by method 'gptq' only, not by {options.method!r}")
+    check_calibration(options.method, calibration, expected=DECODER_CALIBRATION)
     require_library(options)
     batches = None
     if calibration is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "METHODS",
     "SCALE_SEARCH",
     "PreparedHessian",
+    "check_calibration",
     "check_method",
     "encode_flat_mse",
     "encode_weight",
@@ -68,6 +69,15 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
+
+
+def check_calibration(method: str, calibration: object, *, expected: str) -> None:
+    """Raise ``ValueError`` unless ``calibration`` is given exactly when ``method`` needs it (``"gptq"`` only);
+    ``expected`` says what the caller takes, for the message (e.g. ``"calibration=..."``)."""
+    if method == "gptq" and calibration is None:
+        raise ValueError(f"method 'gptq' needs calibration data ({expected})")
+    if method != "gptq" and calibration is not None:
+        raise ValueError(f"calibration data is used by method 'gptq' only, not by {method!r}")
 
 
 def weight_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
